@@ -1,0 +1,197 @@
+//! `spray audit`: every money invariant, checked over the whole store.
+//!
+//! Each check is one read-only query that counts the rows breaking an invariant, in SQL
+//! that SQLite and MySQL both accept, so every backend is audited by the same text.
+
+use std::fmt::Write as _;
+
+use crate::store::{Store, StoreError};
+
+/// One invariant and the query that counts its violations.
+pub struct Check {
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Sums of money per spray from the ledger, one row per spray that has any entry.
+macro_rules! ledger_per_spray {
+    () => {
+        "(SELECT spray_id,
+                 SUM(CASE WHEN kind = 'DEBIT' THEN amount ELSE 0 END) AS debit,
+                 SUM(CASE WHEN kind = 'CREDIT' THEN amount ELSE 0 END) AS credit,
+                 SUM(CASE WHEN kind = 'REFUND' THEN amount ELSE 0 END) AS refund,
+                 SUM(CASE WHEN kind = 'DEBIT' THEN 1 ELSE 0 END) AS debits,
+                 SUM(CASE WHEN kind = 'REFUND' THEN 1 ELSE 0 END) AS refunds
+          FROM ledger GROUP BY spray_id)"
+    };
+}
+
+pub const CHECKS: &[Check] = &[
+    Check {
+        name: "the shares of each spray sum to its amount",
+        sql: "SELECT COUNT(*) FROM sprays s
+              WHERE s.total_amount <> (SELECT COALESCE(SUM(amount), 0) FROM shares WHERE spray_id = s.id)",
+    },
+    Check {
+        name: "each spray has as many shares as recipient_count",
+        sql: "SELECT COUNT(*) FROM sprays s
+              WHERE s.recipient_count <> (SELECT COUNT(*) FROM shares WHERE spray_id = s.id)",
+    },
+    Check { name: "every share is at least 1", sql: "SELECT COUNT(*) FROM shares WHERE amount < 1" },
+    Check {
+        name: "nobody holds two shares of one spray",
+        sql: "SELECT COUNT(*) FROM (SELECT spray_id, receiver_id FROM shares WHERE receiver_id IS NOT NULL
+                                    GROUP BY spray_id, receiver_id HAVING COUNT(*) > 1) twice",
+    },
+    Check {
+        name: "no sprayer receives from their own spray",
+        sql: "SELECT COUNT(*) FROM shares sh JOIN sprays s ON s.id = sh.spray_id WHERE sh.receiver_id = s.owner_id",
+    },
+    Check {
+        name: "every receipt is inside its spray's receive window",
+        sql: "SELECT COUNT(*) FROM shares sh JOIN sprays s ON s.id = sh.spray_id
+              WHERE sh.receiver_id IS NOT NULL
+                AND (sh.received_at IS NULL OR sh.received_at < s.created_at OR sh.received_at >= s.receive_until)",
+    },
+    Check {
+        name: "a share has a receiver exactly when it has a receipt time",
+        sql: "SELECT COUNT(*) FROM shares WHERE (receiver_id IS NULL) <> (received_at IS NULL)",
+    },
+    Check {
+        name: "each spray has exactly one DEBIT of its amount, from its sprayer",
+        sql: "SELECT COUNT(*) FROM sprays s
+              WHERE (SELECT COUNT(*) FROM ledger l
+                     WHERE l.spray_id = s.id AND l.kind = 'DEBIT' AND l.user_id = s.owner_id
+                       AND l.amount = s.total_amount) <> 1
+                 OR (SELECT COUNT(*) FROM ledger l WHERE l.spray_id = s.id AND l.kind = 'DEBIT') <> 1",
+    },
+    Check {
+        name: "each received share has one CREDIT of its amount to its receiver",
+        sql: "SELECT COUNT(*) FROM shares sh
+              WHERE sh.receiver_id IS NOT NULL
+                AND (SELECT COUNT(*) FROM ledger l
+                     WHERE l.spray_id = sh.spray_id AND l.kind = 'CREDIT'
+                       AND l.user_id = sh.receiver_id AND l.amount = sh.amount) <> 1",
+    },
+    Check {
+        name: "no CREDIT without a received share",
+        sql: "SELECT COUNT(*) FROM ledger l JOIN sprays s ON s.id = l.spray_id
+              WHERE l.kind = 'CREDIT'
+                AND NOT EXISTS (SELECT 1 FROM shares sh
+                                WHERE sh.spray_id = l.spray_id AND sh.receiver_id = l.user_id)",
+    },
+    Check {
+        name: "no spray is refunded twice",
+        sql: concat!("SELECT COUNT(*) FROM ", ledger_per_spray!(), " t WHERE t.refunds > 1"),
+    },
+    Check {
+        name: "settled sprays balance: debit = credits + refund",
+        sql: concat!(
+            "SELECT COUNT(*) FROM ",
+            ledger_per_spray!(),
+            " t WHERE t.refunds > 0 AND t.debit <> t.credit + t.refund"
+        ),
+    },
+    Check {
+        name: "open sprays never pay out more than was debited: debit >= credits",
+        sql: concat!("SELECT COUNT(*) FROM ", ledger_per_spray!(), " t WHERE t.debit < t.credit + t.refund"),
+    },
+    Check {
+        name: "every ledger entry belongs to a debited spray",
+        sql: concat!("SELECT COUNT(*) FROM ", ledger_per_spray!(), " t WHERE t.debits <> 1"),
+    },
+    Check {
+        name: "fully received sprays balance without a refund",
+        sql: concat!(
+            "SELECT COUNT(*) FROM sprays s JOIN ",
+            ledger_per_spray!(),
+            " t ON t.spray_id = s.id
+              WHERE s.recipient_count = (SELECT COUNT(*) FROM shares sh
+                                         WHERE sh.spray_id = s.id AND sh.receiver_id IS NOT NULL)
+                AND (t.refunds <> 0 OR t.debit <> t.credit)"
+        ),
+    },
+    Check {
+        name: "purged sprays were settled and balance",
+        sql: concat!(
+            "SELECT COUNT(*) FROM ",
+            ledger_per_spray!(),
+            " t WHERE NOT EXISTS (SELECT 1 FROM sprays s WHERE s.id = t.spray_id)
+                 AND t.debit <> t.credit + t.refund"
+        ),
+    },
+];
+
+/// Totals shown above the checks, so an operator sees the size of what was audited.
+const TOTALS: &[(&str, &str)] = &[
+    ("sprays", "SELECT COUNT(*) FROM sprays"),
+    ("shares", "SELECT COUNT(*) FROM shares"),
+    (
+        "received shares",
+        "SELECT COUNT(*) FROM shares WHERE receiver_id IS NOT NULL",
+    ),
+    (
+        "debited",
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS SIGNED) FROM ledger WHERE kind = 'DEBIT'",
+    ),
+    (
+        "credited",
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS SIGNED) FROM ledger WHERE kind = 'CREDIT'",
+    ),
+    (
+        "refunded",
+        "SELECT CAST(COALESCE(SUM(amount), 0) AS SIGNED) FROM ledger WHERE kind = 'REFUND'",
+    ),
+];
+
+/// What an audit found.
+#[derive(Debug, Default)]
+pub struct AuditReport {
+    pub totals: Vec<(&'static str, i64)>,
+    /// Each check with the number of rows that break it.
+    pub results: Vec<(&'static str, i64)>,
+}
+
+impl AuditReport {
+    pub fn violations(&self) -> i64 {
+        self.results.iter().map(|(_, n)| *n).fold(0, i64::saturating_add)
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.results.iter().all(|(_, n)| *n == 0)
+    }
+
+    /// The human-readable summary `spray audit` prints.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for (name, value) in &self.totals {
+            let _ = writeln!(out, "{name:>16}: {value}");
+        }
+        for (name, violations) in &self.results {
+            let verdict = if *violations == 0 {
+                "ok  ".to_owned()
+            } else {
+                format!("FAIL ({violations})")
+            };
+            let _ = writeln!(out, "{verdict:<12} {name}");
+        }
+        let _ = if self.is_clean() {
+            writeln!(out, "audit clean: {} checks passed", self.results.len())
+        } else {
+            writeln!(out, "audit FAILED: {} violating rows", self.violations())
+        };
+        out
+    }
+}
+
+/// Runs every check against the store.
+pub async fn run(store: &dyn Store) -> Result<AuditReport, StoreError> {
+    let mut report = AuditReport::default();
+    for (name, sql) in TOTALS {
+        report.totals.push((name, store.count(sql).await?));
+    }
+    for check in CHECKS {
+        report.results.push((check.name, store.count(check.sql).await?));
+    }
+    Ok(report)
+}

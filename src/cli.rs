@@ -1,0 +1,72 @@
+//! The `spray` commands: serve (the default), migrate, audit.
+
+use std::process::ExitCode;
+
+use crate::audit;
+use crate::config::{Cli, Command};
+use crate::startup::{Application, open_store, shutdown_signal};
+use crate::telemetry;
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let settings = cli.settings;
+    telemetry::init(settings.log_format);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            tracing::info!(?settings, "starting");
+            let app = match Application::build(&settings).await {
+                Ok(app) => app,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match app.local_addr() {
+                Ok(address) => tracing::info!(%address, "listening"),
+                Err(e) => tracing::warn!(error = %e, "listening on an unknown address"),
+            }
+            match app.run_until(shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "server failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate => match open_store(&settings).await {
+            Ok(store) => {
+                store.close().await;
+                println!("migrations applied");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("migration failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Audit => {
+            let store = match open_store(&settings).await {
+                Ok(store) => store,
+                Err(e) => {
+                    eprintln!("cannot open the store: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let report = audit::run(store.as_ref()).await;
+            store.close().await;
+            match report {
+                Ok(report) => {
+                    print!("{}", report.summary());
+                    if report.is_clean() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("audit could not run: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Settings: defaults, then environment variables, then flags (clap layers the three).
+
+use std::fmt;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::Amount;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://spray.db";
+pub const DEFAULT_MAX_AMOUNT: u64 = 1_000_000_000;
+pub const DEFAULT_MAX_RECIPIENTS: u32 = 1_000;
+/// The largest spray we will write in one transaction.
+pub const MAX_RECIPIENTS_LIMIT: u32 = 100_000;
+
+/// The `spray` command line.
+#[derive(Debug, Parser)]
+#[command(name = "spray", version, about = "Spray money into a chat room.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations, then serve the API (the default).
+    Serve,
+    /// Apply the schema migrations and exit.
+    Migrate,
+    /// Check every money invariant over the whole store; exit non-zero on any violation.
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every setting, each a flag and an environment variable; flags win.
+#[derive(Clone, Args)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "SPRAY_LISTEN", default_value = DEFAULT_LISTEN, global = true)]
+    pub listen: String,
+    /// `sqlite://FILE` (created if missing) or `mysql://USER:PASS@HOST:PORT/DB`.
+    #[arg(long, env = "SPRAY_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true)]
+    pub database_url: String,
+    /// Redis in front of the claim; none for a single node.
+    #[arg(long, env = "SPRAY_REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    /// How long members may receive after a spray, e.g. `10m`.
+    #[arg(long, env = "SPRAY_RECEIVE_WINDOW", default_value = "10m", value_parser = parse_duration, global = true)]
+    pub receive_window: Duration,
+    /// How long the sprayer may look a spray up, e.g. `7d`.
+    #[arg(long, env = "SPRAY_LOOKUP_WINDOW", default_value = "7d", value_parser = parse_duration, global = true)]
+    pub lookup_window: Duration,
+    /// The largest amount of one spray.
+    #[arg(long, env = "SPRAY_MAX_AMOUNT", default_value_t = DEFAULT_MAX_AMOUNT, global = true)]
+    pub max_amount: u64,
+    /// The most recipients of one spray.
+    #[arg(long, env = "SPRAY_MAX_RECIPIENTS", default_value_t = DEFAULT_MAX_RECIPIENTS, global = true)]
+    pub max_recipients: u32,
+    /// When set, every /api/ request must carry `Authorization: Bearer <secret>`.
+    #[arg(long, env = "SPRAY_GATEWAY_SECRET", global = true, hide_env_values = true)]
+    pub gateway_secret: Option<String>,
+    /// How long in-flight requests may run after SIGTERM before the process exits.
+    #[arg(long, env = "SPRAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub shutdown_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "SPRAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            listen: DEFAULT_LISTEN.to_owned(),
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            redis_url: None,
+            receive_window: Duration::from_secs(10 * 60),
+            lookup_window: Duration::from_secs(7 * 24 * 60 * 60),
+            max_amount: DEFAULT_MAX_AMOUNT,
+            max_recipients: DEFAULT_MAX_RECIPIENTS,
+            gateway_secret: None,
+            shutdown_timeout: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// The business limits the service applies, checked once at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub receive_window: chrono::TimeDelta,
+    pub lookup_window: chrono::TimeDelta,
+    pub max_amount: Amount,
+    pub max_recipients: u32,
+}
+
+impl Settings {
+    /// Checks the settings that can be wrong together and turns them into a [`Policy`].
+    pub fn policy(&self) -> Result<Policy, String> {
+        let window = |name: &str, d: Duration| {
+            chrono::TimeDelta::from_std(d)
+                .ok()
+                .filter(|w| *w >= chrono::TimeDelta::milliseconds(1) && *w <= chrono::TimeDelta::days(36_500))
+                .ok_or_else(|| format!("{name} must be between 1ms and 100 years"))
+        };
+        let receive_window = window("--receive-window", self.receive_window)?;
+        let lookup_window = window("--lookup-window", self.lookup_window)?;
+        if lookup_window < receive_window {
+            return Err("--lookup-window must not be shorter than --receive-window".into());
+        }
+        // Amounts are stored in signed 64-bit columns.
+        if self.max_amount == 0 || i64::try_from(self.max_amount).is_err() {
+            return Err(format!("--max-amount must be between 1 and {}", i64::MAX));
+        }
+        if !(1..=MAX_RECIPIENTS_LIMIT).contains(&self.max_recipients) {
+            return Err(format!(
+                "--max-recipients must be between 1 and {MAX_RECIPIENTS_LIMIT}"
+            ));
+        }
+        Ok(Policy {
+            receive_window,
+            lookup_window,
+            max_amount: Amount::new(self.max_amount),
+            max_recipients: self.max_recipients,
+        })
+    }
+}
+
+/// Settings print without secrets: URLs lose their passwords, the gateway secret is hidden.
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("receive_window", &self.receive_window)
+            .field("lookup_window", &self.lookup_window)
+            .field("max_amount", &self.max_amount)
+            .field("max_recipients", &self.max_recipients)
+            .field(
+                "gateway_secret",
+                &self.gateway_secret.as_ref().map(|_| "<hidden>"),
+            )
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// Parses `500ms`, `10s`, `10m`, `2h`, `7d` (and combinations such as `1h 30m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 500ms, 10s, 10m, 7d)"))
+}
+
+/// Hides the password of every `scheme://user:password@host` in `url` (a comma-separated
+/// list of URLs included).
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                let credentials = &one[scheme_end + 3..at];
+                match credentials.find(':') {
+                    Some(colon) => format!(
+                        "{}{}:***{}",
+                        &one[..scheme_end + 3],
+                        &credentials[..colon],
+                        &one[at..]
+                    ),
+                    None => one.to_owned(),
+                }
+            }
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_the_contract_writes_them() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("ten minutes").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        assert_eq!(
+            redact_url("mysql://root:hunter2@db:3306/spray"),
+            "mysql://root:***@db:3306/spray"
+        );
+        assert_eq!(redact_url("sqlite://spray.db"), "sqlite://spray.db");
+        assert_eq!(
+            redact_url("redis://:pw@a:1,redis://u:pw@b:2"),
+            "redis://:***@a:1,redis://u:***@b:2"
+        );
+        let settings = Settings {
+            database_url: "mysql://u:topsecret@h/db".into(),
+            gateway_secret: Some("alsosecret".into()),
+            ..Settings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(
+            !printed.contains("topsecret") && !printed.contains("alsosecret"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn flags_win_over_defaults_and_bad_limits_are_refused() {
+        let cli = Cli::try_parse_from([
+            "spray",
+            "serve",
+            "--receive-window",
+            "30s",
+            "--max-recipients",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(cli.command, Some(Command::Serve));
+        assert_eq!(cli.settings.receive_window, Duration::from_secs(30));
+        assert_eq!(cli.settings.max_recipients, 5);
+        let bad = Settings {
+            lookup_window: Duration::from_secs(1),
+            ..Settings::default()
+        };
+        assert!(bad.policy().is_err());
+        let bad = Settings {
+            max_amount: u64::MAX,
+            ..Settings::default()
+        };
+        assert!(bad.policy().is_err());
+        assert!(Settings::default().policy().is_ok());
+    }
+}

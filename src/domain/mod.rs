@@ -1,0 +1,15 @@
+//! The domain: amounts, identities, tokens, the split and the rules. Plain Rust, no I/O.
+
+pub mod amount;
+pub mod ids;
+pub mod rules;
+pub mod split;
+pub mod spray;
+pub mod token;
+
+pub use amount::Amount;
+pub use ids::{RoomId, UserId};
+pub use rules::{LookupRefusal, LookupScope, ReceiveFacts, ReceiveRefusal};
+pub use split::{SplitMode, split};
+pub use spray::{Receipt, SprayRecord, SprayState, SprayStatus};
+pub use token::{OsTokens, ScriptedTokens, Token, TokenSource};

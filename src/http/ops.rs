@@ -1,0 +1,29 @@
+//! Operations endpoints: liveness and readiness.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::AppState;
+
+/// 200 while the process runs.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// 200 when the SQL store answers, else 503; the body says what each store answered.
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let sql_up = state.service.store().ping().await.is_ok();
+    let status = if sql_up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": sql_up,
+        "sql": if sql_up { "up" } else { "down" },
+        "redis": "disabled",
+    });
+    (status, Json(body))
+}

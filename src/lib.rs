@@ -1,0 +1,16 @@
+//! spray: split an amount into shares that members of a chat room claim.
+//!
+//! A request flows one way: [`http`] (identity, JSON, problem+json) -> [`service`] (the
+//! rules, given a [`clock`] and a token source) -> [`store`] (SQL, the source of truth).
+//! [`domain`] holds the types and rules, with no I/O.
+
+pub mod audit;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,197 @@
+//! The service: the contract's operations, given a clock, a token source and a store.
+//!
+//! Inputs arrive here already parsed into domain types; the HTTP layer only translates.
+
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand::rngs::{StdRng, SysRng};
+
+use crate::clock::Clock;
+use crate::config::Policy;
+use crate::domain::rules::check_lookup;
+use crate::domain::{
+    Amount, LookupRefusal, LookupScope, ReceiveRefusal, RoomId, SplitMode, SprayRecord, SprayState, Token,
+    TokenSource, UserId, split,
+};
+use crate::store::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
+
+/// How many fresh tokens to try before giving up on a crowded room or sprayer. With
+/// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
+/// a row all collide with noticeable probability.
+pub const TOKEN_ATTEMPTS: usize = 8;
+
+/// A validated request to spray money.
+#[derive(Debug, Clone)]
+pub struct SprayCommand {
+    pub owner: UserId,
+    pub room: RoomId,
+    pub amount: Amount,
+    pub recipient_count: u32,
+    pub mode: SplitMode,
+}
+
+/// The answer to a successful spray.
+#[derive(Debug, Clone)]
+pub struct CreatedSpray {
+    pub token: Token,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub receive_until: chrono::DateTime<chrono::Utc>,
+    pub lookup_until: chrono::DateTime<chrono::Utc>,
+}
+
+/// Everything that can go wrong in the service, before it becomes problem+json.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("receive refused: {0:?}")]
+    Receive(ReceiveRefusal),
+    #[error("lookup refused: {0:?}")]
+    Lookup(LookupRefusal),
+    /// Every token drawn was taken, or the random source failed.
+    #[error("no free token: {0}")]
+    NoToken(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct SprayService {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    tokens: Arc<dyn TokenSource>,
+    policy: Policy,
+}
+
+impl SprayService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        tokens: Arc<dyn TokenSource>,
+        policy: Policy,
+    ) -> Self {
+        SprayService {
+            store,
+            clock,
+            tokens,
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Splits the amount, then writes the spray under a fresh token, retrying a bounded
+    /// number of times when the token is taken in the room or by the sprayer.
+    pub async fn spray(&self, command: SprayCommand) -> Result<CreatedSpray, ServiceError> {
+        if command.amount.units() < 1 || command.amount > self.policy.max_amount {
+            return Err(ServiceError::Invalid(format!(
+                "amount must be between 1 and {}",
+                self.policy.max_amount
+            )));
+        }
+        if command.recipient_count < 1 || command.recipient_count > self.policy.max_recipients {
+            return Err(ServiceError::Invalid(format!(
+                "recipient_count must be between 1 and {}",
+                self.policy.max_recipients
+            )));
+        }
+        // One OS-seeded CSPRNG per spray: one system call, then fast draws.
+        let mut rng = StdRng::try_from_rng(&mut SysRng).map_err(|e| ServiceError::NoToken(e.to_string()))?;
+        let shares =
+            split(command.mode, command.amount, command.recipient_count, &mut rng).map_err(|_| {
+                ServiceError::Invalid(format!(
+                    "amount ({}) must be at least recipient_count ({}), so that every share is at least 1",
+                    command.amount, command.recipient_count
+                ))
+            })?;
+
+        let created_at = self.clock.now();
+        let overflow = || ServiceError::Invalid("the clock is out of range".into());
+        let receive_until = created_at
+            .checked_add_signed(self.policy.receive_window)
+            .ok_or_else(overflow)?;
+        let lookup_until = created_at
+            .checked_add_signed(self.policy.lookup_window)
+            .ok_or_else(overflow)?;
+        for _ in 0..TOKEN_ATTEMPTS {
+            let token = self
+                .tokens
+                .draw()
+                .map_err(|e| ServiceError::NoToken(e.to_string()))?;
+            let spray = NewSpray {
+                token: token.clone(),
+                room: command.room.clone(),
+                owner: command.owner,
+                mode: command.mode,
+                total_amount: command.amount,
+                shares: shares.clone(),
+                created_at,
+                receive_until,
+                lookup_until,
+            };
+            match self.store.insert_spray(&spray).await {
+                Ok(()) => {
+                    return Ok(CreatedSpray {
+                        token,
+                        created_at,
+                        receive_until,
+                        lookup_until,
+                    });
+                }
+                Err(StoreError::TokenTaken) => {
+                    tracing::debug!("token collision, drawing another");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::NoToken(format!(
+            "{TOKEN_ATTEMPTS} tokens in a row were already in use in this room or by this sprayer"
+        )))
+    }
+
+    /// Gives the caller one share of the spray `token` in `room`.
+    pub async fn receive(&self, user: UserId, room: RoomId, token: Token) -> Result<Amount, ServiceError> {
+        let claim = Claim {
+            room,
+            token,
+            user,
+            now: self.clock.now(),
+        };
+        match self.store.claim_share(&claim).await? {
+            ClaimOutcome::Received(amount) => Ok(amount),
+            ClaimOutcome::Refused(refusal) => Err(ServiceError::Receive(refusal)),
+        }
+    }
+
+    /// The sprayer's view of a spray, found by room when one is given, else among the
+    /// caller's own sprays.
+    pub async fn lookup(
+        &self,
+        caller: UserId,
+        room: Option<RoomId>,
+        token: Token,
+    ) -> Result<(SprayRecord, SprayState), ServiceError> {
+        let (key, scope) = match room {
+            Some(room) => (SprayKey::Room(room, token), LookupScope::Room),
+            None => (SprayKey::Owner(caller, token), LookupScope::OwnSprays),
+        };
+        let record = self
+            .store
+            .find_spray(&key)
+            .await?
+            .ok_or(ServiceError::Lookup(LookupRefusal::NotFound))?;
+        let now = self.clock.now();
+        check_lookup(scope, record.owner, record.lookup_until, caller, now).map_err(ServiceError::Lookup)?;
+        let state = record
+            .state_at(now)
+            .map_err(|e| ServiceError::Store(StoreError::Corrupt(e.to_string())))?;
+        Ok((record, state))
+    }
+}

@@ -1,0 +1,137 @@
+//! Building the application: the store, the service, the router and the listener,
+//! and serving until a shutdown future completes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Settings;
+use crate::domain::{OsTokens, TokenSource};
+use crate::http::{AppState, router};
+use crate::service::SprayService;
+use crate::store::{self, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: String, source: std::io::Error },
+}
+
+/// A store, migrated and ready.
+pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+    let store = store::open(&settings.database_url).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// The router over a given store, clock and token source (tests build their own).
+pub fn build_router(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    tokens: Arc<dyn TokenSource>,
+) -> Result<Router, StartupError> {
+    let policy = settings.policy().map_err(StartupError::Settings)?;
+    let service = Arc::new(SprayService::new(store, clock, tokens, policy));
+    let gateway_secret = settings.gateway_secret.as_deref().map(Arc::from);
+    Ok(router(AppState {
+        service,
+        gateway_secret,
+    }))
+}
+
+/// The service bound to its listener, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    store: Arc<dyn Store>,
+    shutdown_timeout: Duration,
+}
+
+impl Application {
+    /// Production wiring: the system clock and OS tokens.
+    pub async fn build(settings: &Settings) -> Result<Application, StartupError> {
+        Application::build_with(settings, Arc::new(SystemClock), Arc::new(OsTokens)).await
+    }
+
+    pub async fn build_with(
+        settings: &Settings,
+        clock: Arc<dyn Clock>,
+        tokens: Arc<dyn TokenSource>,
+    ) -> Result<Application, StartupError> {
+        settings.policy().map_err(StartupError::Settings)?;
+        let store = open_store(settings).await?;
+        let router = build_router(settings, store.clone(), clock, tokens)?;
+        let listener = TcpListener::bind(&settings.listen)
+            .await
+            .map_err(|source| StartupError::Listen {
+                address: settings.listen.clone(),
+                source,
+            })?;
+        Ok(Application {
+            listener,
+            router,
+            store,
+            shutdown_timeout: settings.shutdown_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, gives in-flight requests
+    /// up to the shutdown timeout to finish, and closes the store.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections, draining in-flight requests");
+            let _ = stopping_tx.send(true);
+        });
+        let drain_deadline = async {
+            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+            tokio::time::sleep(self.shutdown_timeout).await;
+        };
+        tokio::select! {
+            served = server => served?,
+            () = drain_deadline => {
+                tracing::warn!(timeout = ?self.shutdown_timeout, "in-flight requests did not finish in time; exiting");
+            }
+        }
+        self.store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

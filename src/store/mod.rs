@@ -1,0 +1,95 @@
+//! The store: the single source of truth for money.
+//!
+//! Every rule that protects money is enforced here, inside one SQL transaction per
+//! operation and backed by constraints (see `../shared/DESIGN.md` section 1), so it
+//! holds however many service instances run in front of the database. One module per
+//! backend, each with its own migrations; [`open`] picks the backend by URL scheme.
+
+mod error;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+pub use error::StoreError;
+
+use crate::domain::{Amount, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
+
+/// A spray about to be written: its shares are already drawn, in order of receipt.
+#[derive(Debug, Clone)]
+pub struct NewSpray {
+    pub token: Token,
+    pub room: RoomId,
+    pub owner: UserId,
+    pub mode: SplitMode,
+    pub total_amount: Amount,
+    pub shares: Vec<Amount>,
+    pub created_at: DateTime<Utc>,
+    pub receive_until: DateTime<Utc>,
+    pub lookup_until: DateTime<Utc>,
+}
+
+/// A member of `room` asks for a share of the spray `token` at `now`.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub room: RoomId,
+    pub token: Token,
+    pub user: UserId,
+    pub now: DateTime<Utc>,
+}
+
+/// The answer to a claim: a share, or the rule that refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    Received(Amount),
+    Refused(ReceiveRefusal),
+}
+
+/// How a spray is looked up: by the room it was sprayed in, or among the caller's own.
+#[derive(Debug, Clone)]
+pub enum SprayKey {
+    Room(RoomId, Token),
+    Owner(UserId, Token),
+}
+
+/// A backend of the store. Each method is one transaction (or one consistent read).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies the pending schema migrations. Safe to run from several processes at once.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Answers when the database does.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Writes the spray, its shares and the sprayer's DEBIT in one transaction.
+    /// `StoreError::TokenTaken` when a live spray of the room or of the sprayer holds the
+    /// token; nothing is written then.
+    async fn insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError>;
+
+    /// Applies the receive rules and, if they allow it, gives the caller one free share
+    /// and records the CREDIT, all in one transaction.
+    async fn claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError>;
+
+    /// The newest spray under this key, with its receipts in order of receipt.
+    async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError>;
+
+    /// Runs one read-only audit query that counts rows breaking an invariant.
+    async fn count(&self, sql: &'static str) -> Result<i64, StoreError>;
+
+    /// Closes the connections, waiting for those in use to be returned.
+    async fn close(&self);
+}
+
+/// Opens the store named by `url`: `sqlite://…` for the embedded store.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::Config(format!(
+            "unsupported database URL scheme in {}; use sqlite://",
+            crate::config::redact_url(url)
+        )))
+    }
+}

@@ -1,0 +1,311 @@
+//! The embedded store: one SQLite file in WAL mode with durable commits.
+//!
+//! SQLite allows one writer at a time. Rather than let many connections race for the
+//! write lock and back off on `SQLITE_BUSY`, every write goes through a pool of exactly
+//! one connection, so writers queue fairly in the pool and each transaction runs
+//! without contention. Reads use a separate pool and never wait for writers (WAL).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+
+use super::error::is_unique_violation;
+use super::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
+use crate::domain::rules::{ReceiveFacts, check_receive};
+use crate::domain::{Amount, Receipt, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// How long a connection waits for SQLite's file lock (another process, a checkpoint).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rows per multi-row INSERT of shares, well under SQLite's bound-variable limit.
+const SHARES_PER_INSERT: usize = 500;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file named by a `sqlite://` URL.
+    pub async fn connect(url: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before it is acknowledged, in WAL mode too,
+            // so an acknowledged receipt survives kill -9 and power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(options.read_only(true));
+        Ok(SqliteStore { writer, reader })
+    }
+}
+
+/// A stored time in milliseconds since the epoch.
+fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time_from(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms} out of range")))
+}
+
+fn stored(amount: Amount) -> Result<i64, StoreError> {
+    amount
+        .to_stored()
+        .ok_or_else(|| StoreError::Other(format!("amount {amount} does not fit the store")))
+}
+
+fn amount_from(units: i64) -> Result<Amount, StoreError> {
+    Amount::from_stored(units).ok_or_else(|| StoreError::Corrupt(format!("negative amount {units}")))
+}
+
+fn user_from(id: i64) -> Result<UserId, StoreError> {
+    UserId::from_stored(id).ok_or_else(|| StoreError::Corrupt(format!("bad user id {id}")))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError> {
+        let now = millis(spray.created_at);
+        // IMMEDIATE takes the write lock up front, so the transaction never has to
+        // upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+
+        // Sprays past their lookup window give up the token (see the migration).
+        sqlx::query(
+            "UPDATE sprays SET token_live = NULL
+             WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
+        )
+        .bind(spray.token.as_str())
+        .bind(now)
+        .bind(spray.room.as_str())
+        .bind(spray.owner.get())
+        .execute(&mut *tx)
+        .await?;
+
+        let recipient_count =
+            i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
+        let inserted = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
+                                 created_at, receive_until, lookup_until)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(spray.room.as_str())
+        .bind(spray.token.as_str())
+        .bind(spray.owner.get())
+        .bind(spray.mode.as_str())
+        .bind(stored(spray.total_amount)?)
+        .bind(recipient_count)
+        .bind(now)
+        .bind(millis(spray.receive_until))
+        .bind(millis(spray.lookup_until))
+        .fetch_one(&mut *tx)
+        .await;
+        let spray_id = match inserted {
+            Ok(id) => id,
+            Err(e) if is_unique_violation(&e) => return Err(StoreError::TokenTaken),
+            Err(e) => return Err(e.into()),
+        };
+
+        for (chunk_index, chunk) in spray.shares.chunks(SHARES_PER_INSERT).enumerate() {
+            let first_slot = chunk_index * SHARES_PER_INSERT;
+            let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shares (spray_id, slot, amount) ");
+            let mut rows = Vec::with_capacity(chunk.len());
+            for (offset, amount) in chunk.iter().enumerate() {
+                let slot =
+                    i64::try_from(first_slot + offset).map_err(|e| StoreError::Other(e.to_string()))?;
+                rows.push((slot, stored(*amount)?));
+            }
+            insert.push_values(rows, |mut row, (slot, amount)| {
+                row.push_bind(spray_id).push_bind(slot).push_bind(amount);
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+
+        sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)")
+            .bind(spray_id)
+            .bind(spray.owner.get())
+            .bind(stored(spray.total_amount)?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+        let now = millis(claim.now);
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+
+        // Rule 1: the spray must exist in the caller's room. The newest spray with this
+        // token in the room is the live one, if any is live.
+        let spray = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+            "SELECT id, owner_id, receive_until, recipient_count FROM sprays
+             WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(claim.room.as_str())
+        .bind(claim.token.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((spray_id, owner_id, receive_until, recipient_count)) = spray else {
+            return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
+        };
+
+        let already_received =
+            sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
+                .bind(spray_id)
+                .bind(claim.user.get())
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(amount_from)
+                .transpose()?;
+
+        // Rules 2 to 4, in the contract's order.
+        let facts = ReceiveFacts {
+            owner: user_from(owner_id)?,
+            receive_until: time_from(receive_until)?,
+            already_received,
+        };
+        if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
+            return Ok(ClaimOutcome::Refused(refusal));
+        }
+
+        // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
+        // the update a no-op if the slot were taken; with one writer it never is.
+        let claimed = sqlx::query_scalar::<_, i64>(
+            "UPDATE shares SET receiver_id = ?, received_at = ?
+             WHERE spray_id = ? AND receiver_id IS NULL
+               AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
+             RETURNING amount",
+        )
+        .bind(claim.user.get())
+        .bind(now)
+        .bind(spray_id)
+        .bind(spray_id)
+        .fetch_optional(&mut *tx)
+        .await;
+        let amount = match claimed {
+            Ok(Some(units)) => amount_from(units)?,
+            Ok(None) => {
+                let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
+                return Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares }));
+            }
+            Err(e) if is_unique_violation(&e) => {
+                return Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived));
+            }
+            Err(e) => return Err(e.into()),
+        };
+
+        sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)")
+            .bind(spray_id)
+            .bind(claim.user.get())
+            .bind(stored(amount)?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+
+        tx.commit().await?;
+        Ok(ClaimOutcome::Received(amount))
+    }
+
+    async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
+        type SprayRow = (i64, String, String, i64, String, i64, i64, i64, i64, i64);
+        macro_rules! select_spray {
+            ($filter:literal) => {
+                concat!(
+                    "SELECT id, room_id, token, owner_id, mode, total_amount, recipient_count,
+                            created_at, receive_until, lookup_until FROM sprays ",
+                    $filter,
+                    " ORDER BY id DESC LIMIT 1"
+                )
+            };
+        }
+        // One read transaction, so the spray and its receipts are one snapshot.
+        let mut tx = self.reader.begin().await?;
+        let row = match key {
+            SprayKey::Room(room, token) => {
+                sqlx::query_as::<_, SprayRow>(select_spray!("WHERE room_id = ? AND token = ?"))
+                    .bind(room.as_str())
+                    .bind(token.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+            SprayKey::Owner(owner, token) => {
+                sqlx::query_as::<_, SprayRow>(select_spray!("WHERE owner_id = ? AND token = ?"))
+                    .bind(owner.get())
+                    .bind(token.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+        };
+        let Some((id, room, token, owner, mode, total, count, created, receive_until, lookup_until)) = row
+        else {
+            return Ok(None);
+        };
+        let receipts = sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT receiver_id, amount, received_at FROM shares
+             WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(user, amount, at)| {
+            Ok(Receipt {
+                user: user_from(user)?,
+                amount: amount_from(amount)?,
+                received_at: time_from(at)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        tx.commit().await?;
+
+        let corrupt = |what: &str| StoreError::Corrupt(format!("spray {id}: bad {what}"));
+        Ok(Some(SprayRecord {
+            token: Token::parse(&token).ok_or_else(|| corrupt("token"))?,
+            room: RoomId::parse(&room).ok_or_else(|| corrupt("room"))?,
+            owner: user_from(owner)?,
+            mode: SplitMode::parse(&mode).ok_or_else(|| corrupt("mode"))?,
+            total_amount: amount_from(total)?,
+            recipient_count: u32::try_from(count).map_err(|_| corrupt("recipient count"))?,
+            created_at: time_from(created)?,
+            receive_until: time_from(receive_until)?,
+            lookup_until: time_from(lookup_until)?,
+            receipts,
+        }))
+    }
+
+    async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.reader).await?)
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}
