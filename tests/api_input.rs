@@ -236,7 +236,7 @@ async fn a_body_over_16_kib_is_too_large() {
     .await
     .assert_problem(413, "PAYLOAD_TOO_LARGE");
     // Exactly 16 KiB is accepted.
-    let exact = format!(r#"{{"amount": 10, "recipient_count": 2}}"#);
+    let exact = r#"{"amount": 10, "recipient_count": 2}"#;
     let exact = format!("{exact}{}", " ".repeat(16 * 1024 - exact.len()));
     app.send(raw_post("/api/v1/spray", &[JSON, USER, IN_ROOM], exact))
         .await

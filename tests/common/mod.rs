@@ -22,7 +22,9 @@ pub const OWNER: i64 = 1;
 
 /// The moment every test starts at: 2024-02-21T09:33:10.123Z.
 pub fn start_time() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z").unwrap().with_timezone(&Utc)
+    DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
+        .unwrap()
+        .with_timezone(&Utc)
 }
 
 pub struct TestApp {
@@ -67,7 +69,12 @@ impl Answer {
 
     #[track_caller]
     pub fn assert_status(&self, status: u16) {
-        assert_eq!(self.status.as_u16(), status, "unexpected answer: {}", String::from_utf8_lossy(&self.raw));
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected answer: {}",
+            String::from_utf8_lossy(&self.raw)
+        );
     }
 }
 
@@ -84,7 +91,15 @@ impl TestApp {
         let clock = Arc::new(ManualClock::new(start_time()));
         let tokens = Arc::new(ScriptedTokens::default());
         let router = build_router(&settings, store.clone(), clock.clone(), tokens.clone()).unwrap();
-        TestApp { router, clock, tokens, store, settings, database_path, _dir: dir }
+        TestApp {
+            router,
+            clock,
+            tokens,
+            store,
+            settings,
+            database_path,
+            _dir: dir,
+        }
     }
 
     pub fn advance(&self, by: TimeDelta) {
@@ -98,7 +113,12 @@ impl TestApp {
         let headers = response.headers().clone();
         let raw = response.into_body().collect().await.unwrap().to_bytes().to_vec();
         let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        Answer { status, headers, body, raw }
+        Answer {
+            status,
+            headers,
+            body,
+            raw,
+        }
     }
 
     /// A JSON POST as user `user` in the header room `room` (None: no X-ROOM-ID).
@@ -111,7 +131,8 @@ impl TestApp {
         if let Some(room) = room {
             request = request.header("x-room-id", room);
         }
-        self.send(request.body(Body::from(body.to_string())).unwrap()).await
+        self.send(request.body(Body::from(body.to_string())).unwrap())
+            .await
     }
 
     pub async fn get(&self, path: &str, user: i64, room: Option<&str>) -> Answer {
@@ -124,7 +145,8 @@ impl TestApp {
 
     /// Sprays `amount` over `count` shares in `ROOM` as `OWNER`; returns the token.
     pub async fn spray(&self, amount: u64, count: u64) -> String {
-        self.spray_as(OWNER, ROOM, json!({"amount": amount, "recipient_count": count})).await
+        self.spray_as(OWNER, ROOM, json!({"amount": amount, "recipient_count": count}))
+            .await
     }
 
     pub async fn spray_as(&self, user: i64, room: &str, body: Value) -> String {
@@ -134,11 +156,13 @@ impl TestApp {
     }
 
     pub async fn receive(&self, user: i64, token: &str) -> Answer {
-        self.post("/api/v1/receive", user, Some(ROOM), json!({"token": token})).await
+        self.post("/api/v1/receive", user, Some(ROOM), json!({"token": token}))
+            .await
     }
 
     pub async fn lookup(&self, user: i64, token: &str) -> Answer {
-        self.get(&format!("/api/v1/spray/{token}"), user, Some(ROOM)).await
+        self.get(&format!("/api/v1/spray/{token}"), user, Some(ROOM))
+            .await
     }
 
     /// Runs `spray audit`'s checks in process and asserts they are clean.
