@@ -9,14 +9,16 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
+use super::convert::{
+    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, time_from, user_from,
+};
 use super::error::is_unique_violation;
 use super::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
 use crate::domain::rules::{ReceiveFacts, check_receive};
-use crate::domain::{Amount, Receipt, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
+use crate::domain::{ReceiveRefusal, SprayRecord};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -52,29 +54,6 @@ impl SqliteStore {
             .connect_lazy_with(options.read_only(true));
         Ok(SqliteStore { writer, reader })
     }
-}
-
-/// A stored time in milliseconds since the epoch.
-fn millis(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn time_from(ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms} out of range")))
-}
-
-fn stored(amount: Amount) -> Result<i64, StoreError> {
-    amount
-        .to_stored()
-        .ok_or_else(|| StoreError::Other(format!("amount {amount} does not fit the store")))
-}
-
-fn amount_from(units: i64) -> Result<Amount, StoreError> {
-    Amount::from_stored(units).ok_or_else(|| StoreError::Corrupt(format!("negative amount {units}")))
-}
-
-fn user_from(id: i64) -> Result<UserId, StoreError> {
-    UserId::from_stored(id).ok_or_else(|| StoreError::Corrupt(format!("bad user id {id}")))
 }
 
 #[async_trait]
@@ -131,17 +110,10 @@ impl Store for SqliteStore {
             Err(e) => return Err(e.into()),
         };
 
-        for (chunk_index, chunk) in spray.shares.chunks(SHARES_PER_INSERT).enumerate() {
-            let first_slot = chunk_index * SHARES_PER_INSERT;
+        for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
             let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shares (spray_id, slot, amount) ");
-            let mut rows = Vec::with_capacity(chunk.len());
-            for (offset, amount) in chunk.iter().enumerate() {
-                let slot =
-                    i64::try_from(first_slot + offset).map_err(|e| StoreError::Other(e.to_string()))?;
-                rows.push((slot, stored(*amount)?));
-            }
-            insert.push_values(rows, |mut row, (slot, amount)| {
-                row.push_bind(spray_id).push_bind(slot).push_bind(amount);
+            insert.push_values(chunk, |mut row, (slot, amount)| {
+                row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
             });
             insert.build().execute(&mut *tx).await?;
         }
@@ -234,70 +206,36 @@ impl Store for SqliteStore {
     }
 
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
-        type SprayRow = (i64, String, String, i64, String, i64, i64, i64, i64, i64);
-        macro_rules! select_spray {
-            ($filter:literal) => {
-                concat!(
-                    "SELECT id, room_id, token, owner_id, mode, total_amount, recipient_count,
-                            created_at, receive_until, lookup_until FROM sprays ",
-                    $filter,
-                    " ORDER BY id DESC LIMIT 1"
-                )
-            };
-        }
         // One read transaction, so the spray and its receipts are one snapshot.
         let mut tx = self.reader.begin().await?;
-        let row = match key {
-            SprayKey::Room(room, token) => {
-                sqlx::query_as::<_, SprayRow>(select_spray!("WHERE room_id = ? AND token = ?"))
-                    .bind(room.as_str())
-                    .bind(token.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
-            SprayKey::Owner(owner, token) => {
-                sqlx::query_as::<_, SprayRow>(select_spray!("WHERE owner_id = ? AND token = ?"))
-                    .bind(owner.get())
-                    .bind(token.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
+        let (filter, token) = match key {
+            SprayKey::Room(_, token) => ("room_id = ?", token),
+            SprayKey::Owner(_, token) => ("owner_id = ?", token),
         };
-        let Some((id, room, token, owner, mode, total, count, created, receive_until, lookup_until)) = row
+        let sql = format!(
+            "SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1"
+        );
+        let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
+        let query = match key {
+            SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
+            SprayKey::Owner(owner, _) => query.bind(owner.get()),
+        };
+        let Some(row) = query
+            .bind(token.as_str().to_owned())
+            .fetch_optional(&mut *tx)
+            .await?
         else {
             return Ok(None);
         };
-        let receipts = sqlx::query_as::<_, (i64, i64, i64)>(
+        let receipts = sqlx::query_as::<_, ReceiptRow>(
             "SELECT receiver_id, amount, received_at FROM shares
              WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
         )
-        .bind(id)
+        .bind(row.id)
         .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|(user, amount, at)| {
-            Ok(Receipt {
-                user: user_from(user)?,
-                amount: amount_from(amount)?,
-                received_at: time_from(at)?,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        .await?;
         tx.commit().await?;
-
-        let corrupt = |what: &str| StoreError::Corrupt(format!("spray {id}: bad {what}"));
-        Ok(Some(SprayRecord {
-            token: Token::parse(&token).ok_or_else(|| corrupt("token"))?,
-            room: RoomId::parse(&room).ok_or_else(|| corrupt("room"))?,
-            owner: user_from(owner)?,
-            mode: SplitMode::parse(&mode).ok_or_else(|| corrupt("mode"))?,
-            total_amount: amount_from(total)?,
-            recipient_count: u32::try_from(count).map_err(|_| corrupt("recipient count"))?,
-            created_at: time_from(created)?,
-            receive_until: time_from(receive_until)?,
-            lookup_until: time_from(lookup_until)?,
-            receipts,
-        }))
+        row.into_record(receipts).map(Some)
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
