@@ -7,6 +7,7 @@
 
 mod convert;
 mod error;
+pub mod mysql;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -83,13 +84,16 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// Opens the store named by `url`: `sqlite://…` for the embedded store.
+/// Opens the store named by `url`: `sqlite://…` for the embedded store, `mysql://…`
+/// for MySQL or MariaDB.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else if url.starts_with("mysql:") {
+        Ok(Arc::new(mysql::MySqlStore::connect(url).await?))
     } else {
         Err(StoreError::Config(format!(
-            "unsupported database URL scheme in {}; use sqlite://",
+            "unsupported database URL scheme in {}; use sqlite:// or mysql://",
             crate::config::redact_url(url)
         )))
     }

@@ -69,173 +69,39 @@ impl Store for SqliteStore {
     }
 
     async fn insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError> {
-        let now = millis(spray.created_at);
         // IMMEDIATE takes the write lock up front, so the transaction never has to
         // upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-
-        // Sprays past their lookup window give up the token (see the migration).
-        sqlx::query(
-            "UPDATE sprays SET token_live = NULL
-             WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
-        )
-        .bind(spray.token.as_str())
-        .bind(now)
-        .bind(spray.room.as_str())
-        .bind(spray.owner.get())
-        .execute(&mut *tx)
-        .await?;
-
-        let recipient_count =
-            i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
-        let inserted = sqlx::query_scalar::<_, i64>(
-            "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
-                                 created_at, receive_until, lookup_until)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(spray.room.as_str())
-        .bind(spray.token.as_str())
-        .bind(spray.owner.get())
-        .bind(spray.mode.as_str())
-        .bind(stored(spray.total_amount)?)
-        .bind(recipient_count)
-        .bind(now)
-        .bind(millis(spray.receive_until))
-        .bind(millis(spray.lookup_until))
-        .fetch_one(&mut *tx)
-        .await;
-        let spray_id = match inserted {
-            Ok(id) => id,
-            Err(e) if is_unique_violation(&e) => return Err(StoreError::TokenTaken),
-            Err(e) => return Err(e.into()),
-        };
-
-        for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
-            let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shares (spray_id, slot, amount) ");
-            insert.push_values(chunk, |mut row, (slot, amount)| {
-                row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
-            });
-            insert.build().execute(&mut *tx).await?;
+        // Committed only if every write succeeded; rolled back explicitly otherwise, so
+        // no transaction stays open on a pooled connection.
+        match insert_in(&mut tx, spray).await {
+            Ok(()) => Ok(tx.commit().await?),
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
         }
-
-        sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)")
-            .bind(spray_id)
-            .bind(spray.owner.get())
-            .bind(stored(spray.total_amount)?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
-        let now = millis(claim.now);
+        // IMMEDIATE takes the write lock up front (see insert_spray). The transaction is
+        // committed when a share was taken and rolled back explicitly otherwise.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-
-        // Rule 1: the spray must exist in the caller's room. The newest spray with this
-        // token in the room is the live one, if any is live.
-        let spray = sqlx::query_as::<_, (i64, i64, i64, i64)>(
-            "SELECT id, owner_id, receive_until, recipient_count FROM sprays
-             WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
-        )
-        .bind(claim.room.as_str())
-        .bind(claim.token.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((spray_id, owner_id, receive_until, recipient_count)) = spray else {
-            return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
-        };
-
-        let already_received =
-            sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
-                .bind(spray_id)
-                .bind(claim.user.get())
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(amount_from)
-                .transpose()?;
-
-        // Rules 2 to 4, in the contract's order.
-        let facts = ReceiveFacts {
-            owner: user_from(owner_id)?,
-            receive_until: time_from(receive_until)?,
-            already_received,
-        };
-        if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
-            return Ok(ClaimOutcome::Refused(refusal));
+        let outcome = claim_in(&mut tx, claim).await;
+        match outcome {
+            Ok(ClaimOutcome::Received(_)) => tx.commit().await?,
+            _ => tx.rollback().await?,
         }
-
-        // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
-        // the update a no-op if the slot were taken; with one writer it never is.
-        let claimed = sqlx::query_scalar::<_, i64>(
-            "UPDATE shares SET receiver_id = ?, received_at = ?
-             WHERE spray_id = ? AND receiver_id IS NULL
-               AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
-             RETURNING amount",
-        )
-        .bind(claim.user.get())
-        .bind(now)
-        .bind(spray_id)
-        .bind(spray_id)
-        .fetch_optional(&mut *tx)
-        .await;
-        let amount = match claimed {
-            Ok(Some(units)) => amount_from(units)?,
-            Ok(None) => {
-                let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-                return Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares }));
-            }
-            Err(e) if is_unique_violation(&e) => {
-                return Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived));
-            }
-            Err(e) => return Err(e.into()),
-        };
-
-        sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)")
-            .bind(spray_id)
-            .bind(claim.user.get())
-            .bind(stored(amount)?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-
-        tx.commit().await?;
-        Ok(ClaimOutcome::Received(amount))
+        outcome
     }
 
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
-        // One read transaction, so the spray and its receipts are one snapshot.
+        // One read transaction, so the spray and its receipts are one snapshot; ended
+        // explicitly, since an open read transaction would hold back WAL checkpoints.
         let mut tx = self.reader.begin().await?;
-        let (filter, token) = match key {
-            SprayKey::Room(_, token) => ("room_id = ?", token),
-            SprayKey::Owner(_, token) => ("owner_id = ?", token),
-        };
-        let sql = format!(
-            "SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1"
-        );
-        let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
-        let query = match key {
-            SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
-            SprayKey::Owner(owner, _) => query.bind(owner.get()),
-        };
-        let Some(row) = query
-            .bind(token.as_str().to_owned())
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let receipts = sqlx::query_as::<_, ReceiptRow>(
-            "SELECT receiver_id, amount, received_at FROM shares
-             WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
-        )
-        .bind(row.id)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        row.into_record(receipts).map(Some)
+        let found = find_in(&mut tx, key).await;
+        tx.rollback().await?;
+        found
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
@@ -246,4 +112,170 @@ impl Store for SqliteStore {
         self.writer.close().await;
         self.reader.close().await;
     }
+}
+
+/// The receive rules and the claim, inside the caller's transaction.
+async fn claim_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    claim: &Claim,
+) -> Result<ClaimOutcome, StoreError> {
+    // Rule 1: the spray must exist in the caller's room. The newest spray with this
+    // token in the room is the live one, if any is live.
+    let spray = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        "SELECT id, owner_id, receive_until, recipient_count FROM sprays
+             WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
+    )
+    .bind(claim.room.as_str())
+    .bind(claim.token.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((spray_id, owner_id, receive_until, recipient_count)) = spray else {
+        return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
+    };
+
+    let already_received =
+        sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
+            .bind(spray_id)
+            .bind(claim.user.get())
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(amount_from)
+            .transpose()?;
+
+    // Rules 2 to 4, in the contract's order.
+    let facts = ReceiveFacts {
+        owner: user_from(owner_id)?,
+        receive_until: time_from(receive_until)?,
+        already_received,
+    };
+    if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
+        return Ok(ClaimOutcome::Refused(refusal));
+    }
+
+    // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
+    // the update a no-op if the slot were taken; with one writer it never is.
+    let claimed = sqlx::query_scalar::<_, i64>(
+        "UPDATE shares SET receiver_id = ?, received_at = ?
+             WHERE spray_id = ? AND receiver_id IS NULL
+               AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
+             RETURNING amount",
+    )
+    .bind(claim.user.get())
+    .bind(millis(claim.now))
+    .bind(spray_id)
+    .bind(spray_id)
+    .fetch_optional(&mut **tx)
+    .await;
+    let amount = match claimed {
+        Ok(Some(units)) => amount_from(units)?,
+        Ok(None) => {
+            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
+            return Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares }));
+        }
+        Err(e) if is_unique_violation(&e) => {
+            return Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived));
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)")
+        .bind(spray_id)
+        .bind(claim.user.get())
+        .bind(stored(amount)?)
+        .bind(millis(claim.now))
+        .execute(&mut **tx)
+        .await?;
+
+    Ok(ClaimOutcome::Received(amount))
+}
+
+/// The spray, its shares and the DEBIT, inside the caller's transaction.
+async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray) -> Result<(), StoreError> {
+    let now = millis(spray.created_at);
+
+    // Sprays past their lookup window give up the token (see the migration).
+    sqlx::query(
+        "UPDATE sprays SET token_live = NULL
+             WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
+    )
+    .bind(spray.token.as_str())
+    .bind(now)
+    .bind(spray.room.as_str())
+    .bind(spray.owner.get())
+    .execute(&mut **tx)
+    .await?;
+
+    let recipient_count = i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
+    let inserted = sqlx::query_scalar::<_, i64>(
+        "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
+                                 created_at, receive_until, lookup_until)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(spray.room.as_str())
+    .bind(spray.token.as_str())
+    .bind(spray.owner.get())
+    .bind(spray.mode.as_str())
+    .bind(stored(spray.total_amount)?)
+    .bind(recipient_count)
+    .bind(now)
+    .bind(millis(spray.receive_until))
+    .bind(millis(spray.lookup_until))
+    .fetch_one(&mut **tx)
+    .await;
+    let spray_id = match inserted {
+        Ok(id) => id,
+        Err(e) if is_unique_violation(&e) => return Err(StoreError::TokenTaken),
+        Err(e) => return Err(e.into()),
+    };
+
+    for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shares (spray_id, slot, amount) ");
+        insert.push_values(chunk, |mut row, (slot, amount)| {
+            row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
+        });
+        insert.build().execute(&mut **tx).await?;
+    }
+
+    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)")
+        .bind(spray_id)
+        .bind(spray.owner.get())
+        .bind(stored(spray.total_amount)?)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+
+    Ok(())
+}
+
+/// The newest spray under `key` and its receipts, inside the caller's transaction.
+async fn find_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    key: &SprayKey,
+) -> Result<Option<SprayRecord>, StoreError> {
+    let (filter, token) = match key {
+        SprayKey::Room(_, token) => ("room_id = ?", token),
+        SprayKey::Owner(_, token) => ("owner_id = ?", token),
+    };
+    let sql =
+        format!("SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1");
+    let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
+    let query = match key {
+        SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
+        SprayKey::Owner(owner, _) => query.bind(owner.get()),
+    };
+    let Some(row) = query
+        .bind(token.as_str().to_owned())
+        .fetch_optional(&mut **tx)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let receipts = sqlx::query_as::<_, ReceiptRow>(
+        "SELECT receiver_id, amount, received_at FROM shares
+         WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
+    )
+    .bind(row.id)
+    .fetch_all(&mut **tx)
+    .await?;
+    row.into_record(receipts).map(Some)
 }
