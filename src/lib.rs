@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod gate;
 pub mod http;
 pub mod service;
 pub mod startup;

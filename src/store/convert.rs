@@ -92,3 +92,25 @@ impl SprayRow {
         })
     }
 }
+
+/// The spray row of a gate snapshot: `(id, owner_id, receive_until, recipient_count)`.
+pub type GateSprayRow = (i64, i64, i64, i64);
+
+pub fn gate_snapshot_from(
+    (spray_id, owner, receive_until, count): GateSprayRow,
+    free_slots: Vec<i64>,
+    receivers: Vec<(i64, i64)>,
+) -> Result<crate::gate::GateSnapshot, StoreError> {
+    Ok(crate::gate::GateSnapshot {
+        spray_id,
+        owner: user_from(owner)?,
+        receive_until: time_from(receive_until)?,
+        recipient_count: u32::try_from(count)
+            .map_err(|_| StoreError::Corrupt(format!("spray {spray_id}: count")))?,
+        free_slots,
+        receivers: receivers
+            .into_iter()
+            .map(|(user, slot)| Ok((user_from(user)?, slot)))
+            .collect::<Result<_, StoreError>>()?,
+    })
+}

@@ -18,9 +18,10 @@ use super::convert::{
     ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, time_from, user_from,
 };
 use super::error::is_unique_violation;
-use super::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
+use super::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
 use crate::domain::rules::{ReceiveFacts, check_receive};
-use crate::domain::{ReceiveRefusal, SprayRecord};
+use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
+use crate::gate::GateSnapshot;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/mysql");
 
@@ -254,6 +255,18 @@ impl Store for MySqlStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+
+    async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError> {
+        gate_sql::gate_snapshot(&self.pool, room, token).await
+    }
+
+    async fn claim_slot(&self, claim: &Claim, spray_id: i64, slot: i64) -> Result<SlotClaim, StoreError> {
+        gate_sql::claim_slot(&self.pool, claim, spray_id, slot).await
+    }
+
+    async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
+        gate_sql::share_of(&self.pool, spray_id, user).await
+    }
 }
 
 /// The spray, its shares and the DEBIT, inside the caller's transaction.
@@ -320,4 +333,9 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray)
         .await?;
 
     Ok(())
+}
+
+/// The SQL side of the Redis gate, shared with the other backends.
+mod gate_sql {
+    super::super::gate_sql::gate_sql_functions!(db = sqlx::MySql, begin = "BEGIN");
 }

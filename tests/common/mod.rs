@@ -22,6 +22,8 @@ use spray::startup::{build_router, open_store};
 use spray::store::Store;
 use tower::ServiceExt;
 
+pub mod cluster;
+
 pub const ROOM: &str = "TEST-ROOM-1";
 pub const OWNER: i64 = 1;
 
@@ -37,20 +39,43 @@ pub fn start_time() -> DateTime<Utc> {
 pub enum Backend {
     Sqlite,
     MySql,
+    /// MySQL with the Redis gate on one Redis server.
+    MySqlRedis,
+    /// MySQL with the Redis gate on a Redis Cluster of three masters started by the tests.
+    MySqlRedisCluster,
 }
 
 impl Backend {
     /// The backend this test binary runs on, from its crate name (`contract_mysql` runs on
-    /// MySQL; anything else on SQLite). `CARGO_CRATE_NAME` is the name of the test crate
-    /// that includes this module, fixed at compile time.
+    /// MySQL, `contract_mysql_redis` on MySQL + Redis, `contract_mysql_redis_cluster` on
+    /// MySQL + Redis Cluster; anything else on SQLite). `CARGO_CRATE_NAME` is the name of
+    /// the test crate that includes this module, fixed at compile time.
     pub fn of_this_test_binary() -> Backend {
         let name = env!("CARGO_CRATE_NAME");
-        if name.ends_with("_mysql") {
+        if name.ends_with("_mysql_redis_cluster") {
+            Backend::MySqlRedisCluster
+        } else if name.ends_with("_mysql_redis") {
+            Backend::MySqlRedis
+        } else if name.ends_with("_mysql") {
             Backend::MySql
         } else {
             Backend::Sqlite
         }
     }
+
+    pub fn has_redis(self) -> bool {
+        matches!(self, Backend::MySqlRedis | Backend::MySqlRedisCluster)
+    }
+}
+
+/// The Redis server the gate tests use: `SPRAY_TEST_REDIS_URL`, or the local Redis.
+pub fn redis_url() -> String {
+    std::env::var("SPRAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A key prefix of its own for one test, so tests sharing a Redis never see each other.
+pub fn redis_prefix() -> String {
+    format!("spray-test-{:016x}", rand::random::<u64>())
 }
 
 /// The MySQL server the backend tests use: `SPRAY_TEST_MYSQL_URL`, or the local MariaDB.
@@ -185,12 +210,18 @@ impl TestApp {
                 settings.database_url = format!("sqlite://{}", dir.path().join("spray.db").display());
                 None
             }
-            Backend::MySql => {
+            Backend::MySql | Backend::MySqlRedis | Backend::MySqlRedisCluster => {
                 let database = MySqlDatabase::create().await;
                 settings.database_url = database.url.clone();
                 Some(database)
             }
         };
+        match backend {
+            Backend::MySqlRedis => settings.redis_url = Some(redis_url()),
+            Backend::MySqlRedisCluster => settings.redis_url = Some(cluster::shared().urls()),
+            Backend::Sqlite | Backend::MySql => {}
+        }
+        settings.redis_key_prefix = redis_prefix();
         let store = open_store(&settings).await.unwrap();
         let clock = Arc::new(ManualClock::new(start_time()));
         let tokens = Arc::new(ScriptedTokens::default());
