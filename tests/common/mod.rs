@@ -23,6 +23,7 @@ use spray::store::Store;
 use tower::ServiceExt;
 
 pub mod cluster;
+pub mod process;
 
 pub const ROOM: &str = "TEST-ROOM-1";
 pub const OWNER: i64 = 1;
