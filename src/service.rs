@@ -15,6 +15,7 @@ use crate::domain::{
     TokenSource, UserId, split,
 };
 use crate::store::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
+use crate::telemetry::time_store;
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
 /// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
@@ -135,7 +136,7 @@ impl SprayService {
                 receive_until,
                 lookup_until,
             };
-            match self.store.insert_spray(&spray).await {
+            match time_store("insert_spray", self.store.insert_spray(&spray)).await {
                 Ok(()) => {
                     return Ok(CreatedSpray {
                         token,
@@ -164,7 +165,7 @@ impl SprayService {
             user,
             now: self.clock.now(),
         };
-        match self.store.claim_share(&claim).await? {
+        match time_store("claim_share", self.store.claim_share(&claim)).await? {
             ClaimOutcome::Received(amount) => Ok(amount),
             ClaimOutcome::Refused(refusal) => Err(ServiceError::Receive(refusal)),
         }
@@ -182,9 +183,7 @@ impl SprayService {
             Some(room) => (SprayKey::Room(room, token), LookupScope::Room),
             None => (SprayKey::Owner(caller, token), LookupScope::OwnSprays),
         };
-        let record = self
-            .store
-            .find_spray(&key)
+        let record = time_store("find_spray", self.store.find_spray(&key))
             .await?
             .ok_or(ServiceError::Lookup(LookupRefusal::NotFound))?;
         let now = self.clock.now();

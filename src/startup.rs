@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::domain::{OsTokens, TokenSource};
-use crate::http::{AppState, router};
+use crate::http::{AppState, Limits, router_with};
 use crate::service::SprayService;
 use crate::store::{self, Store, StoreError};
 
@@ -43,10 +43,14 @@ pub fn build_router(
     let policy = settings.policy().map_err(StartupError::Settings)?;
     let service = Arc::new(SprayService::new(store, clock, tokens, policy));
     let gateway_secret = settings.gateway_secret.as_deref().map(Arc::from);
-    Ok(router(AppState {
-        service,
-        gateway_secret,
-    }))
+    let limits = Limits::new(settings.max_concurrent_requests, settings.request_timeout);
+    Ok(router_with(
+        AppState {
+            service,
+            gateway_secret,
+        },
+        limits,
+    ))
 }
 
 /// The service bound to its listener, not yet serving.
