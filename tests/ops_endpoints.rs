@@ -298,3 +298,17 @@ async fn the_openapi_document_describes_headers_bodies_and_security() {
         "date-time"
     );
 }
+
+#[tokio::test]
+async fn the_openapi_document_shows_the_limits_this_instance_runs_with() {
+    let settings = spray::config::Settings {
+        max_amount: 5000,
+        max_recipients: 7,
+        ..Default::default()
+    };
+    let app = TestApp::with_settings(settings).await;
+    let doc = app.send(get("/openapi.json")).await.body;
+    let properties = &doc["components"]["schemas"]["SprayRequest"]["properties"];
+    assert_eq!(properties["amount"]["maximum"], 5000);
+    assert_eq!(properties["recipient_count"]["maximum"], 7);
+}

@@ -65,7 +65,7 @@ pub fn router_with(state: AppState, limits: Limits) -> Router {
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi_json))
         .split_for_parts();
-    let document = openapi::complete(document);
+    let document = openapi::complete(document, state.service.policy());
     let document = ops::OpenApiJson(serde_json::to_vec(&document).unwrap_or_default().into());
     Router::new()
         .merge(routes)

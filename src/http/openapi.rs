@@ -20,6 +20,7 @@ use utoipa::{IntoParams, OpenApi as _, PartialSchema, ToSchema};
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use super::error::ApiError;
+use crate::config::Policy;
 
 pub const OPENAPI_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
@@ -267,9 +268,16 @@ fn problem_code_schema() -> impl Into<RefOr<Schema>> {
         .examples([json!("SPRAY_EXHAUSTED")])
 }
 
-/// Completes the document the routes built: problem answers, the gateway scheme, and the
-/// Swagger UI page.
-pub fn complete(mut doc: OpenApi) -> OpenApi {
+/// Completes the document the routes built: problem answers, the gateway scheme, the
+/// Swagger UI page, and the limits this instance was started with.
+pub fn complete(mut doc: OpenApi, policy: &Policy) -> OpenApi {
+    set_maximum(&mut doc, "SprayRequest", "amount", policy.max_amount.units());
+    set_maximum(
+        &mut doc,
+        "SprayRequest",
+        "recipient_count",
+        u64::from(policy.max_recipients),
+    );
     let catalogue = problems();
     let components = doc.components.get_or_insert_with(Default::default);
     components.security_schemes.insert(
@@ -300,6 +308,22 @@ pub fn complete(mut doc: OpenApi) -> OpenApi {
     }
     doc.paths.paths.insert(DOCS_PATH.into(), docs_path_item());
     doc
+}
+
+/// The largest value this instance accepts for `schema.property`, so that the document
+/// tells clients (and schemathesis) the limits actually in force.
+fn set_maximum(doc: &mut OpenApi, schema: &str, property: &str, maximum: u64) {
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) else {
+        return;
+    };
+    if let (Some(RefOr::T(Schema::Object(field))), Ok(maximum)) =
+        (object.properties.get_mut(property), usize::try_from(maximum))
+    {
+        field.maximum = Some(utoipa::Number::UInt(maximum));
+    }
 }
 
 fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut Operation> {
