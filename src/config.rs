@@ -60,6 +60,9 @@ pub struct Settings {
     /// Redis in front of the claim; none for a single node.
     #[arg(long, env = "SPRAY_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(long, env = "SPRAY_REDIS_KEY_PREFIX", default_value = "spray", global = true)]
+    pub redis_key_prefix: String,
     /// How long members may receive after a spray, e.g. `10m`.
     #[arg(long, env = "SPRAY_RECEIVE_WINDOW", default_value = "10m", value_parser = parse_duration, global = true)]
     pub receive_window: Duration,
@@ -98,6 +101,7 @@ impl Default for Settings {
             listen: DEFAULT_LISTEN.to_owned(),
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             redis_url: None,
+            redis_key_prefix: "spray".to_owned(),
             receive_window: Duration::from_secs(10 * 60),
             lookup_window: Duration::from_secs(7 * 24 * 60 * 60),
             max_amount: DEFAULT_MAX_AMOUNT,
@@ -169,6 +173,7 @@ impl fmt::Debug for Settings {
             .field("listen", &self.listen)
             .field("database_url", &redact_url(&self.database_url))
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_key_prefix", &self.redis_key_prefix)
             .field("receive_window", &self.receive_window)
             .field("lookup_window", &self.lookup_window)
             .field("max_amount", &self.max_amount)

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod config_file;
 pub mod domain;
+pub mod gate;
 pub mod http;
 pub mod service;
 pub mod startup;

@@ -10,11 +10,13 @@ use rand::rngs::{StdRng, SysRng};
 use crate::clock::Clock;
 use crate::config::Policy;
 use crate::domain::rules::check_lookup;
+use crate::domain::rules::window_open;
 use crate::domain::{
     Amount, LookupRefusal, LookupScope, ReceiveRefusal, RoomId, SplitMode, SprayRecord, SprayState, Token,
     TokenSource, UserId, split,
 };
-use crate::store::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
+use crate::gate::{GateVerdict, RedisGate, SprayKeys};
+use crate::store::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
 use crate::telemetry::time_store;
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
@@ -62,6 +64,8 @@ pub struct SprayService {
     clock: Arc<dyn Clock>,
     tokens: Arc<dyn TokenSource>,
     policy: Policy,
+    /// The Redis gate in front of the claim, when Redis is configured.
+    gate: Option<Arc<RedisGate>>,
 }
 
 impl SprayService {
@@ -76,7 +80,18 @@ impl SprayService {
             clock,
             tokens,
             policy,
+            gate: None,
         }
+    }
+
+    /// Puts the Redis gate in front of the claim.
+    pub fn with_gate(mut self, gate: Arc<RedisGate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    pub fn gate(&self) -> Option<&Arc<RedisGate>> {
+        self.gate.as_ref()
     }
 
     pub fn policy(&self) -> &Policy {
@@ -138,6 +153,7 @@ impl SprayService {
             };
             match time_store("insert_spray", self.store.insert_spray(&spray)).await {
                 Ok(()) => {
+                    self.prime_gate(&spray.room, &token).await;
                     return Ok(CreatedSpray {
                         token,
                         created_at,
@@ -165,7 +181,11 @@ impl SprayService {
             user,
             now: self.clock.now(),
         };
-        match time_store("claim_share", self.store.claim_share(&claim)).await? {
+        let outcome = match &self.gate {
+            Some(gate) => self.claim_through_gate(gate, &claim).await?,
+            None => time_store("claim_share", self.store.claim_share(&claim)).await?,
+        };
+        match outcome {
             ClaimOutcome::Received(amount) => Ok(amount),
             ClaimOutcome::Refused(refusal) => Err(ServiceError::Receive(refusal)),
         }
@@ -192,5 +212,96 @@ impl SprayService {
             .state_at(now)
             .map_err(|e| ServiceError::Store(StoreError::Corrupt(e.to_string())))?;
         Ok((record, state))
+    }
+
+    /// Loads a new spray into the gate, so the first receivers do not all rebuild it.
+    /// Best effort: if Redis is down, the first claim rebuilds it from SQL.
+    async fn prime_gate(&self, room: &RoomId, token: &Token) {
+        let Some(gate) = &self.gate else { return };
+        match self.store.gate_snapshot(room, token).await {
+            Ok(Some(snapshot)) => {
+                let _ = gate.rebuild(&gate.keys(room, token), &snapshot).await;
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "could not read the new spray back for the gate"),
+        }
+    }
+
+    /// The claim with the Redis gate in front (`../shared/DESIGN.md` section 2). Redis
+    /// answers the refusals it can prove and hands out a slot; SQL records the slot with a
+    /// point update. Whenever Redis cannot answer, or its view proves stale, the claim
+    /// takes the SQL-only path, which decides on its own.
+    async fn claim_through_gate(&self, gate: &RedisGate, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+        let keys = gate.keys(&claim.room, &claim.token);
+        // One rebuild per request at most: if the keys vanish again at once (Redis being
+        // flushed over and over), SQL alone answers.
+        for _ in 0..2 {
+            let Ok(verdict) = gate.claim(&keys, claim.user, claim.now).await else {
+                return self.store.claim_share(claim).await;
+            };
+            let refused = |refusal| Ok(ClaimOutcome::Refused(refusal));
+            match verdict {
+                GateVerdict::Missing => {
+                    let Some(snapshot) = self.store.gate_snapshot(&claim.room, &claim.token).await? else {
+                        return refused(ReceiveRefusal::NotFound);
+                    };
+                    // A closed spray is not worth loading: SQL answers its few late callers.
+                    if !window_open(claim.now, snapshot.receive_until)
+                        || gate.rebuild(&keys, &snapshot).await.is_err()
+                    {
+                        return self.store.claim_share(claim).await;
+                    }
+                }
+                GateVerdict::OwnSpray { .. } => return refused(ReceiveRefusal::OwnSpray),
+                GateVerdict::Expired { .. } => return refused(ReceiveRefusal::Expired),
+                GateVerdict::Exhausted { shares, .. } => {
+                    return refused(ReceiveRefusal::Exhausted { shares });
+                }
+                GateVerdict::AlreadyHeld { spray_id, slot } => {
+                    // Only SQL can say someone received: confirm before refusing.
+                    if self.store.share_of(spray_id, claim.user).await?.is_some() {
+                        return refused(ReceiveRefusal::AlreadyReceived);
+                    }
+                    // The gate handed this user a slot that SQL never recorded (a crash
+                    // between the two steps): this retry completes that claim.
+                    return self.record_slot(gate, &keys, claim, spray_id, slot).await;
+                }
+                GateVerdict::Slot { spray_id, slot } => {
+                    return self.record_slot(gate, &keys, claim, spray_id, slot).await;
+                }
+            }
+        }
+        self.store.claim_share(claim).await
+    }
+
+    /// Records in SQL the slot the gate handed out, and repairs the gate when SQL disagrees.
+    async fn record_slot(
+        &self,
+        gate: &RedisGate,
+        keys: &SprayKeys,
+        claim: &Claim,
+        spray_id: i64,
+        slot: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        match self.store.claim_slot(claim, spray_id, slot).await {
+            Ok(SlotClaim::Received(amount)) => Ok(ClaimOutcome::Received(amount)),
+            Ok(SlotClaim::Taken) => {
+                // The gate's view was stale (rebuilt from an older read, or a claim went
+                // through SQL alone): drop our hold and let SQL find a free share.
+                let _ = gate.forget(keys, claim.user, slot).await;
+                self.store.claim_share(claim).await
+            }
+            Ok(SlotClaim::AlreadyReceived) => {
+                // The user got a share through SQL alone; this slot is still free.
+                let _ = gate.release(keys, claim.user, slot).await;
+                Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived))
+            }
+            Ok(SlotClaim::Closed) => Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired)),
+            Err(error) => {
+                // SQL could not record it: give the slot back, answer 503, let them retry.
+                let _ = gate.release(keys, claim.user, slot).await;
+                Err(error)
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::domain::{OsTokens, TokenSource};
+use crate::gate::RedisGate;
 use crate::http::{AppState, Limits, router_with};
 use crate::service::SprayService;
 use crate::store::{self, Store, StoreError};
@@ -41,7 +42,14 @@ pub fn build_router(
     tokens: Arc<dyn TokenSource>,
 ) -> Result<Router, StartupError> {
     let policy = settings.policy().map_err(StartupError::Settings)?;
-    let service = Arc::new(SprayService::new(store, clock, tokens, policy));
+    let mut service = SprayService::new(store, clock, tokens, policy);
+    if let Some(url) = &settings.redis_url {
+        // Does not connect yet: the service serves on the SQL path until Redis answers.
+        let gate = RedisGate::new(url, &settings.redis_key_prefix)
+            .map_err(|e| StartupError::Settings(format!("--redis-url: {e}")))?;
+        service = service.with_gate(Arc::new(gate));
+    }
+    let service = Arc::new(service);
     let gateway_secret = settings.gateway_secret.as_deref().map(Arc::from);
     let limits = Limits::new(settings.max_concurrent_requests, settings.request_timeout);
     Ok(router_with(

@@ -182,7 +182,7 @@ impl From<ServiceError> for ApiError {
                 tracing::warn!(%cause, "no free token");
                 ApiError::Unavailable("could not find a free token for this room and sprayer; try again")
             }
-            ServiceError::Store(StoreError::Unavailable(cause)) => {
+            ServiceError::Store(StoreError::Unavailable(cause) | StoreError::Conflict(cause)) => {
                 tracing::warn!(%cause, "store unavailable");
                 ApiError::Unavailable("the database is unavailable; try again shortly")
             }

@@ -38,6 +38,12 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     let sql_up = crate::telemetry::time_store("ping", state.service.store().ping())
         .await
         .is_ok();
+    // Redis down degrades speed, not correctness: it does not make the instance unready.
+    let redis = match state.service.gate() {
+        None => "disabled",
+        Some(gate) if gate.ping().await => "up",
+        Some(_) => "down",
+    };
     let status = if sql_up {
         StatusCode::OK
     } else {
@@ -46,7 +52,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     let body = json!({
         "ready": sql_up,
         "sql": if sql_up { "up" } else { "down" },
-        "redis": "disabled",
+        "redis": redis,
     });
     (status, Json(body))
 }

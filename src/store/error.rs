@@ -12,6 +12,9 @@ pub enum StoreError {
     /// The stored data breaks an invariant the code relies on.
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    /// The transaction lost a deadlock or a lock wait; running it again may succeed.
+    #[error("transaction conflict: {0}")]
+    Conflict(String),
     /// The store is misconfigured (a bad URL, a migration failure).
     #[error("store configuration error: {0}")]
     Config(String),
@@ -27,6 +30,7 @@ impl From<sqlx::Error> for StoreError {
             E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::WorkerCrashed => {
                 StoreError::Unavailable(error.to_string())
             }
+            E::Database(db) if is_conflict(db.as_ref()) => StoreError::Conflict(error.to_string()),
             E::Database(db) if is_transient(db.as_ref()) => StoreError::Unavailable(error.to_string()),
             E::Configuration(_) | E::Tls(_) => StoreError::Config(error.to_string()),
             _ => StoreError::Other(error.to_string()),
@@ -43,14 +47,20 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
-/// Errors that say "try again": SQLite busy or locked, MySQL lock wait timeout,
-/// deadlock, too many connections, server gone away.
+/// MySQL deadlocks (1213) and lock wait timeouts (1205): the transaction was rolled back
+/// and can run again.
+fn is_conflict(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|e| matches!(e.number(), 1205 | 1213))
+}
+
+/// Errors that say "try again later": SQLite busy or locked; MySQL too many
+/// connections, server gone away or shutting down, connection killed.
 fn is_transient(db: &dyn sqlx::error::DatabaseError) -> bool {
-    let code = db.code();
-    matches!(
-        code.as_deref(),
-        Some("5" | "6" | "261" | "517" | "1205" | "1213" | "1040" | "2006" | "2013" | "40001")
-    ) && !db.is_unique_violation()
+    if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(mysql.number(), 1040 | 1053 | 1927 | 2006 | 2013);
+    }
+    matches!(db.code().as_deref(), Some("5" | "6" | "261" | "517"))
 }
 
 /// True when the error is a unique-constraint violation.

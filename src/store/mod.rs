@@ -5,7 +5,10 @@
 //! holds however many service instances run in front of the database. One module per
 //! backend, each with its own migrations; [`open`] picks the backend by URL scheme.
 
+mod convert;
 mod error;
+mod gate_sql;
+pub mod mysql;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use chrono::{DateTime, Utc};
 pub use error::StoreError;
 
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
+use crate::gate::GateSnapshot;
 
 /// A spray about to be written: its shares are already drawn, in order of receipt.
 #[derive(Debug, Clone)]
@@ -80,15 +84,44 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes the connections, waiting for those in use to be returned.
     async fn close(&self);
+
+    // The Redis gate's SQL side (see `crate::gate`).
+
+    /// What the gate needs to rebuild a spray's keys: the newest spray with this token in
+    /// the room, its free slots in order and its receivers.
+    async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError>;
+
+    /// Records that `claim.user` received the share in `slot`, if that share is still
+    /// free and the window is still open at `claim.now`: one point update and the CREDIT,
+    /// in one transaction.
+    async fn claim_slot(&self, claim: &Claim, spray_id: i64, slot: i64) -> Result<SlotClaim, StoreError>;
+
+    /// The share `user` holds in the spray, if any (one indexed read).
+    async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError>;
 }
 
-/// Opens the store named by `url`: `sqlite://…` for the embedded store.
+/// The outcome of a point update of one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotClaim {
+    Received(Amount),
+    /// Someone else holds that share in SQL: the gate's view was stale.
+    Taken,
+    /// The user already holds another share of this spray.
+    AlreadyReceived,
+    /// The receive window closed before the claim could be recorded.
+    Closed,
+}
+
+/// Opens the store named by `url`: `sqlite://…` for the embedded store, `mysql://…`
+/// for MySQL or MariaDB.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else if url.starts_with("mysql:") {
+        Ok(Arc::new(mysql::MySqlStore::connect(url).await?))
     } else {
         Err(StoreError::Config(format!(
-            "unsupported database URL scheme in {}; use sqlite://",
+            "unsupported database URL scheme in {}; use sqlite:// or mysql://",
             crate::config::redact_url(url)
         )))
     }

@@ -9,14 +9,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
+use super::convert::{
+    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, time_from, user_from,
+};
 use super::error::is_unique_violation;
-use super::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
+use super::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
 use crate::domain::rules::{ReceiveFacts, check_receive};
-use crate::domain::{Amount, Receipt, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
+use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
+use crate::gate::GateSnapshot;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -54,29 +57,6 @@ impl SqliteStore {
     }
 }
 
-/// A stored time in milliseconds since the epoch.
-fn millis(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn time_from(ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms} out of range")))
-}
-
-fn stored(amount: Amount) -> Result<i64, StoreError> {
-    amount
-        .to_stored()
-        .ok_or_else(|| StoreError::Other(format!("amount {amount} does not fit the store")))
-}
-
-fn amount_from(units: i64) -> Result<Amount, StoreError> {
-    Amount::from_stored(units).ok_or_else(|| StoreError::Corrupt(format!("negative amount {units}")))
-}
-
-fn user_from(id: i64) -> Result<UserId, StoreError> {
-    UserId::from_stored(id).ok_or_else(|| StoreError::Corrupt(format!("bad user id {id}")))
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -90,214 +70,39 @@ impl Store for SqliteStore {
     }
 
     async fn insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError> {
-        let now = millis(spray.created_at);
         // IMMEDIATE takes the write lock up front, so the transaction never has to
         // upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-
-        // Sprays past their lookup window give up the token (see the migration).
-        sqlx::query(
-            "UPDATE sprays SET token_live = NULL
-             WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
-        )
-        .bind(spray.token.as_str())
-        .bind(now)
-        .bind(spray.room.as_str())
-        .bind(spray.owner.get())
-        .execute(&mut *tx)
-        .await?;
-
-        let recipient_count =
-            i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
-        let inserted = sqlx::query_scalar::<_, i64>(
-            "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
-                                 created_at, receive_until, lookup_until)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(spray.room.as_str())
-        .bind(spray.token.as_str())
-        .bind(spray.owner.get())
-        .bind(spray.mode.as_str())
-        .bind(stored(spray.total_amount)?)
-        .bind(recipient_count)
-        .bind(now)
-        .bind(millis(spray.receive_until))
-        .bind(millis(spray.lookup_until))
-        .fetch_one(&mut *tx)
-        .await;
-        let spray_id = match inserted {
-            Ok(id) => id,
-            Err(e) if is_unique_violation(&e) => return Err(StoreError::TokenTaken),
-            Err(e) => return Err(e.into()),
-        };
-
-        for (chunk_index, chunk) in spray.shares.chunks(SHARES_PER_INSERT).enumerate() {
-            let first_slot = chunk_index * SHARES_PER_INSERT;
-            let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shares (spray_id, slot, amount) ");
-            let mut rows = Vec::with_capacity(chunk.len());
-            for (offset, amount) in chunk.iter().enumerate() {
-                let slot =
-                    i64::try_from(first_slot + offset).map_err(|e| StoreError::Other(e.to_string()))?;
-                rows.push((slot, stored(*amount)?));
+        // Committed only if every write succeeded; rolled back explicitly otherwise, so
+        // no transaction stays open on a pooled connection.
+        match insert_in(&mut tx, spray).await {
+            Ok(()) => Ok(tx.commit().await?),
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
             }
-            insert.push_values(rows, |mut row, (slot, amount)| {
-                row.push_bind(spray_id).push_bind(slot).push_bind(amount);
-            });
-            insert.build().execute(&mut *tx).await?;
         }
-
-        sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)")
-            .bind(spray_id)
-            .bind(spray.owner.get())
-            .bind(stored(spray.total_amount)?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
-        let now = millis(claim.now);
+        // IMMEDIATE takes the write lock up front (see insert_spray). The transaction is
+        // committed when a share was taken and rolled back explicitly otherwise.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-
-        // Rule 1: the spray must exist in the caller's room. The newest spray with this
-        // token in the room is the live one, if any is live.
-        let spray = sqlx::query_as::<_, (i64, i64, i64, i64)>(
-            "SELECT id, owner_id, receive_until, recipient_count FROM sprays
-             WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
-        )
-        .bind(claim.room.as_str())
-        .bind(claim.token.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((spray_id, owner_id, receive_until, recipient_count)) = spray else {
-            return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
-        };
-
-        let already_received =
-            sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
-                .bind(spray_id)
-                .bind(claim.user.get())
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(amount_from)
-                .transpose()?;
-
-        // Rules 2 to 4, in the contract's order.
-        let facts = ReceiveFacts {
-            owner: user_from(owner_id)?,
-            receive_until: time_from(receive_until)?,
-            already_received,
-        };
-        if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
-            return Ok(ClaimOutcome::Refused(refusal));
+        let outcome = claim_in(&mut tx, claim).await;
+        match outcome {
+            Ok(ClaimOutcome::Received(_)) => tx.commit().await?,
+            _ => tx.rollback().await?,
         }
-
-        // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
-        // the update a no-op if the slot were taken; with one writer it never is.
-        let claimed = sqlx::query_scalar::<_, i64>(
-            "UPDATE shares SET receiver_id = ?, received_at = ?
-             WHERE spray_id = ? AND receiver_id IS NULL
-               AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
-             RETURNING amount",
-        )
-        .bind(claim.user.get())
-        .bind(now)
-        .bind(spray_id)
-        .bind(spray_id)
-        .fetch_optional(&mut *tx)
-        .await;
-        let amount = match claimed {
-            Ok(Some(units)) => amount_from(units)?,
-            Ok(None) => {
-                let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-                return Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares }));
-            }
-            Err(e) if is_unique_violation(&e) => {
-                return Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived));
-            }
-            Err(e) => return Err(e.into()),
-        };
-
-        sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)")
-            .bind(spray_id)
-            .bind(claim.user.get())
-            .bind(stored(amount)?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-
-        tx.commit().await?;
-        Ok(ClaimOutcome::Received(amount))
+        outcome
     }
 
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
-        type SprayRow = (i64, String, String, i64, String, i64, i64, i64, i64, i64);
-        macro_rules! select_spray {
-            ($filter:literal) => {
-                concat!(
-                    "SELECT id, room_id, token, owner_id, mode, total_amount, recipient_count,
-                            created_at, receive_until, lookup_until FROM sprays ",
-                    $filter,
-                    " ORDER BY id DESC LIMIT 1"
-                )
-            };
-        }
-        // One read transaction, so the spray and its receipts are one snapshot.
+        // One read transaction, so the spray and its receipts are one snapshot; ended
+        // explicitly, since an open read transaction would hold back WAL checkpoints.
         let mut tx = self.reader.begin().await?;
-        let row = match key {
-            SprayKey::Room(room, token) => {
-                sqlx::query_as::<_, SprayRow>(select_spray!("WHERE room_id = ? AND token = ?"))
-                    .bind(room.as_str())
-                    .bind(token.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
-            SprayKey::Owner(owner, token) => {
-                sqlx::query_as::<_, SprayRow>(select_spray!("WHERE owner_id = ? AND token = ?"))
-                    .bind(owner.get())
-                    .bind(token.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
-        };
-        let Some((id, room, token, owner, mode, total, count, created, receive_until, lookup_until)) = row
-        else {
-            return Ok(None);
-        };
-        let receipts = sqlx::query_as::<_, (i64, i64, i64)>(
-            "SELECT receiver_id, amount, received_at FROM shares
-             WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|(user, amount, at)| {
-            Ok(Receipt {
-                user: user_from(user)?,
-                amount: amount_from(amount)?,
-                received_at: time_from(at)?,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-        tx.commit().await?;
-
-        let corrupt = |what: &str| StoreError::Corrupt(format!("spray {id}: bad {what}"));
-        Ok(Some(SprayRecord {
-            token: Token::parse(&token).ok_or_else(|| corrupt("token"))?,
-            room: RoomId::parse(&room).ok_or_else(|| corrupt("room"))?,
-            owner: user_from(owner)?,
-            mode: SplitMode::parse(&mode).ok_or_else(|| corrupt("mode"))?,
-            total_amount: amount_from(total)?,
-            recipient_count: u32::try_from(count).map_err(|_| corrupt("recipient count"))?,
-            created_at: time_from(created)?,
-            receive_until: time_from(receive_until)?,
-            lookup_until: time_from(lookup_until)?,
-            receipts,
-        }))
+        let found = find_in(&mut tx, key).await;
+        tx.rollback().await?;
+        found
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
@@ -308,4 +113,187 @@ impl Store for SqliteStore {
         self.writer.close().await;
         self.reader.close().await;
     }
+
+    async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError> {
+        gate_sql::gate_snapshot(&self.reader, room, token).await
+    }
+
+    async fn claim_slot(&self, claim: &Claim, spray_id: i64, slot: i64) -> Result<SlotClaim, StoreError> {
+        gate_sql::claim_slot(&self.writer, claim, spray_id, slot).await
+    }
+
+    async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
+        gate_sql::share_of(&self.writer, spray_id, user).await
+    }
+}
+
+/// The receive rules and the claim, inside the caller's transaction.
+async fn claim_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    claim: &Claim,
+) -> Result<ClaimOutcome, StoreError> {
+    // Rule 1: the spray must exist in the caller's room. The newest spray with this
+    // token in the room is the live one, if any is live.
+    let spray = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        "SELECT id, owner_id, receive_until, recipient_count FROM sprays
+             WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
+    )
+    .bind(claim.room.as_str())
+    .bind(claim.token.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((spray_id, owner_id, receive_until, recipient_count)) = spray else {
+        return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
+    };
+
+    let already_received =
+        sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
+            .bind(spray_id)
+            .bind(claim.user.get())
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(amount_from)
+            .transpose()?;
+
+    // Rules 2 to 4, in the contract's order.
+    let facts = ReceiveFacts {
+        owner: user_from(owner_id)?,
+        receive_until: time_from(receive_until)?,
+        already_received,
+    };
+    if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
+        return Ok(ClaimOutcome::Refused(refusal));
+    }
+
+    // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
+    // the update a no-op if the slot were taken; with one writer it never is.
+    let claimed = sqlx::query_scalar::<_, i64>(
+        "UPDATE shares SET receiver_id = ?, received_at = ?
+             WHERE spray_id = ? AND receiver_id IS NULL
+               AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
+             RETURNING amount",
+    )
+    .bind(claim.user.get())
+    .bind(millis(claim.now))
+    .bind(spray_id)
+    .bind(spray_id)
+    .fetch_optional(&mut **tx)
+    .await;
+    let amount = match claimed {
+        Ok(Some(units)) => amount_from(units)?,
+        Ok(None) => {
+            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
+            return Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares }));
+        }
+        Err(e) if is_unique_violation(&e) => {
+            return Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived));
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)")
+        .bind(spray_id)
+        .bind(claim.user.get())
+        .bind(stored(amount)?)
+        .bind(millis(claim.now))
+        .execute(&mut **tx)
+        .await?;
+
+    Ok(ClaimOutcome::Received(amount))
+}
+
+/// The spray, its shares and the DEBIT, inside the caller's transaction.
+async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray) -> Result<(), StoreError> {
+    let now = millis(spray.created_at);
+
+    // Sprays past their lookup window give up the token (see the migration).
+    sqlx::query(
+        "UPDATE sprays SET token_live = NULL
+             WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
+    )
+    .bind(spray.token.as_str())
+    .bind(now)
+    .bind(spray.room.as_str())
+    .bind(spray.owner.get())
+    .execute(&mut **tx)
+    .await?;
+
+    let recipient_count = i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
+    let inserted = sqlx::query_scalar::<_, i64>(
+        "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
+                                 created_at, receive_until, lookup_until)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(spray.room.as_str())
+    .bind(spray.token.as_str())
+    .bind(spray.owner.get())
+    .bind(spray.mode.as_str())
+    .bind(stored(spray.total_amount)?)
+    .bind(recipient_count)
+    .bind(now)
+    .bind(millis(spray.receive_until))
+    .bind(millis(spray.lookup_until))
+    .fetch_one(&mut **tx)
+    .await;
+    let spray_id = match inserted {
+        Ok(id) => id,
+        Err(e) if is_unique_violation(&e) => return Err(StoreError::TokenTaken),
+        Err(e) => return Err(e.into()),
+    };
+
+    for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shares (spray_id, slot, amount) ");
+        insert.push_values(chunk, |mut row, (slot, amount)| {
+            row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
+        });
+        insert.build().execute(&mut **tx).await?;
+    }
+
+    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)")
+        .bind(spray_id)
+        .bind(spray.owner.get())
+        .bind(stored(spray.total_amount)?)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+
+    Ok(())
+}
+
+/// The newest spray under `key` and its receipts, inside the caller's transaction.
+async fn find_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    key: &SprayKey,
+) -> Result<Option<SprayRecord>, StoreError> {
+    let (filter, token) = match key {
+        SprayKey::Room(_, token) => ("room_id = ?", token),
+        SprayKey::Owner(_, token) => ("owner_id = ?", token),
+    };
+    let sql =
+        format!("SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1");
+    let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
+    let query = match key {
+        SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
+        SprayKey::Owner(owner, _) => query.bind(owner.get()),
+    };
+    let Some(row) = query
+        .bind(token.as_str().to_owned())
+        .fetch_optional(&mut **tx)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let receipts = sqlx::query_as::<_, ReceiptRow>(
+        "SELECT receiver_id, amount, received_at FROM shares
+         WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
+    )
+    .bind(row.id)
+    .fetch_all(&mut **tx)
+    .await?;
+    row.into_record(receipts).map(Some)
+}
+
+/// The SQL side of the Redis gate, shared with the other backends.
+mod gate_sql {
+    super::super::gate_sql::gate_sql_functions!(db = sqlx::Sqlite, begin = "BEGIN IMMEDIATE");
 }

@@ -1,5 +1,10 @@
-//! Test harness: a fresh SQLite file per test, a clock the test moves, scripted tokens,
-//! and the real router driven with `oneshot` (no sockets).
+//! Test harness: a fresh store per test (a SQLite file, or a MySQL database of its own),
+//! a clock the test moves, scripted tokens, and the real router driven with `oneshot`
+//! (no sockets).
+//!
+//! The same contract suite (`tests/contract/`) is compiled into one test binary per
+//! backend (`tests/contract_*.rs`); each binary's crate name picks its backend, see
+//! [`Backend::of_this_test_binary`].
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -17,6 +22,8 @@ use spray::startup::{build_router, open_store};
 use spray::store::Store;
 use tower::ServiceExt;
 
+pub mod cluster;
+
 pub const ROOM: &str = "TEST-ROOM-1";
 pub const OWNER: i64 = 1;
 
@@ -27,14 +34,126 @@ pub fn start_time() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
+/// Where a test's data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    MySql,
+    /// MySQL with the Redis gate on one Redis server.
+    MySqlRedis,
+    /// MySQL with the Redis gate on a Redis Cluster of three masters started by the tests.
+    MySqlRedisCluster,
+}
+
+impl Backend {
+    /// The backend this test binary runs on, from its crate name (`contract_mysql` runs on
+    /// MySQL, `contract_mysql_redis` on MySQL + Redis, `contract_mysql_redis_cluster` on
+    /// MySQL + Redis Cluster; anything else on SQLite). `CARGO_CRATE_NAME` is the name of
+    /// the test crate that includes this module, fixed at compile time.
+    pub fn of_this_test_binary() -> Backend {
+        let name = env!("CARGO_CRATE_NAME");
+        if name.ends_with("_mysql_redis_cluster") {
+            Backend::MySqlRedisCluster
+        } else if name.ends_with("_mysql_redis") {
+            Backend::MySqlRedis
+        } else if name.ends_with("_mysql") {
+            Backend::MySql
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    pub fn has_redis(self) -> bool {
+        matches!(self, Backend::MySqlRedis | Backend::MySqlRedisCluster)
+    }
+}
+
+/// The Redis server the gate tests use: `SPRAY_TEST_REDIS_URL`, or the local Redis.
+pub fn redis_url() -> String {
+    std::env::var("SPRAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A key prefix of its own for one test, so tests sharing a Redis never see each other.
+pub fn redis_prefix() -> String {
+    format!("spray-test-{:016x}", rand::random::<u64>())
+}
+
+/// The MySQL server the backend tests use: `SPRAY_TEST_MYSQL_URL`, or the local MariaDB.
+/// Never skipped: if it is unreachable the tests fail and say why.
+pub fn mysql_admin_url() -> String {
+    std::env::var("SPRAY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+}
+
+/// A MySQL database made for one test and dropped when the test ends.
+pub struct MySqlDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl MySqlDatabase {
+    pub async fn create() -> MySqlDatabase {
+        use sqlx::Connection;
+        let admin = mysql_admin_url();
+        let name = format!("spray_t_{:016x}", rand::random::<u64>());
+        let mut conn = sqlx::MySqlConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!("the MySQL backend tests need MariaDB/MySQL at SPRAY_TEST_MYSQL_URL ({admin}): {e}")
+        });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin);
+        MySqlDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for MySqlDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (mysql_admin_url(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot block on async work: use a
+        // thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::MySqlConnection::connect(&admin).await {
+                    // The test's pool may still hold connections: end them, so the DROP
+                    // does not wait for their metadata locks.
+                    let ids: Vec<u64> =
+                        sqlx::query_scalar("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ?")
+                            .bind(&name)
+                            .fetch_all(&mut conn)
+                            .await
+                            .unwrap_or_default();
+                    for id in ids {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
+                            .execute(&mut conn)
+                            .await;
+                    }
+                    let drop = format!("DROP DATABASE IF EXISTS {name}");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
+                }
+            });
+        });
+        let _ = dropped.join();
+    }
+}
+
 pub struct TestApp {
     pub router: Router,
     pub clock: Arc<ManualClock>,
     pub tokens: Arc<ScriptedTokens>,
     pub store: Arc<dyn Store>,
     pub settings: Settings,
-    pub database_path: std::path::PathBuf,
+    pub backend: Backend,
     _dir: tempfile::TempDir,
+    _mysql: Option<MySqlDatabase>,
 }
 
 /// An answer, with its body parsed as JSON when it is JSON.
@@ -84,9 +203,25 @@ impl TestApp {
     }
 
     pub async fn with_settings(mut settings: Settings) -> TestApp {
+        let backend = Backend::of_this_test_binary();
         let dir = tempfile::tempdir().unwrap();
-        let database_path = dir.path().join("spray.db");
-        settings.database_url = format!("sqlite://{}", database_path.display());
+        let mysql = match backend {
+            Backend::Sqlite => {
+                settings.database_url = format!("sqlite://{}", dir.path().join("spray.db").display());
+                None
+            }
+            Backend::MySql | Backend::MySqlRedis | Backend::MySqlRedisCluster => {
+                let database = MySqlDatabase::create().await;
+                settings.database_url = database.url.clone();
+                Some(database)
+            }
+        };
+        match backend {
+            Backend::MySqlRedis => settings.redis_url = Some(redis_url()),
+            Backend::MySqlRedisCluster => settings.redis_url = Some(cluster::shared().urls()),
+            Backend::Sqlite | Backend::MySql => {}
+        }
+        settings.redis_key_prefix = redis_prefix();
         let store = open_store(&settings).await.unwrap();
         let clock = Arc::new(ManualClock::new(start_time()));
         let tokens = Arc::new(ScriptedTokens::default());
@@ -97,8 +232,9 @@ impl TestApp {
             tokens,
             store,
             settings,
-            database_path,
+            backend,
             _dir: dir,
+            _mysql: mysql,
         }
     }
 

@@ -1,12 +1,10 @@
 //! Real concurrency on the embedded store: many tasks on a multi-threaded runtime race
 //! through the real router into one SQLite file.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use common::{OWNER, TestApp};
+use crate::common::{OWNER, TestApp};
 use tokio::task::JoinSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,7 +84,7 @@ async fn concurrent_sprays_in_one_room_never_share_a_token() {
         sprayers.spawn(async move {
             app.spray_as(
                 user,
-                common::ROOM,
+                crate::common::ROOM,
                 serde_json::json!({"amount": 10, "recipient_count": 2}),
             )
             .await

@@ -1,9 +1,7 @@
 //! POST /api/v1/spray: creating a spray.
 
-mod common;
-
+use crate::common::{OWNER, ROOM, TestApp};
 use chrono::TimeDelta;
-use common::{OWNER, ROOM, TestApp};
 use serde_json::json;
 
 #[tokio::test]

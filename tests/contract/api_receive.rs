@@ -1,9 +1,7 @@
 //! POST /api/v1/receive: the five rules, in the contract's order, moved by the clock.
 
-mod common;
-
+use crate::common::{OWNER, ROOM, TestApp};
 use chrono::TimeDelta;
-use common::{OWNER, ROOM, TestApp};
 use serde_json::json;
 
 #[tokio::test]

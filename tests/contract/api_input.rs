@@ -1,11 +1,9 @@
 //! Bad input: every malformed header, body and token gets a clear problem+json answer,
 //! changes nothing, and never panics the process.
 
-mod common;
-
+use crate::common::{OWNER, ROOM, TestApp};
 use axum::body::Body;
 use axum::http::Request;
-use common::{OWNER, ROOM, TestApp};
 use serde_json::json;
 
 /// A POST with raw headers and body, for inputs the JSON helpers cannot express.

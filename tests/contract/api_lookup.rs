@@ -1,9 +1,7 @@
 //! GET /api/v1/spray/{token}: the sprayer's view, by room or among their own sprays.
 
-mod common;
-
+use crate::common::{OWNER, ROOM, TestApp};
 use chrono::TimeDelta;
-use common::{OWNER, ROOM, TestApp};
 use serde_json::json;
 
 #[tokio::test]

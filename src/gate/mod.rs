@@ -1,0 +1,318 @@
+//! The Redis gate in front of the claim (`../shared/DESIGN.md` section 2).
+//!
+//! A hot spray would pile every receive onto the same rows. The gate keeps, per live
+//! spray, the list of free share slots and the set of receivers in Redis, and one atomic
+//! script per receive answers "own spray", "window closed" and "no share left" at Redis
+//! speed, or hands out a slot no other request holds. SQL then records the claim with a
+//! point update of that one row.
+//!
+//! The gate never decides alone: Redis may lose everything at any moment, so a missing
+//! key is rebuilt from SQL, an "already received" is confirmed by SQL, and any Redis
+//! error sends the request down the SQL-only path. After an error the gate stays out of
+//! the way for a short while ([`BACKOFF`]) and then tries Redis again by itself.
+
+mod keys;
+mod scripts;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisError, Script, Value};
+use tokio::sync::Mutex;
+
+pub use keys::SprayKeys;
+
+use crate::domain::{RoomId, Token, UserId};
+
+/// How long one Redis call may take before the request goes down the SQL path.
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the gate stays out of the way after Redis failed.
+pub const BACKOFF: Duration = Duration::from_secs(1);
+/// How long after its receive window a spray's keys are kept, so late retries are
+/// answered by Redis too.
+const KEEP_AFTER_WINDOW: TimeDelta = TimeDelta::minutes(10);
+
+/// What SQL knows about a spray, to rebuild its gate keys.
+#[derive(Debug, Clone)]
+pub struct GateSnapshot {
+    pub spray_id: i64,
+    pub owner: UserId,
+    pub receive_until: DateTime<Utc>,
+    pub recipient_count: u32,
+    /// Unclaimed slots, in the order they are handed out.
+    pub free_slots: Vec<i64>,
+    /// Who received which slot.
+    pub receivers: Vec<(UserId, i64)>,
+}
+
+/// The gate's answer to a receive, in the contract's rule order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateVerdict {
+    /// Redis does not know this spray (never loaded, flushed, evicted, expired).
+    Missing,
+    OwnSpray {
+        spray_id: i64,
+    },
+    /// The gate handed this user `slot` before; SQL must confirm it.
+    AlreadyHeld {
+        spray_id: i64,
+        slot: i64,
+    },
+    Expired {
+        spray_id: i64,
+    },
+    Exhausted {
+        spray_id: i64,
+        shares: u32,
+    },
+    /// This request, and no other, now holds `slot`.
+    Slot {
+        spray_id: i64,
+        slot: i64,
+    },
+}
+
+/// Redis could not answer; the caller takes the SQL-only path.
+#[derive(Debug, thiserror::Error)]
+#[error("redis gate unavailable: {0}")]
+pub struct GateUnavailable(pub String);
+
+impl From<RedisError> for GateUnavailable {
+    fn from(error: RedisError) -> GateUnavailable {
+        GateUnavailable(error.to_string())
+    }
+}
+
+enum Target {
+    Single(ConnectionManager),
+    /// Connected on first use, and again after a failure.
+    Cluster(Box<Cluster>),
+}
+
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    connection: Mutex<Option<ClusterConnection>>,
+}
+
+pub struct RedisGate {
+    target: Target,
+    prefix: String,
+    claim: Script,
+    rebuild: Script,
+    release: Script,
+    forget: Script,
+    started: Instant,
+    /// Milliseconds since `started` before which Redis is not tried (the back-off).
+    resume_at: AtomicU64,
+}
+
+impl RedisGate {
+    /// A gate for `url`: one `redis://` URL, or several separated by commas for a Redis
+    /// Cluster (the seed nodes). Does not connect yet: the service starts and serves
+    /// even when Redis is unreachable.
+    pub fn new(url: &str, prefix: &str) -> Result<RedisGate, GateUnavailable> {
+        let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let target = if urls.len() > 1 {
+            let client = redis::cluster::ClusterClient::builder(urls)
+                .connection_timeout(CALL_TIMEOUT)
+                .response_timeout(CALL_TIMEOUT)
+                .retries(1)
+                .build()?;
+            Target::Cluster(Box::new(Cluster {
+                client,
+                connection: Mutex::new(None),
+            }))
+        } else {
+            let client = redis::Client::open(url)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CALL_TIMEOUT))
+                .set_response_timeout(Some(CALL_TIMEOUT))
+                .set_number_of_retries(1);
+            Target::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+        };
+        Ok(RedisGate {
+            target,
+            prefix: prefix.to_owned(),
+            claim: Script::new(scripts::CLAIM),
+            rebuild: Script::new(scripts::REBUILD),
+            release: Script::new(scripts::RELEASE),
+            forget: Script::new(scripts::FORGET),
+            started: Instant::now(),
+            resume_at: AtomicU64::new(0),
+        })
+    }
+
+    pub fn keys(&self, room: &RoomId, token: &Token) -> SprayKeys {
+        SprayKeys::new(&self.prefix, room, token)
+    }
+
+    /// Runs one script on the spray's keys: bounded in time, skipped during the back-off,
+    /// and starting the back-off when Redis fails.
+    async fn run(
+        &self,
+        script: &Script,
+        keys: &SprayKeys,
+        args: Vec<String>,
+    ) -> Result<Value, GateUnavailable> {
+        if self.elapsed_ms() < self.resume_at.load(Ordering::Relaxed) {
+            return Err(GateUnavailable("backing off after a Redis failure".into()));
+        }
+        let mut invocation = script.prepare_invoke();
+        for key in keys.all() {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let answer = tokio::time::timeout(CALL_TIMEOUT * 2, async {
+            match &self.target {
+                Target::Single(manager) => invocation.invoke_async::<Value>(&mut manager.clone()).await,
+                Target::Cluster(cluster) => {
+                    let mut connection = self
+                        .cluster_connection(&cluster.client, &cluster.connection)
+                        .await?;
+                    invocation.invoke_async::<Value>(&mut connection).await
+                }
+            }
+        })
+        .await;
+        let failure = match answer {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => {
+                if let Target::Cluster(cluster) = &self.target {
+                    // Reconnect next time: the topology may have changed.
+                    *cluster.connection.lock().await = None;
+                }
+                GateUnavailable::from(error)
+            }
+            Err(_) => GateUnavailable("redis call timed out".into()),
+        };
+        let resume = self
+            .elapsed_ms()
+            .saturating_add(u64::try_from(BACKOFF.as_millis()).unwrap_or(u64::MAX));
+        self.resume_at.store(resume, Ordering::Relaxed);
+        tracing::warn!(error = %failure, "redis gate unavailable; using the SQL path");
+        Err(failure)
+    }
+
+    async fn cluster_connection(
+        &self,
+        client: &redis::cluster::ClusterClient,
+        slot: &Mutex<Option<ClusterConnection>>,
+    ) -> Result<ClusterConnection, RedisError> {
+        let mut guard = slot.lock().await;
+        if let Some(connection) = guard.as_ref() {
+            return Ok(connection.clone());
+        }
+        let connection = client.get_async_connection().await?;
+        *guard = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The atomic receive step: see [`GateVerdict`].
+    pub async fn claim(
+        &self,
+        keys: &SprayKeys,
+        user: UserId,
+        now: DateTime<Utc>,
+    ) -> Result<GateVerdict, GateUnavailable> {
+        let answer = self
+            .run(
+                &self.claim,
+                keys,
+                vec![user.to_string(), now.timestamp_millis().to_string()],
+            )
+            .await?;
+        parse_verdict(&answer).ok_or_else(|| GateUnavailable(format!("unexpected claim answer {answer:?}")))
+    }
+
+    /// Loads a spray's keys from a SQL snapshot unless they exist already.
+    pub async fn rebuild(&self, keys: &SprayKeys, snapshot: &GateSnapshot) -> Result<(), GateUnavailable> {
+        let expire_at = (snapshot.receive_until + KEEP_AFTER_WINDOW).timestamp_millis();
+        let mut args = vec![
+            snapshot.spray_id.to_string(),
+            snapshot.owner.to_string(),
+            snapshot.receive_until.timestamp_millis().to_string(),
+            snapshot.recipient_count.to_string(),
+            expire_at.to_string(),
+            snapshot.free_slots.len().to_string(),
+        ];
+        args.extend(snapshot.free_slots.iter().map(i64::to_string));
+        for (user, slot) in &snapshot.receivers {
+            args.push(user.to_string());
+            args.push(slot.to_string());
+        }
+        self.run(&self.rebuild, keys, args).await.map(drop)
+    }
+
+    /// Gives a slot back after SQL failed to record it.
+    pub async fn release(&self, keys: &SprayKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
+        self.run(&self.release, keys, vec![user.to_string(), slot.to_string()])
+            .await
+            .map(drop)
+    }
+
+    /// Forgets a slot that SQL says belongs to someone else.
+    pub async fn forget(&self, keys: &SprayKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
+        self.run(&self.forget, keys, vec![user.to_string(), slot.to_string()])
+            .await
+            .map(drop)
+    }
+
+    /// Whether Redis answers a PING now (for `/readyz`).
+    pub async fn ping(&self) -> bool {
+        let ping = async {
+            let cmd = redis::cmd("PING");
+            let value = match &self.target {
+                Target::Single(manager) => manager.clone().req_packed_command(&cmd).await?,
+                Target::Cluster(cluster) => {
+                    let mut connection = self
+                        .cluster_connection(&cluster.client, &cluster.connection)
+                        .await?;
+                    connection.req_packed_command(&cmd).await?
+                }
+            };
+            Ok::<_, RedisError>(value)
+        };
+        matches!(tokio::time::timeout(CALL_TIMEOUT, ping).await, Ok(Ok(_)))
+    }
+}
+
+fn parse_verdict(value: &Value) -> Option<GateVerdict> {
+    let Value::Array(parts) = value else { return None };
+    let text = |i: usize| -> Option<String> {
+        match parts.get(i)? {
+            Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(n) => Some(n.to_string()),
+            _ => None,
+        }
+    };
+    let number = |i: usize| text(i)?.parse::<i64>().ok();
+    let verdict = text(0)?;
+    Some(match verdict.as_str() {
+        "MISSING" => GateVerdict::Missing,
+        "OWN" => GateVerdict::OwnSpray { spray_id: number(1)? },
+        "ALREADY" => GateVerdict::AlreadyHeld {
+            spray_id: number(1)?,
+            slot: number(2)?,
+        },
+        "EXPIRED" => GateVerdict::Expired { spray_id: number(1)? },
+        "EXHAUSTED" => GateVerdict::Exhausted {
+            spray_id: number(1)?,
+            shares: u32::try_from(number(2)?).ok()?,
+        },
+        "SLOT" => GateVerdict::Slot {
+            spray_id: number(1)?,
+            slot: number(2)?,
+        },
+        _ => return None,
+    })
+}

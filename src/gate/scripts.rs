@@ -1,0 +1,65 @@
+//! The gate's Lua scripts. Each runs atomically on the one Redis (Cluster) slot that holds
+//! a spray's keys: KEYS[1] the spray's meta hash, KEYS[2] its list of free share slots,
+//! KEYS[3] the hash of receivers (user id -> slot). Share amounts are never computed here:
+//! the gate only hands out slot numbers; SQL holds the money.
+
+/// ARGV: user id, now (ms). Answers, in the contract's rule order:
+/// `{"MISSING"}` (rebuild from SQL), `{"OWN", id}`, `{"ALREADY", id, slot}`,
+/// `{"EXPIRED", id}`, `{"EXHAUSTED", id, shares}`, `{"SLOT", id, slot}`.
+pub const CLAIM: &str = r#"
+local id = redis.call('HGET', KEYS[1], 'id')
+if not id then return {'MISSING'} end
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return {'OWN', id} end
+local held = redis.call('HGET', KEYS[3], ARGV[1])
+if held then return {'ALREADY', id, held} end
+if tonumber(ARGV[2]) >= tonumber(redis.call('HGET', KEYS[1], 'until')) then return {'EXPIRED', id} end
+local slot = redis.call('LPOP', KEYS[2])
+if not slot then return {'EXHAUSTED', id, redis.call('HGET', KEYS[1], 'shares')} end
+redis.call('HSET', KEYS[3], ARGV[1], slot)
+redis.call('PEXPIREAT', KEYS[3], redis.call('HGET', KEYS[1], 'expire_at'))
+return {'SLOT', id, slot}
+"#;
+
+/// Load-if-absent. ARGV: spray id, owner, receive_until (ms), shares, expire_at (ms),
+/// number of free slots F, the F free slots in order, then user/slot pairs of receivers.
+/// Does nothing (returns 0) if another request rebuilt the spray first.
+pub const REBUILD: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'until', ARGV[3],
+           'shares', ARGV[4], 'expire_at', ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], ARGV[5])
+local free = tonumber(ARGV[6])
+local i = 7
+while i <= 6 + free do
+  local last = math.min(i + 499, 6 + free)
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, last))
+  i = last + 1
+end
+if free > 0 then redis.call('PEXPIREAT', KEYS[2], ARGV[5]) end
+local receivers = false
+while i < #ARGV do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  receivers = true
+  i = i + 2
+end
+if receivers then redis.call('PEXPIREAT', KEYS[3], ARGV[5]) end
+return 1
+"#;
+
+/// Gives a slot back after SQL could not record it (a transient failure), if the user
+/// still holds it. ARGV: user id, slot.
+pub const RELEASE: &str = r#"
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+local expire_at = redis.call('HGET', KEYS[1], 'expire_at')
+if expire_at then redis.call('PEXPIREAT', KEYS[2], expire_at) end
+return 1
+"#;
+
+/// Forgets that the user holds a slot that SQL says someone else has. ARGV: user, slot.
+pub const FORGET: &str = r#"
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"#;

@@ -1,0 +1,116 @@
+//! Conversions between stored columns and domain types, shared by every backend.
+//!
+//! Times are stored as milliseconds since the Unix epoch, money and ids as signed 64-bit
+//! integers. A stored value the domain refuses is reported as corruption, never guessed.
+
+use chrono::{DateTime, Utc};
+
+use super::StoreError;
+use crate::domain::{Amount, Receipt, RoomId, SplitMode, SprayRecord, Token, UserId};
+
+pub fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub fn time_from(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms} out of range")))
+}
+
+pub fn stored(amount: Amount) -> Result<i64, StoreError> {
+    amount
+        .to_stored()
+        .ok_or_else(|| StoreError::Other(format!("amount {amount} does not fit the store")))
+}
+
+pub fn amount_from(units: i64) -> Result<Amount, StoreError> {
+    Amount::from_stored(units).ok_or_else(|| StoreError::Corrupt(format!("negative amount {units}")))
+}
+
+pub fn user_from(id: i64) -> Result<UserId, StoreError> {
+    UserId::from_stored(id).ok_or_else(|| StoreError::Corrupt(format!("bad user id {id}")))
+}
+
+/// The `(slot, amount)` rows of a new spray's shares; slot 0 is received first.
+pub fn share_rows(shares: &[Amount]) -> Result<Vec<(i64, i64)>, StoreError> {
+    shares
+        .iter()
+        .enumerate()
+        .map(|(slot, amount)| {
+            let slot = i64::try_from(slot).map_err(|e| StoreError::Other(e.to_string()))?;
+            Ok((slot, stored(*amount)?))
+        })
+        .collect()
+}
+
+/// The columns every backend selects for a spray, in this order.
+pub const SPRAY_COLUMNS: &str = "id, room_id, token, owner_id, mode, total_amount, recipient_count, \
+                                 created_at, receive_until, lookup_until";
+
+/// A spray row as selected with [`SPRAY_COLUMNS`].
+#[derive(Debug, sqlx::FromRow)]
+pub struct SprayRow {
+    pub id: i64,
+    pub room_id: String,
+    pub token: String,
+    pub owner_id: i64,
+    pub mode: String,
+    pub total_amount: i64,
+    pub recipient_count: i64,
+    pub created_at: i64,
+    pub receive_until: i64,
+    pub lookup_until: i64,
+}
+
+/// A received share as `(receiver_id, amount, received_at)`.
+pub type ReceiptRow = (i64, i64, i64);
+
+impl SprayRow {
+    pub fn into_record(self, receipts: Vec<ReceiptRow>) -> Result<SprayRecord, StoreError> {
+        let id = self.id;
+        let corrupt = |what: &str| StoreError::Corrupt(format!("spray {id}: bad {what}"));
+        let receipts = receipts
+            .into_iter()
+            .map(|(user, amount, at)| {
+                Ok(Receipt {
+                    user: user_from(user)?,
+                    amount: amount_from(amount)?,
+                    received_at: time_from(at)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(SprayRecord {
+            token: Token::parse(&self.token).ok_or_else(|| corrupt("token"))?,
+            room: RoomId::parse(&self.room_id).ok_or_else(|| corrupt("room"))?,
+            owner: user_from(self.owner_id)?,
+            mode: SplitMode::parse(&self.mode).ok_or_else(|| corrupt("mode"))?,
+            total_amount: amount_from(self.total_amount)?,
+            recipient_count: u32::try_from(self.recipient_count).map_err(|_| corrupt("recipient count"))?,
+            created_at: time_from(self.created_at)?,
+            receive_until: time_from(self.receive_until)?,
+            lookup_until: time_from(self.lookup_until)?,
+            receipts,
+        })
+    }
+}
+
+/// The spray row of a gate snapshot: `(id, owner_id, receive_until, recipient_count)`.
+pub type GateSprayRow = (i64, i64, i64, i64);
+
+pub fn gate_snapshot_from(
+    (spray_id, owner, receive_until, count): GateSprayRow,
+    free_slots: Vec<i64>,
+    receivers: Vec<(i64, i64)>,
+) -> Result<crate::gate::GateSnapshot, StoreError> {
+    Ok(crate::gate::GateSnapshot {
+        spray_id,
+        owner: user_from(owner)?,
+        receive_until: time_from(receive_until)?,
+        recipient_count: u32::try_from(count)
+            .map_err(|_| StoreError::Corrupt(format!("spray {spray_id}: count")))?,
+        free_slots,
+        receivers: receivers
+            .into_iter()
+            .map(|(user, slot)| Ok((user_from(user)?, slot)))
+            .collect::<Result<_, StoreError>>()?,
+    })
+}

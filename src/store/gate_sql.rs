@@ -1,0 +1,132 @@
+//! The SQL side of the Redis gate, the same text for every backend.
+//!
+//! The statements are portable, so rather than write them twice the functions are
+//! generated once per backend by this macro (sqlx's types differ per database); each
+//! backend's `impl Store` delegates to them. `begin` is how a write transaction starts.
+
+macro_rules! gate_sql_functions {
+    (db = $db:ty, begin = $begin:literal) => {
+        use crate::store::StoreError;
+
+        pub async fn gate_snapshot(
+            reader: &sqlx::Pool<$db>,
+            room: &crate::domain::RoomId,
+            token: &crate::domain::Token,
+        ) -> Result<Option<crate::gate::GateSnapshot>, StoreError> {
+            let spray = sqlx::query_as::<_, crate::store::convert::GateSprayRow>(
+                "SELECT id, owner_id, receive_until, recipient_count FROM sprays
+                 WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
+            )
+            .bind(room.as_str())
+            .bind(token.as_str())
+            .fetch_optional(reader)
+            .await?;
+            let Some(spray) = spray else { return Ok(None) };
+            // Shares only ever go from free to taken, so reading the receivers after the
+            // free slots can only over-list free slots, never lose one; the point update
+            // catches a slot listed free that is taken.
+            let free_slots = sqlx::query_scalar::<_, i64>(
+                "SELECT slot FROM shares WHERE spray_id = ? AND receiver_id IS NULL ORDER BY slot",
+            )
+            .bind(spray.0)
+            .fetch_all(reader)
+            .await?;
+            let receivers = sqlx::query_as::<_, (i64, i64)>(
+                "SELECT receiver_id, slot FROM shares WHERE spray_id = ? AND receiver_id IS NOT NULL",
+            )
+            .bind(spray.0)
+            .fetch_all(reader)
+            .await?;
+            crate::store::convert::gate_snapshot_from(spray, free_slots, receivers).map(Some)
+        }
+
+        pub async fn claim_slot(
+            writer: &sqlx::Pool<$db>,
+            claim: &crate::store::Claim,
+            spray_id: i64,
+            slot: i64,
+        ) -> Result<crate::store::SlotClaim, StoreError> {
+            use crate::store::SlotClaim;
+            let now = crate::store::convert::millis(claim.now);
+            let mut tx = writer.begin_with($begin).await?;
+            let outcome = async {
+                let updated = sqlx::query(
+                    "UPDATE shares SET receiver_id = ?, received_at = ?
+                     WHERE spray_id = ? AND slot = ? AND receiver_id IS NULL
+                       AND EXISTS (SELECT 1 FROM sprays WHERE id = ? AND receive_until > ?)",
+                )
+                .bind(claim.user.get())
+                .bind(now)
+                .bind(spray_id)
+                .bind(slot)
+                .bind(spray_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+                match updated {
+                    Err(e) if crate::store::error::is_unique_violation(&e) => {
+                        return Ok(SlotClaim::AlreadyReceived);
+                    }
+                    Err(e) => return Err(StoreError::from(e)),
+                    Ok(done) if done.rows_affected() == 0 => {
+                        let open = sqlx::query_scalar::<_, i64>(
+                            "SELECT COUNT(*) FROM sprays WHERE id = ? AND receive_until > ?",
+                        )
+                        .bind(spray_id)
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        return Ok(if open == 0 {
+                            SlotClaim::Closed
+                        } else {
+                            SlotClaim::Taken
+                        });
+                    }
+                    Ok(_) => {}
+                }
+                let amount =
+                    sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND slot = ?")
+                        .bind(spray_id)
+                        .bind(slot)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                sqlx::query(
+                    "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)",
+                )
+                .bind(spray_id)
+                .bind(claim.user.get())
+                .bind(amount)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                Ok(SlotClaim::Received(crate::store::convert::amount_from(
+                    amount,
+                )?))
+            }
+            .await;
+            // Committed only when the share was recorded; rolled back explicitly otherwise.
+            match outcome {
+                Ok(SlotClaim::Received(_)) => tx.commit().await?,
+                _ => tx.rollback().await?,
+            }
+            outcome
+        }
+
+        pub async fn share_of(
+            writer: &sqlx::Pool<$db>,
+            spray_id: i64,
+            user: crate::domain::UserId,
+        ) -> Result<Option<crate::domain::Amount>, StoreError> {
+            // Read through the writer: the answer must include every committed claim.
+            sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
+                .bind(spray_id)
+                .bind(user.get())
+                .fetch_optional(writer)
+                .await?
+                .map(crate::store::convert::amount_from)
+                .transpose()
+        }
+    };
+}
+
+pub(crate) use gate_sql_functions;

@@ -1,0 +1,705 @@
+//! The command line, black-box: `spray serve`, `spray migrate` and `spray audit` run as
+//! the real binary, each test in its own directory with its own SQLite file.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::time::timeout;
+
+const SPRAY: &str = env!("CARGO_BIN_EXE_spray");
+
+/// Health polls before a server counts as failed to start, one every `POLL_EVERY`.
+const HEALTH_POLLS: u32 = 600;
+const POLL_EVERY: Duration = Duration::from_millis(50);
+/// Ports tried when the one picked was taken between choosing it and binding it.
+const PORT_ATTEMPTS: u32 = 3;
+/// The longest a single HTTP request may take.
+const REQUEST_LIMIT: Duration = Duration::from_secs(30);
+/// The longest a server may take to drain and exit after SIGTERM.
+const STOP_LIMIT: Duration = Duration::from_secs(20);
+/// The longest a one-shot command (`spray audit`, `spray migrate`) may run.
+const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+/// How quickly a command with a bad setting must give up.
+const REFUSAL_LIMIT: Duration = Duration::from_secs(15);
+/// Each test as a whole, whatever happens inside it.
+const TEST_LIMIT: Duration = Duration::from_secs(240);
+
+const SPRAYER: i64 = 1;
+const ROOM: &str = "R";
+
+/// A child process that is killed (SIGKILL, by its PID) and reaped when dropped, so no
+/// process outlives the test, even one that panics.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // A child already reaped is not signalled again (std guards against PID reuse).
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    /// Polls for the child's exit for at most `limit`; `None` if it is still running.
+    async fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        timeout(limit, async {
+            loop {
+                match self.0.try_wait() {
+                    Ok(Some(status)) => return status,
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => panic!("cannot wait for pid {}: {e}", self.0.id()),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+}
+
+/// A `spray` command with no `SPRAY_*` variable inherited from the test's environment.
+fn spray_command() -> Command {
+    let mut command = Command::new(SPRAY);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SPRAY_") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+fn database_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("spray.db").display())
+}
+
+/// A port that was free a moment ago (the listener is dropped before the server binds it).
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("the ephemeral port").port()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(REQUEST_LIMIT)
+        .no_proxy()
+        .build()
+        .expect("an HTTP client")
+}
+
+/// A running `spray serve`, its stdout and stderr in a log file in the test's directory.
+struct Server {
+    child: ChildGuard,
+    base: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `spray serve` on a free port and polls `/healthz` until it answers 200.
+    async fn start(dir: &Path, database_url: &str, flags: &[&str], env: &[(&str, &str)]) -> Server {
+        for attempt in 1..=PORT_ATTEMPTS {
+            let address = format!("127.0.0.1:{}", free_port());
+            let log = dir.join(format!("serve-{}.log", address.replace([':', '.'], "-")));
+            let out = File::create(&log).expect("create the server log");
+            let err = out.try_clone().expect("share the server log");
+            let child = spray_command()
+                .args(["serve", "--listen", &address, "--database-url", database_url])
+                .args(flags)
+                .envs(env.iter().copied())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .expect("spawn spray serve");
+            let mut server = Server {
+                child: ChildGuard(child),
+                base: format!("http://{address}"),
+                log,
+            };
+            match server.wait_until_healthy().await {
+                Ok(()) => return server,
+                // Someone took the port between free_port() and the bind: try another.
+                Err(_) if attempt < PORT_ATTEMPTS && server.log_text().contains("cannot listen") => continue,
+                Err(e) => panic!(
+                    "spray serve did not start: {e}\n--- log ---\n{}",
+                    server.log_text()
+                ),
+            }
+        }
+        unreachable!("the last attempt either returns or panics")
+    }
+
+    async fn wait_until_healthy(&mut self) -> Result<(), String> {
+        let health = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .no_proxy()
+            .build()
+            .expect("an HTTP client");
+        let url = format!("{}/healthz", self.base);
+        for _ in 0..HEALTH_POLLS {
+            if let Some(status) = self.child.0.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("exited early with {status}"));
+            }
+            if let Ok(answer) = health.get(&url).send().await
+                && answer.status() == reqwest::StatusCode::OK
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        Err(format!("/healthz not 200 after {HEALTH_POLLS} polls"))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM (sent by the `kill` command), then the exit status, within `STOP_LIMIT`.
+    async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.0.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        match self.child.wait_for_exit(STOP_LIMIT).await {
+            Some(status) => status,
+            None => panic!(
+                "spray serve still running {STOP_LIMIT:?} after SIGTERM\n--- log ---\n{}",
+                self.log_text()
+            ),
+        }
+    }
+}
+
+/// What a one-shot command printed, and how it ended.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `spray <args>` to completion within `limit`, output kept in files in `dir`.
+async fn run_spray(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Finished {
+    let stdout_path = dir.join(format!("{name}.stdout"));
+    let stderr_path = dir.join(format!("{name}.stderr"));
+    let child = spray_command()
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(File::create(&stdout_path).expect("create stdout file"))
+        .stderr(File::create(&stderr_path).expect("create stderr file"))
+        .spawn()
+        .expect("spawn spray");
+    let mut child = ChildGuard(child);
+    let status = child
+        .wait_for_exit(limit)
+        .await
+        .unwrap_or_else(|| panic!("spray {args:?} still running after {limit:?}"));
+    Finished {
+        status,
+        stdout: std::fs::read_to_string(&stdout_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+    }
+}
+
+/// Answers as status and JSON body (`Null` when the body is not JSON).
+async fn answer(response: reqwest::Response) -> (u16, Option<String>, Value) {
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let raw = response.bytes().await.expect("an answer body");
+    (
+        status,
+        content_type,
+        serde_json::from_slice(&raw).unwrap_or(Value::Null),
+    )
+}
+
+/// POST `body` as JSON to `path` as `user` in `ROOM`.
+async fn post(
+    client: &reqwest::Client,
+    server: &Server,
+    path: &str,
+    user: i64,
+    body: &Value,
+) -> (u16, Value) {
+    let response = client
+        .post(server.url(path))
+        .header("x-user-id", user.to_string())
+        .header("x-room-id", ROOM)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}\n--- log ---\n{}", server.log_text()));
+    let (status, _, body) = answer(response).await;
+    (status, body)
+}
+
+/// Sprays as `SPRAYER` in `ROOM`; returns the token.
+async fn spray(client: &reqwest::Client, server: &Server, body: &Value) -> String {
+    let (status, answer) = post(client, server, "/api/v1/spray", SPRAYER, body).await;
+    assert_eq!(status, 201, "spray {body} refused: {answer}");
+    answer["token"].as_str().expect("a token").to_owned()
+}
+
+async fn receive(client: &reqwest::Client, server: &Server, token: &str, user: i64) {
+    let (status, answer) = post(
+        client,
+        server,
+        "/api/v1/receive",
+        user,
+        &json!({ "token": token }),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "user {user} could not receive from {token}: {answer}"
+    );
+}
+
+/// A store in `dir` written by the real server, which is then stopped. In room `R`, by
+/// user 1:
+/// - 1000 over 3 shares, every share received (users 2, 3, 4): completed;
+/// - 500 over 4 shares, two received (users 2, 3): active;
+/// - 777 over 5 shares in random mode, one received (user 2): active.
+///
+/// The corruptions below find these sprays by their amounts.
+async fn populated_store(dir: &Path) -> String {
+    let url = database_url(dir);
+    let mut server = Server::start(dir, &url, &[], &[]).await;
+    let client = client();
+    let sprays: [(Value, &[i64]); 3] = [
+        (json!({ "amount": 1000, "recipient_count": 3 }), &[2, 3, 4]),
+        (json!({ "amount": 500, "recipient_count": 4 }), &[2, 3]),
+        (
+            json!({ "amount": 777, "recipient_count": 5, "mode": "random" }),
+            &[2],
+        ),
+    ];
+    for (body, receivers) in sprays {
+        let token = spray(&client, &server, &body).await;
+        for user in receivers {
+            receive(&client, &server, &token, *user).await;
+        }
+    }
+    let status = server.terminate().await;
+    assert!(
+        status.success(),
+        "the server stopped with {status}\n{}",
+        server.log_text()
+    );
+    url
+}
+
+async fn audit(dir: &Path, name: &str, database_url: &str) -> Finished {
+    run_spray(
+        dir,
+        name,
+        &["audit", "--database-url", database_url],
+        &[],
+        COMMAND_LIMIT,
+    )
+    .await
+}
+
+/// The names of the checks the audit summary marks `FAIL (n) <name>`.
+fn failed_checks(summary: &str) -> Vec<&str> {
+    summary
+        .lines()
+        .filter_map(|line| line.strip_prefix("FAIL ("))
+        .filter_map(|rest| rest.split_once(')'))
+        .map(|(_, name)| name.trim())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_passes_on_a_healthy_store() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = populated_store(dir.path()).await;
+
+        let audit = audit(dir.path(), "audit", &url).await;
+        assert_eq!(
+            audit.status.code(),
+            Some(0),
+            "spray audit on a healthy store:\n{}\n{}",
+            audit.stdout,
+            audit.stderr
+        );
+        assert!(audit.stdout.contains("audit clean"), "{}", audit.stdout);
+        assert!(failed_checks(&audit.stdout).is_empty(), "{}", audit.stdout);
+        // The totals say what was audited.
+        let lines: Vec<&str> = audit.stdout.lines().map(str::trim).collect();
+        for total in ["sprays: 3", "shares: 12", "received shares: 6", "debited: 2277"] {
+            assert!(lines.contains(&total), "no line `{total}` in:\n{}", audit.stdout);
+        }
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// One way to break the store behind the service's back, and the check that must notice.
+struct Corruption {
+    what: &'static str,
+    sql: &'static str,
+    breaks: &'static str,
+}
+
+const CORRUPTIONS: &[Corruption] = &[
+    Corruption {
+        what: "an unreceived share of the 500 spray grows by 1",
+        sql: "UPDATE shares SET amount = amount + 1
+              WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 500)
+                AND slot = (SELECT MAX(slot) FROM shares
+                            WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 500)
+                              AND receiver_id IS NULL)",
+        breaks: "the shares of each spray sum to its amount",
+    },
+    Corruption {
+        what: "a received share of the 1000 spray is given to the sprayer",
+        sql: "UPDATE shares SET receiver_id = (SELECT owner_id FROM sprays WHERE id = shares.spray_id)
+              WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 1000)
+                AND slot = (SELECT MIN(slot) FROM shares
+                            WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 1000))",
+        breaks: "no sprayer receives from their own spray",
+    },
+    Corruption {
+        // `receive_until` itself is the first instant outside the window (`now < until`).
+        what: "the receipts of the 500 spray are dated at the end of its receive window",
+        sql: "UPDATE shares SET received_at = (SELECT receive_until FROM sprays WHERE id = shares.spray_id)
+              WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 500)
+                AND receiver_id IS NOT NULL",
+        breaks: "every receipt is inside its spray's receive window",
+    },
+    Corruption {
+        what: "a receipt of the 777 spray is dated an hour after its receive window",
+        sql: "UPDATE shares SET received_at = (SELECT receive_until FROM sprays WHERE id = shares.spray_id) + 3600000
+              WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 777)
+                AND receiver_id IS NOT NULL",
+        breaks: "every receipt is inside its spray's receive window",
+    },
+    Corruption {
+        what: "one CREDIT of the 1000 spray is deleted",
+        sql: "DELETE FROM ledger
+              WHERE id = (SELECT MIN(id) FROM ledger
+                          WHERE kind = 'CREDIT'
+                            AND spray_id = (SELECT id FROM sprays WHERE total_amount = 1000))",
+        breaks: "each received share has one CREDIT of its amount to its receiver",
+    },
+    Corruption {
+        what: "a REFUND of 1 to the sprayer of the half-received 500 spray",
+        sql: "INSERT INTO ledger (spray_id, kind, user_id, amount, at)
+              SELECT id, 'REFUND', owner_id, 1, receive_until FROM sprays WHERE total_amount = 500",
+        breaks: "settled sprays balance: debit = credits + refund",
+    },
+    Corruption {
+        what: "an unreceived share of the 500 spray is deleted",
+        sql: "DELETE FROM shares
+              WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 500)
+                AND slot = (SELECT MAX(slot) FROM shares
+                            WHERE spray_id = (SELECT id FROM sprays WHERE total_amount = 500)
+                              AND receiver_id IS NULL)",
+        breaks: "each spray has as many shares as recipient_count",
+    },
+    Corruption {
+        what: "a CREDIT of the 777 spray to a user who received nothing",
+        sql: "INSERT INTO ledger (spray_id, kind, user_id, amount, at)
+              SELECT id, 'CREDIT', 999, 1, created_at FROM sprays WHERE total_amount = 777",
+        breaks: "no CREDIT without a received share",
+    },
+    Corruption {
+        what: "a second DEBIT of the 1000 spray, from someone else",
+        sql: "INSERT INTO ledger (spray_id, kind, user_id, amount, at)
+              SELECT id, 'DEBIT', 999, total_amount, created_at FROM sprays WHERE total_amount = 1000",
+        breaks: "each spray has exactly one DEBIT of its amount, from its sprayer",
+    },
+    Corruption {
+        what: "the CREDIT of the 777 spray grows past its DEBIT",
+        sql: "UPDATE ledger SET amount = amount + 1000
+              WHERE kind = 'CREDIT' AND spray_id = (SELECT id FROM sprays WHERE total_amount = 777)",
+        breaks: "open sprays never pay out more than was debited: debit >= credits",
+    },
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_fails_on_a_store_corrupted_on_purpose() {
+    timeout(TEST_LIMIT, async {
+        for corruption in CORRUPTIONS {
+            assert!(
+                spray::audit::CHECKS
+                    .iter()
+                    .any(|check| check.name == corruption.breaks),
+                "no audit check is named {:?} (this test is out of date)",
+                corruption.breaks
+            );
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let url = populated_store(dir.path()).await;
+
+            let pool = sqlx::SqlitePool::connect(&url)
+                .await
+                .expect("open the store directly");
+            let done = sqlx::query(corruption.sql)
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{}: the corruption was refused: {e}", corruption.what));
+            assert!(
+                done.rows_affected() >= 1,
+                "{}: the corruption changed nothing",
+                corruption.what
+            );
+            pool.close().await;
+
+            let audit = audit(dir.path(), "audit", &url).await;
+            assert_eq!(
+                audit.status.code(),
+                Some(1),
+                "{}: spray audit should fail its checks (exit 1):\n{}\n{}",
+                corruption.what,
+                audit.stdout,
+                audit.stderr
+            );
+            assert!(
+                failed_checks(&audit.stdout).contains(&corruption.breaks),
+                "{}: the audit did not fail `{}`:\n{}",
+                corruption.what,
+                corruption.breaks,
+                audit.stdout
+            );
+            assert!(audit.stdout.contains("audit FAILED"), "{}", audit.stdout);
+        }
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_the_database_file_and_is_idempotent() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("fresh.db");
+        let url = format!("sqlite://{}", path.display());
+        assert!(!path.exists());
+
+        for round in ["first", "second"] {
+            let migrate = run_spray(
+                dir.path(),
+                round,
+                &["migrate", "--database-url", &url],
+                &[],
+                COMMAND_LIMIT,
+            )
+            .await;
+            assert_eq!(
+                migrate.status.code(),
+                Some(0),
+                "{round} spray migrate:\n{}\n{}",
+                migrate.stdout,
+                migrate.stderr
+            );
+            assert!(
+                migrate.stdout.contains("migrations applied"),
+                "{}",
+                migrate.stdout
+            );
+            assert!(
+                path.is_file(),
+                "{round} spray migrate left no file at {}",
+                path.display()
+            );
+        }
+
+        // Each migration is recorded once, and the schema is there and empty.
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("open the migrated store");
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .expect("the migrations table");
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite"))
+            .expect("the migrations folder")
+            .count();
+        assert_eq!(usize::try_from(applied).ok(), Some(files));
+        for (table, sql) in [
+            ("sprays", "SELECT COUNT(*) FROM sprays"),
+            ("shares", "SELECT COUNT(*) FROM shares"),
+            ("ledger", "SELECT COUNT(*) FROM ledger"),
+        ] {
+            let rows: i64 = sqlx::query_scalar(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("table {table}: {e}"));
+            assert_eq!(rows, 0, "table {table}");
+        }
+        pool.close().await;
+
+        let audit = audit(dir.path(), "audit", &url).await;
+        assert_eq!(audit.status.code(), Some(0), "{}\n{}", audit.stdout, audit.stderr);
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// A setting the binary must refuse before it serves, and what its error must mention.
+struct BadSetting {
+    what: &'static str,
+    flags: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+    says: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_flags_over_environment() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = database_url(dir.path());
+        let client = client();
+        let three = json!({ "amount": 300, "recipient_count": 3 });
+        let two = json!({ "amount": 300, "recipient_count": 2 });
+
+        // The environment alone: at most 2 recipients.
+        let mut server = Server::start(dir.path(), &url, &[], &[("SPRAY_MAX_RECIPIENTS", "2")]).await;
+        let response = client
+            .post(server.url("/api/v1/spray"))
+            .header("x-user-id", SPRAYER.to_string())
+            .header("x-room-id", ROOM)
+            .json(&three)
+            .send()
+            .await
+            .expect("POST /api/v1/spray");
+        let (status, content_type, problem) = answer(response).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{problem}"
+        );
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+        spray(&client, &server, &two).await;
+        let status = server.terminate().await;
+        assert!(status.success(), "{status}");
+        drop(server);
+
+        // The flag wins over the environment.
+        let mut server = Server::start(
+            dir.path(),
+            &url,
+            &["--max-recipients", "5"],
+            &[("SPRAY_MAX_RECIPIENTS", "2")],
+        )
+        .await;
+        spray(&client, &server, &three).await;
+        let (status, problem) = post(
+            &client,
+            &server,
+            "/api/v1/spray",
+            SPRAYER,
+            &json!({ "amount": 600, "recipient_count": 6 }),
+        )
+        .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{problem}"
+        );
+        let status = server.terminate().await;
+        assert!(status.success(), "{status}");
+        drop(server);
+
+        // Bad settings stop the binary at once, with a non-zero status, before it serves.
+        let bad_path = dir.path().join("never.db");
+        let bad_url = format!("sqlite://{}", bad_path.display());
+        let cases = [
+            BadSetting {
+                what: "a duration flag that is not a duration",
+                flags: &["--receive-window", "tenminutes"],
+                env: &[],
+                says: "tenminutes",
+            },
+            BadSetting {
+                what: "a duration variable that is not a duration",
+                flags: &[],
+                env: &[("SPRAY_RECEIVE_WINDOW", "tenminutes")],
+                says: "tenminutes",
+            },
+            BadSetting {
+                what: "a lookup window shorter than the receive window",
+                flags: &["--receive-window", "10m", "--lookup-window", "5m"],
+                env: &[],
+                says: "--lookup-window",
+            },
+        ];
+        for (index, case) in cases.iter().enumerate() {
+            let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--database-url", &bad_url];
+            args.extend(case.flags.iter().copied());
+            let run = run_spray(
+                dir.path(),
+                &format!("bad-{index}"),
+                &args,
+                case.env,
+                REFUSAL_LIMIT,
+            )
+            .await;
+            assert!(
+                !run.status.success(),
+                "{}: spray serve exited with {}",
+                case.what,
+                run.status
+            );
+            assert!(
+                run.stderr.contains(case.says),
+                "{}: stderr does not say why:\n{}",
+                case.what,
+                run.stderr
+            );
+            assert!(!bad_path.exists(), "{}: a database was created", case.what);
+        }
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_server_gracefully() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = database_url(dir.path());
+        let client = client();
+        let mut server = Server::start(dir.path(), &url, &[], &[]).await;
+        let token = spray(&client, &server, &json!({ "amount": 10, "recipient_count": 2 })).await;
+        receive(&client, &server, &token, 2).await;
+
+        let status = server.terminate().await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "spray serve ended with {status} after SIGTERM\n--- log ---\n{}",
+            server.log_text()
+        );
+        // Stopped means stopped: nothing answers on its port any more.
+        let after = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .no_proxy()
+            .build()
+            .expect("an HTTP client")
+            .get(server.url("/healthz"))
+            .send()
+            .await;
+        assert!(after.is_err(), "something still answers after SIGTERM: {after:?}");
+        drop(server);
+
+        // What it wrote before stopping is whole.
+        let audit = audit(dir.path(), "audit", &url).await;
+        assert_eq!(audit.status.code(), Some(0), "{}\n{}", audit.stdout, audit.stderr);
+    })
+    .await
+    .expect("the test finished in time");
+}

@@ -1,0 +1,15 @@
+//! The contract suite on the MySQL/MariaDB store, without Redis.
+//! The backend is chosen by this file's name; see `tests/common/mod.rs`.
+
+mod common;
+
+#[path = "contract/api_input.rs"]
+mod api_input;
+#[path = "contract/api_lookup.rs"]
+mod api_lookup;
+#[path = "contract/api_receive.rs"]
+mod api_receive;
+#[path = "contract/api_spray.rs"]
+mod api_spray;
+#[path = "contract/concurrency.rs"]
+mod concurrency;
