@@ -153,7 +153,7 @@ impl SprayService {
             };
             match time_store("insert_spray", self.store.insert_spray(&spray)).await {
                 Ok(()) => {
-                    self.prime_gate(&spray.room, &token).await;
+                    self.prime_gate(&spray.room, &token, created_at).await;
                     return Ok(CreatedSpray {
                         token,
                         created_at,
@@ -216,11 +216,11 @@ impl SprayService {
 
     /// Loads a new spray into the gate, so the first receivers do not all rebuild it.
     /// Best effort: if Redis is down, the first claim rebuilds it from SQL.
-    async fn prime_gate(&self, room: &RoomId, token: &Token) {
+    async fn prime_gate(&self, room: &RoomId, token: &Token, now: chrono::DateTime<chrono::Utc>) {
         let Some(gate) = &self.gate else { return };
         match self.store.gate_snapshot(room, token).await {
             Ok(Some(snapshot)) => {
-                let _ = gate.rebuild(&gate.keys(room, token), &snapshot).await;
+                let _ = gate.rebuild(&gate.keys(room, token), &snapshot, now).await;
             }
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, "could not read the new spray back for the gate"),
@@ -247,7 +247,7 @@ impl SprayService {
                     };
                     // A closed spray is not worth loading: SQL answers its few late callers.
                     if !window_open(claim.now, snapshot.receive_until)
-                        || gate.rebuild(&keys, &snapshot).await.is_err()
+                        || gate.rebuild(&keys, &snapshot, claim.now).await.is_err()
                     {
                         return self.store.claim_share(claim).await;
                     }

@@ -13,3 +13,7 @@ mod api_receive;
 mod api_spray;
 #[path = "contract/concurrency.rs"]
 mod concurrency;
+#[path = "gate/gate.rs"]
+mod gate;
+#[path = "gate/outage.rs"]
+mod outage;

@@ -13,3 +13,5 @@ mod api_receive;
 mod api_spray;
 #[path = "contract/concurrency.rs"]
 mod concurrency;
+#[path = "gate/gate.rs"]
+mod gate;

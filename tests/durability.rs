@@ -2,30 +2,17 @@
 //! are in flight, restarted on the same SQLite file, and must still hold every receipt it
 //! acknowledged, with the money invariants intact (`spray audit`).
 
+mod common;
+
+use common::process::*;
+
 use std::collections::HashMap;
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::time::timeout;
 
-const SPRAY: &str = env!("CARGO_BIN_EXE_spray");
-
-/// Health polls before a server counts as failed to start, one every `POLL_EVERY`.
-const HEALTH_POLLS: u32 = 600;
-const POLL_EVERY: Duration = Duration::from_millis(50);
-/// Ports tried when the one picked was taken between choosing it and binding it.
-const PORT_ATTEMPTS: u32 = 3;
-/// The longest a single HTTP request may take.
-const REQUEST_LIMIT: Duration = Duration::from_secs(30);
-/// The longest a server may take to drain and exit after SIGTERM.
-const STOP_LIMIT: Duration = Duration::from_secs(20);
-/// The longest a one-shot command (`spray audit`) may run.
-const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 /// The whole test, whatever happens inside it.
 const TEST_LIMIT: Duration = Duration::from_secs(240);
 
@@ -38,191 +25,6 @@ const RECEIVERS: i64 = 200;
 const FIRST_RECEIVER: i64 = 2;
 /// The server is killed once this many receipts have been acknowledged.
 const ACKS_BEFORE_KILL: usize = 50;
-
-/// A child process that is killed (SIGKILL, by its PID) and reaped when dropped, so no
-/// process outlives the test, even one that panics.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        // A child already reaped is not signalled again (std guards against PID reuse).
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl ChildGuard {
-    /// Polls for the child's exit for at most `limit`; `None` if it is still running.
-    async fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        timeout(limit, async {
-            loop {
-                match self.0.try_wait() {
-                    Ok(Some(status)) => return status,
-                    Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    Err(e) => panic!("cannot wait for pid {}: {e}", self.0.id()),
-                }
-            }
-        })
-        .await
-        .ok()
-    }
-}
-
-/// A `spray` command with no `SPRAY_*` variable inherited from the test's environment.
-fn spray_command() -> Command {
-    let mut command = Command::new(SPRAY);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("SPRAY_") {
-            command.env_remove(name);
-        }
-    }
-    command.stdin(Stdio::null());
-    command
-}
-
-fn database_url(dir: &Path) -> String {
-    format!("sqlite://{}", dir.join("spray.db").display())
-}
-
-/// A port that was free a moment ago (the listener is dropped before the server binds it).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("the ephemeral port").port()
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_LIMIT)
-        .no_proxy()
-        .build()
-        .expect("an HTTP client")
-}
-
-/// A running `spray serve`, its stdout and stderr in a log file in the test's directory.
-struct Server {
-    child: ChildGuard,
-    base: String,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts `spray serve` on a free port and polls `/healthz` until it answers 200.
-    async fn start(dir: &Path, database_url: &str, flags: &[&str], env: &[(&str, &str)]) -> Server {
-        for attempt in 1..=PORT_ATTEMPTS {
-            let address = format!("127.0.0.1:{}", free_port());
-            let log = dir.join(format!("serve-{}.log", address.replace([':', '.'], "-")));
-            let out = File::create(&log).expect("create the server log");
-            let err = out.try_clone().expect("share the server log");
-            let child = spray_command()
-                .args(["serve", "--listen", &address, "--database-url", database_url])
-                .args(flags)
-                .envs(env.iter().copied())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .expect("spawn spray serve");
-            let mut server = Server {
-                child: ChildGuard(child),
-                base: format!("http://{address}"),
-                log,
-            };
-            match server.wait_until_healthy().await {
-                Ok(()) => return server,
-                // Someone took the port between free_port() and the bind: try another.
-                Err(_) if attempt < PORT_ATTEMPTS && server.log_text().contains("cannot listen") => continue,
-                Err(e) => panic!(
-                    "spray serve did not start: {e}\n--- log ---\n{}",
-                    server.log_text()
-                ),
-            }
-        }
-        unreachable!("the last attempt either returns or panics")
-    }
-
-    async fn wait_until_healthy(&mut self) -> Result<(), String> {
-        let health = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .no_proxy()
-            .build()
-            .expect("an HTTP client");
-        let url = format!("{}/healthz", self.base);
-        for _ in 0..HEALTH_POLLS {
-            if let Some(status) = self.child.0.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("exited early with {status}"));
-            }
-            if let Ok(answer) = health.get(&url).send().await
-                && answer.status() == reqwest::StatusCode::OK
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(POLL_EVERY).await;
-        }
-        Err(format!("/healthz not 200 after {HEALTH_POLLS} polls"))
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL: no chance to drain, flush or close anything.
-    async fn kill_9(&mut self) {
-        self.child.0.kill().expect("SIGKILL the server");
-        self.child
-            .wait_for_exit(STOP_LIMIT)
-            .await
-            .expect("a SIGKILLed server is gone at once");
-    }
-
-    /// SIGTERM (sent by the `kill` command), then the exit status, within `STOP_LIMIT`.
-    async fn terminate(&mut self) -> ExitStatus {
-        let pid = self.child.0.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        match self.child.wait_for_exit(STOP_LIMIT).await {
-            Some(status) => status,
-            None => panic!(
-                "spray serve still running {STOP_LIMIT:?} after SIGTERM\n--- log ---\n{}",
-                self.log_text()
-            ),
-        }
-    }
-}
-
-/// What a one-shot command printed, and how it ended.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `spray <args>` to completion within `COMMAND_LIMIT`, output kept in files in `dir`.
-async fn run_spray(dir: &Path, name: &str, args: &[&str]) -> Finished {
-    let stdout_path = dir.join(format!("{name}.stdout"));
-    let stderr_path = dir.join(format!("{name}.stderr"));
-    let child = spray_command()
-        .args(args)
-        .stdout(File::create(&stdout_path).expect("create stdout file"))
-        .stderr(File::create(&stderr_path).expect("create stderr file"))
-        .spawn()
-        .expect("spawn spray");
-    let mut child = ChildGuard(child);
-    let status = child
-        .wait_for_exit(COMMAND_LIMIT)
-        .await
-        .unwrap_or_else(|| panic!("spray {args:?} still running after {COMMAND_LIMIT:?}"));
-    Finished {
-        status,
-        stdout: std::fs::read_to_string(&stdout_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-    }
-}
 
 fn json_u64(value: &Value, what: &str) -> u64 {
     value
@@ -450,7 +252,14 @@ async fn kill_9_scenario() {
     let status = server.terminate().await;
     assert!(status.success(), "the restarted server stopped with {status}");
 
-    let audit = run_spray(dir.path(), "audit", &["audit", "--database-url", &database_url]).await;
+    let audit = run_spray(
+        dir.path(),
+        "audit",
+        &["audit", "--database-url", &database_url],
+        &[],
+        COMMAND_LIMIT,
+    )
+    .await;
     assert!(
         audit.status.success(),
         "spray audit failed after kill -9 ({}):\n{}\n{}",

@@ -233,15 +233,24 @@ impl RedisGate {
         parse_verdict(&answer).ok_or_else(|| GateUnavailable(format!("unexpected claim answer {answer:?}")))
     }
 
-    /// Loads a spray's keys from a SQL snapshot unless they exist already.
-    pub async fn rebuild(&self, keys: &SprayKeys, snapshot: &GateSnapshot) -> Result<(), GateUnavailable> {
-        let expire_at = (snapshot.receive_until + KEEP_AFTER_WINDOW).timestamp_millis();
+    /// Loads a spray's keys from a SQL snapshot unless they exist already. `now` is the
+    /// service's clock: the keys live until [`KEEP_AFTER_WINDOW`] after the window closes.
+    pub async fn rebuild(
+        &self,
+        keys: &SprayKeys,
+        snapshot: &GateSnapshot,
+        now: DateTime<Utc>,
+    ) -> Result<(), GateUnavailable> {
+        let time_to_live = (snapshot.receive_until + KEEP_AFTER_WINDOW - now).num_milliseconds();
+        if time_to_live <= 0 {
+            return Ok(());
+        }
         let mut args = vec![
             snapshot.spray_id.to_string(),
             snapshot.owner.to_string(),
             snapshot.receive_until.timestamp_millis().to_string(),
             snapshot.recipient_count.to_string(),
-            expire_at.to_string(),
+            time_to_live.to_string(),
             snapshot.free_slots.len().to_string(),
         ];
         args.extend(snapshot.free_slots.iter().map(i64::to_string));

@@ -16,18 +16,18 @@ if tonumber(ARGV[2]) >= tonumber(redis.call('HGET', KEYS[1], 'until')) then retu
 local slot = redis.call('LPOP', KEYS[2])
 if not slot then return {'EXHAUSTED', id, redis.call('HGET', KEYS[1], 'shares')} end
 redis.call('HSET', KEYS[3], ARGV[1], slot)
-redis.call('PEXPIREAT', KEYS[3], redis.call('HGET', KEYS[1], 'expire_at'))
+redis.call('PEXPIRE', KEYS[3], math.max(redis.call('PTTL', KEYS[1]), 1))
 return {'SLOT', id, slot}
 "#;
 
-/// Load-if-absent. ARGV: spray id, owner, receive_until (ms), shares, expire_at (ms),
+/// Load-if-absent. ARGV: spray id, owner, receive_until (ms), shares, time to live (ms),
 /// number of free slots F, the F free slots in order, then user/slot pairs of receivers.
-/// Does nothing (returns 0) if another request rebuilt the spray first.
+/// Does nothing (returns 0) if another request rebuilt the spray first. The time to live
+/// is relative, so the keys' lifetime does not depend on Redis's clock agreeing with ours.
 pub const REBUILD: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'until', ARGV[3],
-           'shares', ARGV[4], 'expire_at', ARGV[5])
-redis.call('PEXPIREAT', KEYS[1], ARGV[5])
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'until', ARGV[3], 'shares', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local free = tonumber(ARGV[6])
 local i = 7
 while i <= 6 + free do
@@ -35,14 +35,14 @@ while i <= 6 + free do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, i, last))
   i = last + 1
 end
-if free > 0 then redis.call('PEXPIREAT', KEYS[2], ARGV[5]) end
+if free > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
 local receivers = false
 while i < #ARGV do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
   receivers = true
   i = i + 2
 end
-if receivers then redis.call('PEXPIREAT', KEYS[3], ARGV[5]) end
+if receivers then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
 return 1
 "#;
 
@@ -52,8 +52,8 @@ pub const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
-local expire_at = redis.call('HGET', KEYS[1], 'expire_at')
-if expire_at then redis.call('PEXPIREAT', KEYS[2], expire_at) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
 "#;
 

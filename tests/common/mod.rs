@@ -23,6 +23,7 @@ use spray::store::Store;
 use tower::ServiceExt;
 
 pub mod cluster;
+pub mod process;
 
 pub const ROOM: &str = "TEST-ROOM-1";
 pub const OWNER: i64 = 1;
@@ -216,10 +217,13 @@ impl TestApp {
                 Some(database)
             }
         };
-        match backend {
-            Backend::MySqlRedis => settings.redis_url = Some(redis_url()),
-            Backend::MySqlRedisCluster => settings.redis_url = Some(cluster::shared().urls()),
-            Backend::Sqlite | Backend::MySql => {}
+        // A test may bring a Redis of its own; otherwise the backend's.
+        if settings.redis_url.is_none() {
+            match backend {
+                Backend::MySqlRedis => settings.redis_url = Some(redis_url()),
+                Backend::MySqlRedisCluster => settings.redis_url = Some(cluster::shared().urls()),
+                Backend::Sqlite | Backend::MySql => {}
+            }
         }
         settings.redis_key_prefix = redis_prefix();
         let store = open_store(&settings).await.unwrap();
@@ -305,5 +309,61 @@ impl TestApp {
     pub async fn assert_audit_clean(&self) {
         let report = spray::audit::run(self.store.as_ref()).await.unwrap();
         assert!(report.is_clean(), "audit failed:\n{}", report.summary());
+    }
+}
+
+/// Raw access to the test's Redis (single server or cluster), for tests that inspect or
+/// damage the gate's keys.
+pub struct RawRedis {
+    single: Option<redis::aio::MultiplexedConnection>,
+    cluster: Option<redis::cluster_async::ClusterConnection>,
+}
+
+impl RawRedis {
+    pub async fn connect(backend: Backend) -> RawRedis {
+        match backend {
+            Backend::MySqlRedisCluster => {
+                let nodes: Vec<String> = cluster::shared().urls().split(',').map(str::to_owned).collect();
+                let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+                RawRedis {
+                    single: None,
+                    cluster: Some(client.get_async_connection().await.unwrap()),
+                }
+            }
+            _ => {
+                let client = redis::Client::open(redis_url()).unwrap();
+                RawRedis {
+                    single: Some(client.get_multiplexed_async_connection().await.unwrap()),
+                    cluster: None,
+                }
+            }
+        }
+    }
+
+    pub async fn connect_url(url: &str) -> RawRedis {
+        let client = redis::Client::open(url).unwrap();
+        RawRedis {
+            single: Some(client.get_multiplexed_async_connection().await.unwrap()),
+            cluster: None,
+        }
+    }
+
+    pub async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> T {
+        match (&mut self.single, &mut self.cluster) {
+            (Some(conn), _) => cmd.query_async(conn).await.unwrap(),
+            (_, Some(conn)) => cmd.query_async(conn).await.unwrap(),
+            _ => unreachable!("connected to one or the other"),
+        }
+    }
+}
+
+impl TestApp {
+    /// The gate's keys of the spray `token` in `ROOM`.
+    pub fn gate_keys(&self, token: &str) -> spray::gate::SprayKeys {
+        spray::gate::SprayKeys::new(
+            &self.settings.redis_key_prefix,
+            &spray::domain::RoomId::parse(ROOM).unwrap(),
+            &spray::domain::Token::parse(token).unwrap(),
+        )
     }
 }

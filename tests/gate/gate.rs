@@ -1,0 +1,139 @@
+//! The Redis gate never decides alone: every way Redis can be wrong or lose its keys
+//! still gives exact money. Runs on one Redis and on a Redis Cluster.
+
+use std::collections::HashSet;
+
+use crate::common::{OWNER, RawRedis, TestApp};
+
+async fn raw(app: &TestApp) -> RawRedis {
+    RawRedis::connect(app.backend).await
+}
+
+async fn paid_total(app: &TestApp, token: &str) -> (u64, HashSet<i64>) {
+    let details = app.lookup(OWNER, token).await.body;
+    let users: HashSet<i64> = details["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["user_id"].as_i64().unwrap())
+        .collect();
+    (details["received_amount"].as_u64().unwrap(), users)
+}
+
+#[tokio::test]
+async fn a_new_spray_is_loaded_into_the_gate() {
+    let app = TestApp::new().await;
+    let token = app.spray(1000, 7).await;
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    let exists: i64 = redis.query(redis::cmd("EXISTS").arg(&keys.meta)).await;
+    let free: i64 = redis.query(redis::cmd("LLEN").arg(&keys.free)).await;
+    assert_eq!((exists, free), (1, 7));
+    app.receive(2, &token).await.assert_status(200);
+    let free: i64 = redis.query(redis::cmd("LLEN").arg(&keys.free)).await;
+    let holder: Option<String> = redis
+        .query(redis::cmd("HGET").arg(&keys.receivers).arg("2"))
+        .await;
+    assert_eq!((free, holder.as_deref()), (6, Some("0")));
+}
+
+#[tokio::test]
+async fn refusals_the_gate_can_prove_are_answered_without_sql() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 2).await;
+    app.receive(2, &token).await.assert_status(200);
+    app.receive(3, &token).await.assert_status(200);
+    // With the database gone, the gate still answers what it can prove alone...
+    app.store.close().await;
+    app.receive(OWNER, &token).await.assert_problem(403, "OWN_SPRAY");
+    app.receive(4, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    // ...but "already received" needs SQL's word, so it is not guessed.
+    app.receive(2, &token).await.assert_problem(503, "UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn losing_the_keys_mid_spray_keeps_exact_sums() {
+    let app = TestApp::new().await;
+    let token = app.spray(1001, 10).await;
+    for user in 2..=6 {
+        app.receive(user, &token).await.assert_status(200);
+    }
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    for key in keys.all() {
+        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
+    }
+    // The earlier receivers are still refused, and only the five shares left are given.
+    for user in 2..=6 {
+        app.receive(user, &token)
+            .await
+            .assert_problem(409, "ALREADY_RECEIVED");
+    }
+    let mut winners = 0;
+    for user in 7..=20 {
+        if app.receive(user, &token).await.status == 200 {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 5);
+    let (paid, users) = paid_total(&app, &token).await;
+    assert_eq!((paid, users.len()), (1001, 10));
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn a_slot_handed_out_but_never_recorded_is_completed_by_the_retry() {
+    let app = TestApp::new().await;
+    let token = app.spray(300, 3).await;
+    // The gate hands user 2 a slot, then the instance dies before SQL records it.
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    let _: i64 = redis.query(redis::cmd("LPOP").arg(&keys.free)).await;
+    let _: i64 = redis
+        .query(redis::cmd("HSET").arg(&keys.receivers).arg("2").arg("0"))
+        .await;
+    // The user is not told "already received": their retry completes the claim.
+    let answer = app.receive(2, &token).await;
+    answer.assert_status(200);
+    assert_eq!(answer.body["received_amount"], 100);
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    let (paid, users) = paid_total(&app, &token).await;
+    assert_eq!((paid, users), (100, HashSet::from([2])));
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn a_stale_gate_falls_back_to_the_sql_claim() {
+    let app = TestApp::new().await;
+    let token = app.spray(600, 3).await;
+    // User 2 receives through SQL alone (an instance that could not reach Redis): the
+    // gate still lists slot 0 as free.
+    let claim = spray::store::Claim {
+        room: spray::domain::RoomId::parse(crate::common::ROOM).unwrap(),
+        token: spray::domain::Token::parse(&token).unwrap(),
+        user: spray::domain::UserId::parse("2").unwrap(),
+        now: crate::common::start_time(),
+    };
+    let outcome = app.store.claim_share(&claim).await.unwrap();
+    assert_eq!(
+        outcome,
+        spray::store::ClaimOutcome::Received(spray::domain::Amount::new(200))
+    );
+    // User 3 is handed slot 0 by the gate, finds it taken in SQL and gets another share.
+    app.receive(3, &token).await.assert_status(200);
+    // User 2, unknown to the gate, is handed a slot too, but SQL refuses a second share.
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    app.receive(4, &token).await.assert_status(200);
+    app.receive(5, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    let (paid, users) = paid_total(&app, &token).await;
+    assert_eq!((paid, users), (600, HashSet::from([2, 3, 4])));
+    app.assert_audit_clean().await;
+}
