@@ -98,3 +98,22 @@ fn the_example_file_in_the_repository_is_valid() {
     assert!(ok, "{err}");
     assert!(out.contains("Settings {"), "{out}");
 }
+
+#[test]
+fn the_example_file_mentions_every_setting() {
+    use clap::CommandFactory;
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spray.toml.example")).unwrap();
+    let command = spray::config::Cli::command();
+    let settings = command
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter(|long| !matches!(*long, "config" | "help" | "version"));
+    for long in settings {
+        let key = long.replace('-', "_");
+        assert!(
+            example.contains(&format!("{key} = ")),
+            "spray.toml.example does not mention `{key}`"
+        );
+    }
+}
