@@ -57,6 +57,15 @@ pub struct Settings {
     /// `sqlite://FILE` (created if missing) or `mysql://USER:PASS@HOST:PORT/DB`.
     #[arg(long, env = "SPRAY_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true)]
     pub database_url: String,
+    /// Connections each instance opens to MySQL. Mind the server's `max_connections`
+    /// (151 by default) across all instances.
+    #[arg(
+        long,
+        env = "SPRAY_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
+    pub database_max_connections: u32,
     /// Redis in front of the claim; none for a single node.
     #[arg(long, env = "SPRAY_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
@@ -100,6 +109,7 @@ impl Default for Settings {
         Settings {
             listen: DEFAULT_LISTEN.to_owned(),
             database_url: DEFAULT_DATABASE_URL.to_owned(),
+            database_max_connections: 16,
             redis_url: None,
             redis_key_prefix: "spray".to_owned(),
             receive_window: Duration::from_secs(10 * 60),
@@ -172,6 +182,7 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("listen", &self.listen)
             .field("database_url", &redact_url(&self.database_url))
+            .field("database_max_connections", &self.database_max_connections)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("receive_window", &self.receive_window)

@@ -29,7 +29,7 @@ pub enum StartupError {
 
 /// A store, migrated and ready.
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
-    let store = store::open(&settings.database_url).await?;
+    let store = store::open(&settings.database_url, settings.database_max_connections).await?;
     store.migrate().await?;
     Ok(store)
 }

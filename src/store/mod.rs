@@ -113,12 +113,13 @@ pub enum SlotClaim {
 }
 
 /// Opens the store named by `url`: `sqlite://…` for the embedded store, `mysql://…`
-/// for MySQL or MariaDB.
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+/// for MySQL or MariaDB with at most `max_connections` connections (SQLite has one
+/// writer and a few readers, whatever this says).
+pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
     } else if url.starts_with("mysql:") {
-        Ok(Arc::new(mysql::MySqlStore::connect(url).await?))
+        Ok(Arc::new(mysql::MySqlStore::connect(url, max_connections).await?))
     } else {
         Err(StoreError::Config(format!(
             "unsupported database URL scheme in {}; use sqlite:// or mysql://",

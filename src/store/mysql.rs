@@ -25,10 +25,10 @@ use crate::gate::GateSnapshot;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/mysql");
 
-/// Connections per instance. Three instances stay well under MariaDB's default of 151.
-const MAX_CONNECTIONS: u32 = 32;
 /// Rows per multi-row INSERT of shares.
 const SHARES_PER_INSERT: usize = 500;
+/// How long an instance waits for another one's migrations at start-up.
+const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 /// A transaction that loses a deadlock or a lock wait is retried this many times in all.
 const ATTEMPTS: u32 = 3;
 
@@ -38,10 +38,10 @@ pub struct MySqlStore {
 
 impl MySqlStore {
     /// Connects to the database named by a `mysql://` URL.
-    pub async fn connect(url: &str) -> Result<MySqlStore, StoreError> {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<MySqlStore, StoreError> {
         let options = MySqlConnectOptions::from_str(url)?;
         let pool = MySqlPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
+            .max_connections(max_connections.max(1))
             // Fail fast when the database is gone: the caller answers 503 and retries.
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(|conn, _meta| {
@@ -197,9 +197,27 @@ macro_rules! retrying {
 #[async_trait]
 impl Store for MySqlStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        // The migrator takes a MySQL named lock, so instances starting together apply
-        // each migration once.
-        MIGRATOR.run(&self.pool).await?;
+        // Instances starting together must apply each migration once. sqlx's migrator
+        // takes `GET_LOCK(name, -1)`, but MariaDB answers a negative timeout with NULL at
+        // once instead of waiting, so the migrators would race (seen here: a duplicate key
+        // in _sqlx_migrations). Hold a lock of our own, with a real timeout, on the one
+        // connection the migrator then uses.
+        let mut conn = self.pool.acquire().await?;
+        let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('spray_migrations', ?)")
+            .bind(MIGRATION_LOCK_WAIT_SECONDS)
+            .fetch_one(&mut *conn)
+            .await?;
+        if locked != Some(1) {
+            return Err(StoreError::Unavailable(
+                "another instance is still migrating the database".into(),
+            ));
+        }
+        // `run_direct` is sqlx's own way around `Acquire` lifetimes on a borrowed connection.
+        let migrated = MIGRATOR.run_direct(None, &mut *conn, false).await;
+        sqlx::query("SELECT RELEASE_LOCK('spray_migrations')")
+            .execute(&mut *conn)
+            .await?;
+        migrated?;
         Ok(())
     }
 
