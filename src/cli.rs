@@ -1,4 +1,4 @@
-//! The `spray` commands: serve (the default), migrate, audit.
+//! The `spray` commands: serve (the default), migrate, audit, config.
 
 use std::process::ExitCode;
 
@@ -20,6 +20,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Histogram samples are folded into buckets now and then, scraped or not.
+            tokio::spawn(telemetry::metrics::upkeep_forever());
             match app.local_addr() {
                 Ok(address) => tracing::info!(%address, "listening"),
                 Err(e) => tracing::warn!(error = %e, "listening on an unknown address"),
@@ -31,6 +33,10 @@ pub async fn run(cli: Cli) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Config => {
+            println!("{settings:#?}");
+            ExitCode::SUCCESS
         }
         Command::Migrate => match open_store(&settings).await {
             Ok(store) => {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use tokio::sync::Semaphore;
+
 use crate::domain::Amount;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -13,6 +15,7 @@ pub const DEFAULT_MAX_AMOUNT: u64 = 1_000_000_000;
 pub const DEFAULT_MAX_RECIPIENTS: u32 = 1_000;
 /// The largest spray we will write in one transaction.
 pub const MAX_RECIPIENTS_LIMIT: u32 = 100_000;
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1_024;
 
 /// The `spray` command line.
 #[derive(Debug, Parser)]
@@ -32,6 +35,8 @@ pub enum Command {
     Migrate,
     /// Check every money invariant over the whole store; exit non-zero on any violation.
     Audit,
+    /// Print the effective settings (file, environment and flags merged; secrets hidden) and exit.
+    Config,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -88,6 +93,15 @@ pub struct Settings {
     /// Log format.
     #[arg(long, env = "SPRAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// A request still running after this long is answered 503 UNAVAILABLE.
+    #[arg(long, env = "SPRAY_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub request_timeout: Duration,
+    /// API requests served at once; past it, requests are answered 503 at once (not queued).
+    #[arg(long, env = "SPRAY_MAX_CONCURRENT_REQUESTS", default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS, global = true)]
+    pub max_concurrent_requests: usize,
+    /// A TOML file of settings, beneath the environment and the flags (see spray.toml.example).
+    #[arg(long, env = "SPRAY_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -105,6 +119,9 @@ impl Default for Settings {
             gateway_secret: None,
             shutdown_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            config: None,
         }
     }
 }
@@ -135,6 +152,15 @@ impl Settings {
         // Amounts are stored in signed 64-bit columns.
         if self.max_amount == 0 || i64::try_from(self.max_amount).is_err() {
             return Err(format!("--max-amount must be between 1 and {}", i64::MAX));
+        }
+        if self.request_timeout.is_zero() {
+            return Err("--request-timeout must be more than 0".into());
+        }
+        if !(1..=Semaphore::MAX_PERMITS).contains(&self.max_concurrent_requests) {
+            return Err(format!(
+                "--max-concurrent-requests must be between 1 and {}",
+                Semaphore::MAX_PERMITS
+            ));
         }
         if !(1..=MAX_RECIPIENTS_LIMIT).contains(&self.max_recipients) {
             return Err(format!(
@@ -169,6 +195,9 @@ impl fmt::Debug for Settings {
             )
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("log_format", &self.log_format)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("config", &self.config)
             .finish()
     }
 }

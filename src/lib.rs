@@ -8,6 +8,7 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod config_file;
 pub mod domain;
 pub mod gate;
 pub mod http;

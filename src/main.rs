@@ -2,9 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    spray::cli::run(spray::config::Cli::parse()).await
+    spray::cli::run(spray::config_file::parse()).await
 }

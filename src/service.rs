@@ -17,6 +17,7 @@ use crate::domain::{
 };
 use crate::gate::{GateVerdict, RedisGate, SprayKeys};
 use crate::store::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
+use crate::telemetry::time_store;
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
 /// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
@@ -150,7 +151,7 @@ impl SprayService {
                 receive_until,
                 lookup_until,
             };
-            match self.store.insert_spray(&spray).await {
+            match time_store("insert_spray", self.store.insert_spray(&spray)).await {
                 Ok(()) => {
                     self.prime_gate(&spray.room, &token, created_at).await;
                     return Ok(CreatedSpray {
@@ -182,7 +183,7 @@ impl SprayService {
         };
         let outcome = match &self.gate {
             Some(gate) => self.claim_through_gate(gate, &claim).await?,
-            None => self.store.claim_share(&claim).await?,
+            None => time_store("claim_share", self.store.claim_share(&claim)).await?,
         };
         match outcome {
             ClaimOutcome::Received(amount) => Ok(amount),
@@ -202,9 +203,7 @@ impl SprayService {
             Some(room) => (SprayKey::Room(room, token), LookupScope::Room),
             None => (SprayKey::Owner(caller, token), LookupScope::OwnSprays),
         };
-        let record = self
-            .store
-            .find_spray(&key)
+        let record = time_store("find_spray", self.store.find_spray(&key))
             .await?
             .ok_or(ServiceError::Lookup(LookupRefusal::NotFound))?;
         let now = self.clock.now();

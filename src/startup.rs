@@ -13,7 +13,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::domain::{OsTokens, TokenSource};
 use crate::gate::RedisGate;
-use crate::http::{AppState, router};
+use crate::http::{AppState, Limits, router_with};
 use crate::service::SprayService;
 use crate::store::{self, Store, StoreError};
 
@@ -51,10 +51,14 @@ pub fn build_router(
     }
     let service = Arc::new(service);
     let gateway_secret = settings.gateway_secret.as_deref().map(Arc::from);
-    Ok(router(AppState {
-        service,
-        gateway_secret,
-    }))
+    let limits = Limits::new(settings.max_concurrent_requests, settings.request_timeout);
+    Ok(router_with(
+        AppState {
+            service,
+            gateway_secret,
+        },
+        limits,
+    ))
 }
 
 /// The service bound to its listener, not yet serving.

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::amount::Amount;
 
 /// How a spray's amount is divided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SplitMode {
     /// `amount / n` each; the remainder goes one unit at a time to the last shares.

@@ -11,7 +11,7 @@ use super::token::Token;
 
 /// Where a spray stands at a given moment. Derived from the stored deadline and the
 /// clock, never from when a background job last ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SprayStatus {
     /// The window is open and shares are left.

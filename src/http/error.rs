@@ -50,6 +50,11 @@ pub enum ApiError {
     Internal,
 }
 
+/// The problem code of an error answer, left in the response's extensions so that the
+/// outer middleware can count rejections by code without parsing the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProblemCode(pub &'static str);
+
 #[derive(Serialize)]
 struct Problem<'a> {
     r#type: &'static str,
@@ -107,7 +112,8 @@ impl ApiError {
         }
     }
 
-    fn detail(&self) -> String {
+    /// The human-readable explanation; safe to show (a 5xx says nothing internal).
+    pub fn detail(&self) -> String {
         use ApiError::*;
         match self {
             InvalidRequest(detail) => detail.clone(),
@@ -143,6 +149,7 @@ impl IntoResponse for ApiError {
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, body).into_response();
+        response.extensions_mut().insert(ProblemCode(code));
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

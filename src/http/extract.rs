@@ -32,6 +32,8 @@ impl Caller {
             .flatten()
             .and_then(UserId::parse)
             .ok_or(ApiError::InvalidUser)?;
+        // Into the request's span, so every line logged from here on names the caller.
+        tracing::Span::current().record("user_id", user.get());
         let header_room = match single_header(headers, &X_ROOM_ID) {
             Ok(None) => None,
             Ok(Some(text)) => Some(RoomId::parse(text).ok_or_else(|| invalid_room("X-ROOM-ID"))?),

@@ -1,24 +1,30 @@
-//! The HTTP layer: routes, the gateway check, identity extraction and problem+json.
+//! The HTTP layer: routes, the gateway check, identity extraction and problem+json;
+//! the request span, metrics and protection ([`middleware`]); the API document
+//! ([`openapi`]).
 
 pub mod api;
 pub mod error;
 pub mod extract;
-mod ops;
+pub mod middleware;
+pub mod openapi;
+pub mod ops;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::header;
-use axum::middleware::{self, Next};
+use axum::middleware::{self as axum_middleware, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use subtle::ConstantTimeEq;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::service::SprayService;
 use error::ApiError;
+pub use middleware::Limits;
+use middleware::{observe, protect};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -34,26 +40,53 @@ impl axum::extract::FromRef<AppState> for Arc<SprayService> {
     }
 }
 
-/// The whole application as a router, ready to serve or to be driven by `oneshot` in tests.
+/// The whole application as a router, ready to serve or to be driven by `oneshot` in
+/// tests, with the default request timeout and concurrency bound.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/v1/spray", post(api::create_spray))
-        .route("/api/v1/spray/{token}", get(api::lookup_spray))
-        .route("/api/v1/receive", post(api::receive));
+    let defaults = crate::config::Settings::default();
+    router_with(
+        state,
+        Limits::new(defaults.max_concurrent_requests, defaults.request_timeout),
+    )
+}
+
+/// The whole application as a router, with these protection limits.
+pub fn router_with(state: AppState, limits: Limits) -> Router {
+    // Every router of the process shares one recorder; the first one installs it.
+    crate::telemetry::metrics::install();
+    // Each route is registered together with its documentation, so the document
+    // cannot miss a route.
+    let (routes, document) = OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(api::create_spray))
+        .routes(routes!(api::lookup_spray))
+        .routes(routes!(api::receive))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi_json))
+        .split_for_parts();
+    let document = openapi::complete(document, state.service.policy());
+    let document = ops::OpenApiJson(serde_json::to_vec(&document).unwrap_or_default().into());
     Router::new()
-        .merge(api)
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
+        .merge(routes)
+        .merge(openapi::swagger_ui())
+        .layer(Extension(document))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(state.clone(), require_gateway))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum_middleware::from_fn_with_state(
+            state.clone(),
+            require_gateway,
+        ))
+        .layer(axum_middleware::from_fn_with_state(limits, protect))
         // A panic is a bug, but it must not take the connection down with a bare 500:
         // answer problem+json and log it.
         .layer(CatchPanicLayer::custom(|_panic| {
             tracing::error!("a request handler panicked");
             ApiError::Internal.into_response()
         }))
+        // Outermost, so that the span, the request id and the metrics cover everything
+        // above, the shed and timed-out requests and the panics included.
+        .layer(axum_middleware::from_fn(observe))
         .with_state(state)
 }
 

@@ -1,0 +1,184 @@
+//! What wraps every request: its span, request id and metrics ([`observe`]), and the
+//! protection from slow and flooding clients ([`protect`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use super::error::{ApiError, ProblemCode};
+use crate::telemetry::metrics as measure;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest request id we take from a client; a longer one is replaced.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The route label of a request no route matched: never the raw path, which a scanner
+/// could turn into one time series per URL it tries.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The request id of the request being served, for handlers that want it.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+/// The outermost layer: gives the request an id (the client's `X-Request-Id` when it is
+/// sane, else a fresh UUID), runs it inside one span, echoes the id back, logs the
+/// outcome and records the request's metrics.
+pub async fn observe(mut request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = measure::method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
+        .to_owned();
+    let request_id = request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .filter(|id| is_sane_request_id(id))
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    request
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    request.extensions_mut().insert(RequestId(request_id.clone()));
+
+    let id = request_id.to_str().unwrap_or_default();
+    // Health checks and scrapes come every few seconds: keep them out of the info log.
+    let quiet = is_quiet(&route);
+    let span = if quiet {
+        tracing::debug_span!(
+            "request",
+            method,
+            route = route.as_str(),
+            request_id = id,
+            user_id = Empty,
+            token = Empty
+        )
+    } else {
+        tracing::info_span!(
+            "request",
+            method,
+            route = route.as_str(),
+            request_id = id,
+            user_id = Empty,
+            token = Empty
+        )
+    };
+
+    let in_flight = measure::InFlight::start();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    drop(in_flight);
+
+    let elapsed = start.elapsed();
+    let status = response.status();
+    let code = response.extensions().get::<ProblemCode>().map(|code| code.0);
+    if let Some(code) = code {
+        measure::record_rejection(code);
+    }
+    measure::record_request(method, &route, status.as_u16(), elapsed);
+    // Whole microseconds, so the log shows 0.757 rather than 0.7568889999999999.
+    let latency_ms = f64::from(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)) / 1000.0;
+    span.in_scope(|| {
+        let status = status.as_u16();
+        if status >= 500 {
+            tracing::warn!(status, code, latency_ms, "answered");
+        } else if quiet {
+            tracing::debug!(status, code, latency_ms, "answered");
+        } else {
+            tracing::info!(status, code, latency_ms, "answered");
+        }
+    });
+    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response
+}
+
+/// Routes whose requests are logged at debug, not info.
+fn is_quiet(route: &str) -> bool {
+    matches!(route, "/healthz" | "/readyz" | "/metrics") || route.starts_with("/docs")
+}
+
+/// 1 to 128 visible ASCII characters: anything else would be a log-injection or
+/// cardinality risk, and is replaced by a fresh id.
+fn is_sane_request_id(id: &HeaderValue) -> bool {
+    let bytes = id.as_bytes();
+    (1..=MAX_REQUEST_ID_LEN).contains(&bytes.len()) && bytes.iter().all(|b| (0x21..=0x7E).contains(b))
+}
+
+fn new_request_id() -> HeaderValue {
+    // A hyphenated UUID is 36 ASCII characters: always a valid header value.
+    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// The protection settings, shared by every route.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// One permit per API request in flight; none left means shed.
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl Limits {
+    pub fn new(max_concurrent_requests: usize, timeout: Duration) -> Limits {
+        Limits {
+            permits: Arc::new(Semaphore::new(max_concurrent_requests)),
+            timeout,
+        }
+    }
+}
+
+/// Sheds API requests past the concurrency bound at once (a client that is told
+/// "503, retry after 1 s" does better than one that waits in an unbounded queue), and
+/// answers any request that runs past the timeout with a clean 503.
+///
+/// Only `/api/` requests take a permit: the operations endpoints must keep answering
+/// when the API is saturated, or an orchestrator would kill a busy but healthy instance.
+///
+/// A request cut by the timeout is dropped where it stands; a store transaction in
+/// flight then rolls back, or has already committed: the client cannot tell which, so
+/// it should retry with the same `Idempotency-Key`.
+pub async fn protect(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    let _permit = if request.uri().path().starts_with("/api/") {
+        match limits.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                measure::record_shed();
+                tracing::warn!("at --max-concurrent-requests: shedding the request");
+                return ApiError::Unavailable("the service is at capacity; try again shortly")
+                    .into_response();
+            }
+        }
+    } else {
+        None
+    };
+    match tokio::time::timeout(limits.timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            measure::record_timeout();
+            tracing::warn!(timeout = ?limits.timeout, "the request ran past --request-timeout");
+            ApiError::Unavailable("the request took too long; try again shortly").into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_visible_ascii_of_sane_length() {
+        assert!(is_sane_request_id(&HeaderValue::from_static("abc-123")));
+        assert!(!is_sane_request_id(&HeaderValue::from_static("")));
+        assert!(!is_sane_request_id(&HeaderValue::from_static("a b")));
+        let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
+        assert!(!is_sane_request_id(&HeaderValue::from_str(&long).unwrap()));
+        assert_eq!(new_request_id().len(), 36);
+    }
+}
