@@ -34,18 +34,33 @@ impl Drop for Server {
 fn spray_binary() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("own path");
     // target/release/examples/hot_spray -> target/release/spray
-    exe.parent().and_then(|p| p.parent()).expect("target dir").join("spray")
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("spray")
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn start(database_url: &str, extra: &[&str]) -> (Server, String) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let child = Command::new(spray_binary())
-        .args(["serve", "--listen", &listen, "--database-url", database_url, "--database-max-connections", "32"])
+        .args([
+            "serve",
+            "--listen",
+            &listen,
+            "--database-url",
+            database_url,
+            "--database-max-connections",
+            "32",
+        ])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -57,7 +72,12 @@ async fn start(database_url: &str, extra: &[&str]) -> (Server, String) {
     let base = format!("http://{listen}");
     let client = reqwest::Client::new();
     for _ in 0..400 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+        if client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             return (server, base);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -76,7 +96,10 @@ struct Run {
 
 /// One spray of `SHARES` shares, then `USERS` distinct receivers, `CONNECTIONS` at a time.
 async fn hot_spray(base: &str, round: usize) -> Run {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(CONNECTIONS).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONNECTIONS)
+        .build()
+        .unwrap();
     let room = format!("bench-room-{round}");
     let created: Value = client
         .post(format!("{base}/api/v1/spray"))
@@ -133,11 +156,11 @@ async fn hot_spray(base: &str, round: usize) -> Run {
     }
     let elapsed = started.elapsed();
     latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    let at = |percent: usize| latencies[(latencies.len() - 1) * percent / 100];
     Run {
-        requests_per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: at(0.50),
-        p99: at(0.99),
+        requests_per_second: per_second(latencies.len(), elapsed),
+        p50: at(50),
+        p99: at(99),
         winners,
         paid,
         errors,
@@ -147,18 +170,27 @@ async fn hot_spray(base: &str, round: usize) -> Run {
 /// MariaDB's limits for the two kinds of load: point updates of distinct rows, and
 /// transactions that all fight for the first free row of one table.
 async fn mariadb_limits(url: &str) -> (f64, f64) {
-    let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(64).connect(url).await.unwrap();
-    sqlx::query("CREATE TABLE bench_rows (id BIGINT PRIMARY KEY, taker BIGINT NULL, KEY (taker)) ENGINE=InnoDB")
-        .execute(&pool)
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(64)
+        .connect(url)
         .await
         .unwrap();
+    sqlx::query(
+        "CREATE TABLE bench_rows (id BIGINT PRIMARY KEY, taker BIGINT NULL, KEY (taker)) ENGINE=InnoDB",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let rows: i64 = 20_000;
     for chunk in (0..rows).collect::<Vec<_>>().chunks(1000) {
         let values: Vec<String> = chunk.iter().map(|i| format!("({i}, NULL)")).collect();
-        sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO bench_rows VALUES {}", values.join(","))))
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO bench_rows VALUES {}",
+            values.join(",")
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
     }
     // Distinct rows: every update hits its own row.
     let started = Instant::now();
@@ -181,10 +213,13 @@ async fn mariadb_limits(url: &str) -> (f64, f64) {
         });
     }
     while tasks.join_next().await.is_some() {}
-    let distinct = rows as f64 / started.elapsed().as_secs_f64();
+    let distinct = per_second(usize::try_from(rows).unwrap(), started.elapsed());
 
     // The first free row: every transaction looks for the lowest free row and takes it.
-    sqlx::query("UPDATE bench_rows SET taker = NULL").execute(&pool).await.unwrap();
+    sqlx::query("UPDATE bench_rows SET taker = NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
     let takes: i64 = 2_000;
     let started = Instant::now();
     let mut tasks = JoinSet::new();
@@ -212,7 +247,7 @@ async fn mariadb_limits(url: &str) -> (f64, f64) {
         });
     }
     while tasks.join_next().await.is_some() {}
-    let first_free = takes as f64 / started.elapsed().as_secs_f64();
+    let first_free = per_second(usize::try_from(takes).unwrap(), started.elapsed());
     pool.close().await;
     (distinct, first_free)
 }
@@ -232,26 +267,41 @@ async fn redis_limit() -> f64 {
         let (mut conn, script, key, gate) = (conn.clone(), script.clone(), key.clone(), gate.clone());
         tasks.spawn(async move {
             let _permit = gate.acquire().await.unwrap();
-            let _: i64 = script.key(&key).arg(i % 1000).invoke_async(&mut conn).await.unwrap();
+            let _: i64 = script
+                .key(&key)
+                .arg(i % 1000)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
         });
     }
     while tasks.join_next().await.is_some() {}
-    let per_second = calls as f64 / started.elapsed().as_secs_f64();
+    let rate = per_second(calls, started.elapsed());
     let mut conn = conn.clone();
     let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.unwrap();
-    per_second
+    rate
 }
 
 async fn create_database() -> (String, String) {
     let name = format!("spray_bench_{:08x}", rand::random::<u32>());
     let mut conn = sqlx::MySqlConnection::connect(MYSQL_ADMIN).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     (format!("mysql://root@127.0.0.1:3306/{name}"), name)
 }
 
 async fn drop_database(name: &str) {
     let mut conn = sqlx::MySqlConnection::connect(MYSQL_ADMIN).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn per_second(count: usize, elapsed: Duration) -> f64 {
+    f64::from(u32::try_from(count).unwrap_or(u32::MAX)) / elapsed.as_secs_f64()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -273,7 +323,11 @@ async fn main() {
     let setups: Vec<(&str, String, Vec<&str>)> = vec![
         ("SQLite", sqlite, vec![]),
         ("MySQL", mysql, vec![]),
-        ("MySQL + Redis", gated, vec!["--redis-url", REDIS, "--redis-key-prefix", &prefix]),
+        (
+            "MySQL + Redis",
+            gated,
+            vec!["--redis-url", REDIS, "--redis-key-prefix", &prefix],
+        ),
     ];
     println!("| store | round | requests/s | p50 ms | p99 ms | winners | paid | errors |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -307,9 +361,13 @@ async fn main() {
     let (distinct, first_free) = mariadb_limits(&limits_url).await;
     let redis = redis_limit().await;
     println!();
-    println!("Medians of {ROUNDS} rounds (each: 1 spray of {SHARES} shares, {USERS} distinct users, {CONNECTIONS} connections):");
+    println!(
+        "Medians of {ROUNDS} rounds (each: 1 spray of {SHARES} shares, {USERS} distinct users, {CONNECTIONS} connections):"
+    );
     println!();
-    println!("| store | requests/s | p50 ms | p99 ms | every round exact (1000 winners, all paid) | errors |");
+    println!(
+        "| store | requests/s | p50 ms | p99 ms | every round exact (1000 winners, all paid) | errors |"
+    );
     println!("|---|---|---|---|---|---|");
     for (name, rps, p50, p99, exact, errors) in &summary {
         println!("| {name} | {rps:.0} | {p50:.1} | {p99:.1} | {exact} | {errors} |");
