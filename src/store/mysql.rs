@@ -29,8 +29,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/mysql");
 const SHARES_PER_INSERT: usize = 500;
 /// How long an instance waits for another one's migrations at start-up.
 const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
-/// A transaction that loses a deadlock or a lock wait is retried this many times in all.
-const ATTEMPTS: u32 = 3;
+/// A transaction that loses a deadlock or a lock wait is run this many times in all.
+/// Deadlocks are normal in InnoDB when many transactions insert the same unique key at
+/// once (forty sprayers drawing one token); a short random pause spreads the retries.
+const ATTEMPTS: u32 = 6;
 
 pub struct MySqlStore {
     pool: MySqlPool,
@@ -185,6 +187,8 @@ macro_rules! retrying {
             match $attempt.await {
                 Err(StoreError::Conflict(cause)) if tries < ATTEMPTS => {
                     tracing::debug!(%cause, tries, "transaction conflict, retrying");
+                    let pause = rand::random_range(1..=10u64) * u64::from(tries);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                     tries += 1;
                 }
                 Err(StoreError::Conflict(cause)) => break Err(StoreError::Unavailable(cause)),
