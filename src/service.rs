@@ -17,7 +17,7 @@ use crate::domain::{
 };
 use crate::gate::{GateVerdict, RedisGate, SprayKeys};
 use crate::store::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
-use crate::telemetry::time_store;
+use crate::telemetry::{self, time_store};
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
 /// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
@@ -237,20 +237,25 @@ impl SprayService {
         // flushed over and over), SQL alone answers.
         for _ in 0..2 {
             let Ok(verdict) = gate.claim(&keys, claim.user, claim.now).await else {
-                return self.store.claim_share(claim).await;
+                return self.sql_claim(claim).await;
             };
-            let refused = |refusal| Ok(ClaimOutcome::Refused(refusal));
+            let refused = |refusal| {
+                telemetry::record_gate_hit();
+                Ok(ClaimOutcome::Refused(refusal))
+            };
             match verdict {
                 GateVerdict::Missing => {
+                    telemetry::record_gate_miss();
                     let Some(snapshot) = self.store.gate_snapshot(&claim.room, &claim.token).await? else {
-                        return refused(ReceiveRefusal::NotFound);
+                        return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
                     };
                     // A closed spray is not worth loading: SQL answers its few late callers.
                     if !window_open(claim.now, snapshot.receive_until)
                         || gate.rebuild(&keys, &snapshot, claim.now).await.is_err()
                     {
-                        return self.store.claim_share(claim).await;
+                        return self.sql_claim(claim).await;
                     }
+                    telemetry::record_gate_rebuild();
                 }
                 GateVerdict::OwnSpray { .. } => return refused(ReceiveRefusal::OwnSpray),
                 GateVerdict::Expired { .. } => return refused(ReceiveRefusal::Expired),
@@ -267,11 +272,18 @@ impl SprayService {
                     return self.record_slot(gate, &keys, claim, spray_id, slot).await;
                 }
                 GateVerdict::Slot { spray_id, slot } => {
+                    telemetry::record_gate_hit();
                     return self.record_slot(gate, &keys, claim, spray_id, slot).await;
                 }
             }
         }
-        self.store.claim_share(claim).await
+        self.sql_claim(claim).await
+    }
+
+    /// The SQL-only claim, when the gate cannot help.
+    async fn sql_claim(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+        telemetry::record_gate_fallback();
+        time_store("claim_share", self.store.claim_share(claim)).await
     }
 
     /// Records in SQL the slot the gate handed out, and repairs the gate when SQL disagrees.
@@ -283,13 +295,13 @@ impl SprayService {
         spray_id: i64,
         slot: i64,
     ) -> Result<ClaimOutcome, StoreError> {
-        match self.store.claim_slot(claim, spray_id, slot).await {
+        match time_store("claim_slot", self.store.claim_slot(claim, spray_id, slot)).await {
             Ok(SlotClaim::Received(amount)) => Ok(ClaimOutcome::Received(amount)),
             Ok(SlotClaim::Taken) => {
                 // The gate's view was stale (rebuilt from an older read, or a claim went
                 // through SQL alone): drop our hold and let SQL find a free share.
                 let _ = gate.forget(keys, claim.user, slot).await;
-                self.store.claim_share(claim).await
+                self.sql_claim(claim).await
             }
             Ok(SlotClaim::AlreadyReceived) => {
                 // The user got a share through SQL alone; this slot is still free.

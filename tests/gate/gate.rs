@@ -137,3 +137,44 @@ async fn a_stale_gate_falls_back_to_the_sql_claim() {
     assert_eq!((paid, users), (600, HashSet::from([2, 3, 4])));
     app.assert_audit_clean().await;
 }
+
+/// The value of the counter line that starts with `series` in a Prometheus scrape.
+async fn counter(app: &TestApp, series: &str) -> f64 {
+    let answer = app
+        .send(
+            axum::http::Request::builder()
+                .uri("/metrics")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await;
+    String::from_utf8(answer.raw)
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_gate_reports_hits_misses_and_rebuilds() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 2).await;
+    let hits = r#"spray_gate_events_total{event="hit"}"#;
+    let rebuilds = r#"spray_gate_events_total{event="rebuild"}"#;
+    let (hits_before, rebuilds_before) = (counter(&app, hits).await, counter(&app, rebuilds).await);
+    app.receive(2, &token).await.assert_status(200);
+    assert!(
+        counter(&app, hits).await > hits_before,
+        "a claim through the gate is a hit"
+    );
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    for key in keys.all() {
+        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
+    }
+    app.receive(3, &token).await.assert_status(200);
+    assert!(
+        counter(&app, rebuilds).await > rebuilds_before,
+        "lost keys are rebuilt"
+    );
+}
