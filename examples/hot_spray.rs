@@ -87,6 +87,8 @@ async fn start(database_url: &str, extra: &[&str]) -> (Server, String) {
 
 struct Run {
     requests_per_second: f64,
+    /// Shares recorded per second: winners over the time until the last winner's answer.
+    winners_per_second: f64,
     p50: Duration,
     p99: Duration,
     winners: usize,
@@ -137,18 +139,20 @@ async fn hot_spray(base: &str, round: usize) -> Run {
                 }
                 Err(_) => (0, 0),
             };
-            (sent.elapsed(), status, amount)
+            (sent.elapsed(), status, amount, Instant::now())
         });
     }
     let mut latencies = Vec::with_capacity(usize::try_from(USERS).unwrap());
     let (mut winners, mut paid, mut errors) = (0, 0, 0);
+    let mut last_winner = started;
     while let Some(done) = racers.join_next().await {
-        let (latency, status, amount) = done.unwrap();
+        let (latency, status, amount, finished) = done.unwrap();
         latencies.push(latency);
         match status {
             200 => {
                 winners += 1;
                 paid += amount;
+                last_winner = last_winner.max(finished);
             }
             409 => {}
             _ => errors += 1,
@@ -159,6 +163,7 @@ async fn hot_spray(base: &str, round: usize) -> Run {
     let at = |percent: usize| latencies[(latencies.len() - 1) * percent / 100];
     Run {
         requests_per_second: per_second(latencies.len(), elapsed),
+        winners_per_second: per_second(winners, last_winner - started),
         p50: at(50),
         p99: at(99),
         winners,
@@ -329,8 +334,8 @@ async fn main() {
             vec!["--redis-url", REDIS, "--redis-key-prefix", &prefix],
         ),
     ];
-    println!("| store | round | requests/s | p50 ms | p99 ms | winners | paid | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| store | round | requests/s | winners/s | p50 ms | p99 ms | winners | paid | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut summary = Vec::new();
     for (name, url, extra) in &setups {
         let (_server, base) = start(url, extra).await;
@@ -338,8 +343,9 @@ async fn main() {
         for round in 0..ROUNDS {
             let run = hot_spray(&base, round).await;
             println!(
-                "| {name} | {round} | {:.0} | {:.1} | {:.1} | {} | {} | {} |",
+                "| {name} | {round} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} | {} |",
                 run.requests_per_second,
+                run.winners_per_second,
                 ms(run.p50),
                 ms(run.p99),
                 run.winners,
@@ -351,6 +357,7 @@ async fn main() {
         summary.push((
             *name,
             median(runs.iter().map(|r| r.requests_per_second).collect()),
+            median(runs.iter().map(|r| r.winners_per_second).collect()),
             median(runs.iter().map(|r| ms(r.p50)).collect()),
             median(runs.iter().map(|r| ms(r.p99)).collect()),
             runs.iter().all(|r| r.winners == 1000 && r.paid == 1_000_000),
@@ -366,11 +373,11 @@ async fn main() {
     );
     println!();
     println!(
-        "| store | requests/s | p50 ms | p99 ms | every round exact (1000 winners, all paid) | errors |"
+        "| store | requests/s | winners/s | p50 ms | p99 ms | every round exact (1000 winners, all paid) | errors |"
     );
-    println!("|---|---|---|---|---|---|");
-    for (name, rps, p50, p99, exact, errors) in &summary {
-        println!("| {name} | {rps:.0} | {p50:.1} | {p99:.1} | {exact} | {errors} |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, rps, wps, p50, p99, exact, errors) in &summary {
+        println!("| {name} | {rps:.0} | {wps:.0} | {p50:.1} | {p99:.1} | {exact} | {errors} |");
     }
     println!();
     println!("Limits measured in the same run:");
