@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::domain::Amount;
+use crate::jobs::SweepSettings;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://spray.db";
@@ -76,6 +77,12 @@ pub struct Settings {
     /// Log format.
     #[arg(long, env = "SPRAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// The pause between passes of the sweepers (settlement, retention), e.g. `10s`.
+    #[arg(long, env = "SPRAY_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub sweep_interval: Duration,
+    /// How long a spray is kept after its lookup window before it is purged, e.g. `1d`.
+    #[arg(long, env = "SPRAY_RETENTION_GRACE", default_value = "1d", value_parser = parse_duration, global = true)]
+    pub retention_grace: Duration,
 }
 
 impl Default for Settings {
@@ -91,6 +98,8 @@ impl Default for Settings {
             gateway_secret: None,
             shutdown_timeout: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            sweep_interval: Duration::from_secs(10),
+            retention_grace: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -136,6 +145,23 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Checks the sweepers' settings and turns them into [`SweepSettings`].
+    pub fn sweep(&self) -> Result<SweepSettings, String> {
+        if !(Duration::from_millis(1)..=Duration::from_secs(24 * 60 * 60)).contains(&self.sweep_interval) {
+            return Err("--sweep-interval must be between 1ms and 1 day".into());
+        }
+        let retention_grace = chrono::TimeDelta::from_std(self.retention_grace)
+            .ok()
+            .filter(|grace| *grace <= chrono::TimeDelta::days(36_500))
+            .ok_or("--retention-grace must be at most 100 years")?;
+        Ok(SweepSettings {
+            interval: self.sweep_interval,
+            retention_grace,
+        })
+    }
+}
+
 /// Settings print without secrets: URLs lose their passwords, the gateway secret is hidden.
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -153,6 +179,8 @@ impl fmt::Debug for Settings {
             )
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("log_format", &self.log_format)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("retention_grace", &self.retention_grace)
             .finish()
     }
 }
@@ -247,5 +275,33 @@ mod tests {
         };
         assert!(bad.policy().is_err());
         assert!(Settings::default().policy().is_ok());
+    }
+
+    #[test]
+    fn the_sweepers_settings_have_defaults_flags_and_bounds() {
+        let sweep = Settings::default().sweep().unwrap();
+        assert_eq!(sweep.interval, Duration::from_secs(10));
+        assert_eq!(sweep.retention_grace, chrono::TimeDelta::days(1));
+        let cli =
+            Cli::try_parse_from(["spray", "--sweep-interval", "500ms", "--retention-grace", "2h"]).unwrap();
+        let sweep = cli.settings.sweep().unwrap();
+        assert_eq!(sweep.interval, Duration::from_millis(500));
+        assert_eq!(sweep.retention_grace, chrono::TimeDelta::hours(2));
+        let never = Settings {
+            sweep_interval: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert!(never.sweep().is_err());
+        let forever = Settings {
+            retention_grace: Duration::from_secs(200 * 365 * 86_400),
+            ..Settings::default()
+        };
+        assert!(forever.sweep().is_err());
+        // No grace at all is allowed: purge as soon as the lookup window closes.
+        let none = Settings {
+            retention_grace: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert_eq!(none.sweep().unwrap().retention_grace, chrono::TimeDelta::zero());
     }
 }

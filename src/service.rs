@@ -14,7 +14,10 @@ use crate::domain::{
     Amount, LookupRefusal, LookupScope, ReceiveRefusal, RoomId, SplitMode, SprayRecord, SprayState, Token,
     TokenSource, UserId, split,
 };
-use crate::store::{Claim, ClaimOutcome, NewSpray, SprayKey, Store, StoreError};
+use crate::store::{
+    Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SprayKey, Store, StoreError,
+    StoredAnswer,
+};
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
 /// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
@@ -39,6 +42,10 @@ pub struct CreatedSpray {
     pub receive_until: chrono::DateTime<chrono::Utc>,
     pub lookup_until: chrono::DateTime<chrono::Utc>,
 }
+
+/// Renders the answer to a spray, to be kept with it for idempotent retries. The token is
+/// only known once drawn, so the answer is rendered for each attempt.
+pub type RenderSpray<'a> = &'a (dyn Fn(&CreatedSpray) -> StoredAnswer + Send + Sync);
 
 /// Everything that can go wrong in the service, before it becomes problem+json.
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +94,13 @@ impl SprayService {
     }
 
     /// Splits the amount, then writes the spray under a fresh token, retrying a bounded
-    /// number of times when the token is taken in the room or by the sprayer.
-    pub async fn spray(&self, command: SprayCommand) -> Result<CreatedSpray, ServiceError> {
+    /// number of times when the token is taken in the room or by the sprayer. With
+    /// `idempotency`, the answer is kept in the same transaction as the spray.
+    pub async fn spray(
+        &self,
+        command: SprayCommand,
+        idempotency: Option<(&IdempotencySlot, RenderSpray<'_>)>,
+    ) -> Result<CreatedSpray, ServiceError> {
         if command.amount.units() < 1 || command.amount > self.policy.max_amount {
             return Err(ServiceError::Invalid(format!(
                 "amount must be between 1 and {}",
@@ -135,15 +147,23 @@ impl SprayService {
                 receive_until,
                 lookup_until,
             };
-            match self.store.insert_spray(&spray).await {
-                Ok(()) => {
-                    return Ok(CreatedSpray {
-                        token,
-                        created_at,
-                        receive_until,
-                        lookup_until,
-                    });
+            let created = CreatedSpray {
+                token,
+                created_at,
+                receive_until,
+                lookup_until,
+            };
+            let inserted = match idempotency {
+                None => self.store.insert_spray(&spray, None).await,
+                Some((slot, render)) => {
+                    let answer = render(&created);
+                    let keep = move |_| answer.clone();
+                    let write = IdempotencyWrite { slot, render: &keep };
+                    self.store.insert_spray(&spray, Some(&write)).await
                 }
+            };
+            match inserted {
+                Ok(()) => return Ok(created),
                 Err(StoreError::TokenTaken) => {
                     tracing::debug!("token collision, drawing another");
                     continue;
@@ -156,15 +176,22 @@ impl SprayService {
         )))
     }
 
-    /// Gives the caller one share of the spray `token` in `room`.
-    pub async fn receive(&self, user: UserId, room: RoomId, token: Token) -> Result<Amount, ServiceError> {
+    /// Gives the caller one share of the spray `token` in `room`. With `idempotency`, the
+    /// answer is kept in the same transaction as the claim.
+    pub async fn receive(
+        &self,
+        user: UserId,
+        room: RoomId,
+        token: Token,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<Amount, ServiceError> {
         let claim = Claim {
             room,
             token,
             user,
             now: self.clock.now(),
         };
-        match self.store.claim_share(&claim).await? {
+        match self.store.claim_share(&claim, idempotency).await? {
             ClaimOutcome::Received(amount) => Ok(amount),
             ClaimOutcome::Refused(refusal) => Err(ServiceError::Receive(refusal)),
         }
@@ -193,5 +220,9 @@ impl SprayService {
             .state_at(now)
             .map_err(|e| ServiceError::Store(StoreError::Corrupt(e.to_string())))?;
         Ok((record, state))
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 }

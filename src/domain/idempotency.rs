@@ -130,7 +130,16 @@ mod tests {
             assert!(IdempotencyKey::parse(good).is_some(), "{good:?}");
         }
         let too_long = "k".repeat(256);
-        for bad in ["", " ", "a b", "tab\there", "ключ", "nul\0", "del\u{7f}", too_long.as_str()] {
+        for bad in [
+            "",
+            " ",
+            "a b",
+            "tab\there",
+            "ключ",
+            "nul\0",
+            "del\u{7f}",
+            too_long.as_str(),
+        ] {
             assert!(IdempotencyKey::parse(bad).is_none(), "{bad:?}");
         }
     }
@@ -151,7 +160,10 @@ mod tests {
     #[test]
     fn the_effective_room_is_part_of_the_fingerprint() {
         let body = json!({"token": "abc"});
-        assert_ne!(Fingerprint::of(&body, Some("R1")), Fingerprint::of(&body, Some("R2")));
+        assert_ne!(
+            Fingerprint::of(&body, Some("R1")),
+            Fingerprint::of(&body, Some("R2"))
+        );
         assert_ne!(Fingerprint::of(&body, Some("R1")), Fingerprint::of(&body, None));
         // A room cannot be smuggled into the body's part, or the other way round.
         let tricky = json!("x");

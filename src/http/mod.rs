@@ -3,6 +3,7 @@
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 mod ops;
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/spray", post(api::create_spray))
         .route("/api/v1/spray/{token}", get(api::lookup_spray))
         .route("/api/v1/receive", post(api::receive));
+    // `Idempotency-Key` on the POST endpoints, inside the gateway check (see idempotency.rs).
+    let api = api.layer(middleware::from_fn_with_state(state.clone(), idempotency::guard));
     Router::new()
         .merge(api)
         .route("/healthz", get(ops::healthz))

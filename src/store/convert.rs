@@ -104,3 +104,12 @@ impl SprayRow {
     }
 }
 
+/// Sums stored amounts, refusing negative values and overflow as corruption.
+pub fn sum_amounts(spray_id: i64, units: Vec<i64>) -> Result<Amount, StoreError> {
+    let amounts = units
+        .into_iter()
+        .map(amount_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    Amount::try_sum(amounts)
+        .ok_or_else(|| StoreError::Corrupt(format!("spray {spray_id}: the free shares overflow")))
+}
