@@ -333,10 +333,16 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray
     .await?;
 
     let recipient_count = i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
+    // The id is never one a purged spray had: the ledger keeps every spray id ever used
+    // (each spray's DEBIT), and a reused id would tie that old history to the new spray.
+    // SQLite itself would hand out MAX(id) + 1 of the rows left, and the table has no
+    // AUTOINCREMENT. The single writer makes reading the maximum and inserting atomic.
     let inserted = sqlx::query_scalar::<_, i64>(
-        "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
+        "INSERT INTO sprays (id, room_id, token, owner_id, mode, total_amount, recipient_count,
                                  created_at, receive_until, lookup_until)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES (max(COALESCE((SELECT MAX(id) FROM sprays), 0),
+                         COALESCE((SELECT MAX(spray_id) FROM ledger), 0)) + 1,
+                     ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(spray.room.as_str())
     .bind(spray.token.as_str())
