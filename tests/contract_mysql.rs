@@ -23,3 +23,6 @@ mod life_races;
 mod retention;
 #[path = "contract/settlement.rs"]
 mod settlement;
+// MySQL only: see the file's doc.
+#[path = "contract/mysql_cancellation.rs"]
+mod mysql_cancellation;

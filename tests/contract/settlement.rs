@@ -244,3 +244,52 @@ async fn only_sprays_whose_window_closed_are_settled() {
     assert_eq!(settle(&app, closes() + TimeDelta::minutes(5)).await, 1);
     app.assert_audit_clean().await;
 }
+
+/// Polls `count` until it answers `want`, for at most about ten seconds.
+async fn eventually(app: &TestApp, sql: &'static str, want: i64) {
+    for _ in 0..1000 {
+        if app.store.count(sql).await.unwrap() == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("`{sql}` never answered {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_the_sweepers_on_its_clock_and_stops_them_on_shutdown() {
+    use std::sync::Arc;
+
+    use spray::clock::ManualClock;
+    use spray::config::Settings;
+    use spray::domain::ScriptedTokens;
+    use spray::startup::Application;
+
+    let app = TestApp::new().await;
+    app.spray(4000, 3).await;
+    // The server's own clock already reads the deadline: its first pass settles.
+    let clock = Arc::new(ManualClock::new(closes()));
+    let settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        sweep_interval: std::time::Duration::from_millis(20),
+        ..app.settings.clone()
+    };
+    let server = Application::build_with(&settings, clock.clone(), Arc::new(ScriptedTokens::default()))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run_until(async {
+        let _ = stopped.await;
+    }));
+    eventually(&app, "SELECT COUNT(*) FROM ledger WHERE kind = 'REFUND'", 1).await;
+    // A day after the lookup window, a later pass purges it.
+    clock.set(start_time() + TimeDelta::days(8));
+    eventually(&app, "SELECT COUNT(*) FROM sprays", 0).await;
+    stop.send(()).unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), running).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the server did not stop cleanly: {ended:?}"
+    );
+    app.assert_audit_clean().await;
+}
