@@ -105,28 +105,39 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
     let begin = IdempotentRequest {
         user: caller.user,
         endpoint,
-        key,
+        key: key.clone(),
         fingerprint,
         now,
         abandoned_before: now - TimeDelta::seconds(IN_PROGRESS_BOUND_SECONDS),
         lease: rand::random(),
     };
-    let slot = match store.begin_idempotent(&begin).await {
-        Ok(Begin::Run(slot)) => slot,
-        Ok(Begin::Replay(answer)) => {
-            return respond(answer, true).unwrap_or_else(IntoResponse::into_response);
-        }
-        Ok(Begin::KeyReused) => return ApiError::IdempotencyKeyReused.into_response(),
-        Ok(Begin::InProgress) => return ApiError::IdempotencyInProgress.into_response(),
-        Err(e) => return ApiError::from(ServiceError::Store(e)).into_response(),
-    };
-
-    let mut request = pass_through(parts, bytes);
-    request.extensions_mut().insert(slot.clone());
+    // Held from before the row is written, so that a request cancelled while its insert
+    // is on the way back still releases the row it may have written. The release is
+    // conditional on this request's own lease: it can never touch another request's row.
     let mut held = Held {
         store: Some(store.clone()),
-        slot,
+        slot: IdempotencySlot {
+            user: caller.user,
+            endpoint,
+            key,
+            lease: begin.lease,
+        },
     };
+    let refused = match store.begin_idempotent(&begin).await {
+        Ok(Begin::Run(_)) => None,
+        Ok(Begin::Replay(answer)) => Some(respond(answer, true).unwrap_or_else(IntoResponse::into_response)),
+        Ok(Begin::KeyReused) => Some(ApiError::IdempotencyKeyReused.into_response()),
+        Ok(Begin::InProgress) => Some(ApiError::IdempotencyInProgress.into_response()),
+        // The insert may have committed before the error reached us: `held` releases it.
+        Err(e) => return ApiError::from(ServiceError::Store(e)).into_response(),
+    };
+    if let Some(answer) = refused {
+        held.done(); // the row is another request's
+        return answer;
+    }
+
+    let mut request = pass_through(parts, bytes);
+    request.extensions_mut().insert(held.slot.clone());
     let response = next.run(request).await;
     let status = response.status();
     let response = if status.is_client_error() {
