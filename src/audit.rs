@@ -120,6 +120,62 @@ pub const CHECKS: &[Check] = &[
                  AND t.debit <> t.credit + t.refund"
         ),
     },
+    // Settlement (the sweeper): `settled_at` and `refunded_amount` on the spray, the REFUND
+    // in the ledger, and the shares must tell one story.
+    Check {
+        name: "every settled spray balances: debit = credits + refund",
+        sql: concat!(
+            "SELECT COUNT(*) FROM sprays s JOIN ",
+            ledger_per_spray!(),
+            " t ON t.spray_id = s.id
+              WHERE s.settled_at IS NOT NULL AND t.debit <> t.credit + t.refund"
+        ),
+    },
+    Check {
+        name: "a settled spray refunded exactly its unreceived shares",
+        sql: "SELECT COUNT(*) FROM sprays s
+              WHERE s.settled_at IS NOT NULL
+                AND s.refunded_amount <> (SELECT COALESCE(SUM(amount), 0) FROM shares
+                                          WHERE spray_id = s.id AND receiver_id IS NULL)",
+    },
+    Check {
+        name: "settled_at and refunded_amount agree with the ledger's REFUND",
+        sql: "SELECT COUNT(*) FROM sprays s
+              WHERE (s.settled_at IS NULL) <> (s.refunded_amount IS NULL)
+                 OR (s.settled_at IS NULL
+                     AND EXISTS (SELECT 1 FROM ledger l WHERE l.spray_id = s.id AND l.kind = 'REFUND'))
+                 OR (s.refunded_amount = 0
+                     AND EXISTS (SELECT 1 FROM ledger l WHERE l.spray_id = s.id AND l.kind = 'REFUND'))
+                 OR (s.refunded_amount > 0
+                     AND (SELECT COUNT(*) FROM ledger l
+                          WHERE l.spray_id = s.id AND l.kind = 'REFUND' AND l.user_id = s.owner_id
+                            AND l.amount = s.refunded_amount AND l.at = s.settled_at) <> 1)",
+    },
+    Check {
+        name: "no spray is settled before its receive window closed",
+        sql: "SELECT COUNT(*) FROM sprays WHERE settled_at IS NOT NULL AND settled_at < receive_until",
+    },
+    Check {
+        name: "no REFUND is dated before its spray's receive window closed",
+        sql: "SELECT COUNT(*) FROM ledger l JOIN sprays s ON s.id = l.spray_id
+              WHERE l.kind = 'REFUND' AND l.at < s.receive_until",
+    },
+    Check {
+        // Against the REFUND too, so the check still holds once the spray is purged.
+        name: "no CREDIT is dated at or after its spray's settlement",
+        sql: "SELECT COUNT(*) FROM ledger c
+              WHERE c.kind = 'CREDIT'
+                AND (EXISTS (SELECT 1 FROM sprays s
+                             WHERE s.id = c.spray_id AND s.settled_at IS NOT NULL AND c.at >= s.settled_at)
+                     OR EXISTS (SELECT 1 FROM ledger r
+                                WHERE r.spray_id = c.spray_id AND r.kind = 'REFUND' AND c.at >= r.at))",
+    },
+    Check {
+        name: "no REFUND on a fully received spray",
+        sql: "SELECT COUNT(*) FROM sprays s
+              WHERE EXISTS (SELECT 1 FROM ledger l WHERE l.spray_id = s.id AND l.kind = 'REFUND')
+                AND NOT EXISTS (SELECT 1 FROM shares sh WHERE sh.spray_id = s.id AND sh.receiver_id IS NULL)",
+    },
 ];
 
 /// Totals shown above the checks, so an operator sees the size of what was audited.

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::Semaphore;
 
 use crate::domain::Amount;
+use crate::jobs::SweepSettings;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://spray.db";
@@ -102,6 +103,12 @@ pub struct Settings {
     /// A TOML file of settings, beneath the environment and the flags (see spray.toml.example).
     #[arg(long, env = "SPRAY_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
+    /// The pause between passes of the sweepers (settlement, retention), e.g. `10s`.
+    #[arg(long, env = "SPRAY_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub sweep_interval: Duration,
+    /// How long a spray is kept after its lookup window before it is purged, e.g. `1d`.
+    #[arg(long, env = "SPRAY_RETENTION_GRACE", default_value = "1d", value_parser = parse_duration, global = true)]
+    pub retention_grace: Duration,
 }
 
 impl Default for Settings {
@@ -122,6 +129,8 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(10),
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             config: None,
+            sweep_interval: Duration::from_secs(10),
+            retention_grace: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -176,6 +185,23 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Checks the sweepers' settings and turns them into [`SweepSettings`].
+    pub fn sweep(&self) -> Result<SweepSettings, String> {
+        if !(Duration::from_millis(1)..=Duration::from_secs(24 * 60 * 60)).contains(&self.sweep_interval) {
+            return Err("--sweep-interval must be between 1ms and 1 day".into());
+        }
+        let retention_grace = chrono::TimeDelta::from_std(self.retention_grace)
+            .ok()
+            .filter(|grace| *grace <= chrono::TimeDelta::days(36_500))
+            .ok_or("--retention-grace must be at most 100 years")?;
+        Ok(SweepSettings {
+            interval: self.sweep_interval,
+            retention_grace,
+        })
+    }
+}
+
 /// Settings print without secrets: URLs lose their passwords, the gateway secret is hidden.
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -198,6 +224,8 @@ impl fmt::Debug for Settings {
             .field("request_timeout", &self.request_timeout)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("config", &self.config)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("retention_grace", &self.retention_grace)
             .finish()
     }
 }
@@ -292,5 +320,33 @@ mod tests {
         };
         assert!(bad.policy().is_err());
         assert!(Settings::default().policy().is_ok());
+    }
+
+    #[test]
+    fn the_sweepers_settings_have_defaults_flags_and_bounds() {
+        let sweep = Settings::default().sweep().unwrap();
+        assert_eq!(sweep.interval, Duration::from_secs(10));
+        assert_eq!(sweep.retention_grace, chrono::TimeDelta::days(1));
+        let cli =
+            Cli::try_parse_from(["spray", "--sweep-interval", "500ms", "--retention-grace", "2h"]).unwrap();
+        let sweep = cli.settings.sweep().unwrap();
+        assert_eq!(sweep.interval, Duration::from_millis(500));
+        assert_eq!(sweep.retention_grace, chrono::TimeDelta::hours(2));
+        let never = Settings {
+            sweep_interval: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert!(never.sweep().is_err());
+        let forever = Settings {
+            retention_grace: Duration::from_secs(200 * 365 * 86_400),
+            ..Settings::default()
+        };
+        assert!(forever.sweep().is_err());
+        // No grace at all is allowed: purge as soon as the lookup window closes.
+        let none = Settings {
+            retention_grace: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert_eq!(none.sweep().unwrap().retention_grace, chrono::TimeDelta::zero());
     }
 }

@@ -12,6 +12,7 @@ pub mod config_file;
 pub mod domain;
 pub mod gate;
 pub mod http;
+pub mod jobs;
 pub mod service;
 pub mod startup;
 pub mod store;

@@ -16,7 +16,10 @@ use crate::domain::{
     TokenSource, UserId, split,
 };
 use crate::gate::{GateVerdict, RedisGate, SprayKeys};
-use crate::store::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
+use crate::store::{
+    Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SlotClaim, SprayKey, Store, StoreError,
+    StoredAnswer,
+};
 use crate::telemetry::{self, time_store};
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
@@ -42,6 +45,10 @@ pub struct CreatedSpray {
     pub receive_until: chrono::DateTime<chrono::Utc>,
     pub lookup_until: chrono::DateTime<chrono::Utc>,
 }
+
+/// Renders the answer to a spray, to be kept with it for idempotent retries. The token is
+/// only known once drawn, so the answer is rendered for each attempt.
+pub type RenderSpray<'a> = &'a (dyn Fn(&CreatedSpray) -> StoredAnswer + Send + Sync);
 
 /// Everything that can go wrong in the service, before it becomes problem+json.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +110,13 @@ impl SprayService {
     }
 
     /// Splits the amount, then writes the spray under a fresh token, retrying a bounded
-    /// number of times when the token is taken in the room or by the sprayer.
-    pub async fn spray(&self, command: SprayCommand) -> Result<CreatedSpray, ServiceError> {
+    /// number of times when the token is taken in the room or by the sprayer. With
+    /// `idempotency`, the answer is kept in the same transaction as the spray.
+    pub async fn spray(
+        &self,
+        command: SprayCommand,
+        idempotency: Option<(&IdempotencySlot, RenderSpray<'_>)>,
+    ) -> Result<CreatedSpray, ServiceError> {
         if command.amount.units() < 1 || command.amount > self.policy.max_amount {
             return Err(ServiceError::Invalid(format!(
                 "amount must be between 1 and {}",
@@ -151,15 +163,25 @@ impl SprayService {
                 receive_until,
                 lookup_until,
             };
-            match time_store("insert_spray", self.store.insert_spray(&spray)).await {
+            let created = CreatedSpray {
+                token,
+                created_at,
+                receive_until,
+                lookup_until,
+            };
+            let inserted = match idempotency {
+                None => time_store("insert_spray", self.store.insert_spray(&spray, None)).await,
+                Some((slot, render)) => {
+                    let answer = render(&created);
+                    let keep = move |_| answer.clone();
+                    let write = IdempotencyWrite { slot, render: &keep };
+                    time_store("insert_spray", self.store.insert_spray(&spray, Some(&write))).await
+                }
+            };
+            match inserted {
                 Ok(()) => {
-                    self.prime_gate(&spray.room, &token, created_at).await;
-                    return Ok(CreatedSpray {
-                        token,
-                        created_at,
-                        receive_until,
-                        lookup_until,
-                    });
+                    self.prime_gate(&spray.room, &created.token, created_at).await;
+                    return Ok(created);
                 }
                 Err(StoreError::TokenTaken) => {
                     tracing::debug!("token collision, drawing another");
@@ -173,8 +195,15 @@ impl SprayService {
         )))
     }
 
-    /// Gives the caller one share of the spray `token` in `room`.
-    pub async fn receive(&self, user: UserId, room: RoomId, token: Token) -> Result<Amount, ServiceError> {
+    /// Gives the caller one share of the spray `token` in `room`. With `idempotency`, the
+    /// answer is kept in the same transaction as the claim.
+    pub async fn receive(
+        &self,
+        user: UserId,
+        room: RoomId,
+        token: Token,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<Amount, ServiceError> {
         let claim = Claim {
             room,
             token,
@@ -182,8 +211,8 @@ impl SprayService {
             now: self.clock.now(),
         };
         let outcome = match &self.gate {
-            Some(gate) => self.claim_through_gate(gate, &claim).await?,
-            None => time_store("claim_share", self.store.claim_share(&claim)).await?,
+            Some(gate) => self.claim_through_gate(gate, &claim, idempotency).await?,
+            None => time_store("claim_share", self.store.claim_share(&claim, idempotency)).await?,
         };
         match outcome {
             ClaimOutcome::Received(amount) => Ok(amount),
@@ -231,13 +260,18 @@ impl SprayService {
     /// answers the refusals it can prove and hands out a slot; SQL records the slot with a
     /// point update. Whenever Redis cannot answer, or its view proves stale, the claim
     /// takes the SQL-only path, which decides on its own.
-    async fn claim_through_gate(&self, gate: &RedisGate, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_through_gate(
+        &self,
+        gate: &RedisGate,
+        claim: &Claim,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<ClaimOutcome, StoreError> {
         let keys = gate.keys(&claim.room, &claim.token);
         // One rebuild per request at most: if the keys vanish again at once (Redis being
         // flushed over and over), SQL alone answers.
         for _ in 0..2 {
             let Ok(verdict) = gate.claim(&keys, claim.user, claim.now).await else {
-                return self.sql_claim(claim).await;
+                return self.sql_claim(claim, idempotency).await;
             };
             let refused = |refusal| {
                 telemetry::record_gate_hit();
@@ -253,7 +287,7 @@ impl SprayService {
                     if !window_open(claim.now, snapshot.receive_until)
                         || gate.rebuild(&keys, &snapshot, claim.now).await.is_err()
                     {
-                        return self.sql_claim(claim).await;
+                        return self.sql_claim(claim, idempotency).await;
                     }
                     telemetry::record_gate_rebuild();
                 }
@@ -269,21 +303,29 @@ impl SprayService {
                     }
                     // The gate handed this user a slot that SQL never recorded (a crash
                     // between the two steps): this retry completes that claim.
-                    return self.record_slot(gate, &keys, claim, spray_id, slot).await;
+                    return self
+                        .record_slot(gate, &keys, claim, spray_id, slot, idempotency)
+                        .await;
                 }
                 GateVerdict::Slot { spray_id, slot } => {
                     telemetry::record_gate_hit();
-                    return self.record_slot(gate, &keys, claim, spray_id, slot).await;
+                    return self
+                        .record_slot(gate, &keys, claim, spray_id, slot, idempotency)
+                        .await;
                 }
             }
         }
-        self.sql_claim(claim).await
+        self.sql_claim(claim, idempotency).await
     }
 
     /// The SQL-only claim, when the gate cannot help.
-    async fn sql_claim(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+    async fn sql_claim(
+        &self,
+        claim: &Claim,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<ClaimOutcome, StoreError> {
         telemetry::record_gate_fallback();
-        time_store("claim_share", self.store.claim_share(claim)).await
+        time_store("claim_share", self.store.claim_share(claim, idempotency)).await
     }
 
     /// Records in SQL the slot the gate handed out, and repairs the gate when SQL disagrees.
@@ -294,14 +336,20 @@ impl SprayService {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
+        idempotency: Option<&IdempotencyWrite<'_>>,
     ) -> Result<ClaimOutcome, StoreError> {
-        match time_store("claim_slot", self.store.claim_slot(claim, spray_id, slot)).await {
+        match time_store(
+            "claim_slot",
+            self.store.claim_slot(claim, spray_id, slot, idempotency),
+        )
+        .await
+        {
             Ok(SlotClaim::Received(amount)) => Ok(ClaimOutcome::Received(amount)),
             Ok(SlotClaim::Taken) => {
                 // The gate's view was stale (rebuilt from an older read, or a claim went
                 // through SQL alone): drop our hold and let SQL find a free share.
                 let _ = gate.forget(keys, claim.user, slot).await;
-                self.sql_claim(claim).await
+                self.sql_claim(claim, idempotency).await
             }
             Ok(SlotClaim::AlreadyReceived) => {
                 // The user got a share through SQL alone; this slot is still free.
@@ -315,5 +363,9 @@ impl SprayService {
                 Err(error)
             }
         }
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 }

@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::domain::{OsTokens, TokenSource};
 use crate::gate::RedisGate;
 use crate::http::{AppState, Limits, router_with};
+use crate::jobs::{self, SweepSettings};
 use crate::service::SprayService;
 use crate::store::{self, Store, StoreError};
 
@@ -67,6 +68,8 @@ pub struct Application {
     router: Router,
     store: Arc<dyn Store>,
     shutdown_timeout: Duration,
+    clock: Arc<dyn Clock>,
+    sweep: SweepSettings,
 }
 
 impl Application {
@@ -81,8 +84,9 @@ impl Application {
         tokens: Arc<dyn TokenSource>,
     ) -> Result<Application, StartupError> {
         settings.policy().map_err(StartupError::Settings)?;
+        let sweep = settings.sweep().map_err(StartupError::Settings)?;
         let store = open_store(settings).await?;
-        let router = build_router(settings, store.clone(), clock, tokens)?;
+        let router = build_router(settings, store.clone(), clock.clone(), tokens)?;
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|source| StartupError::Listen {
@@ -94,6 +98,8 @@ impl Application {
             router,
             store,
             shutdown_timeout: settings.shutdown_timeout,
+            clock,
+            sweep,
         })
     }
 
@@ -102,9 +108,17 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then stops accepting, gives in-flight requests
-    /// up to the shutdown timeout to finish, and closes the store.
+    /// up to the shutdown timeout to finish, stops the sweepers, and closes the store.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        // The sweepers run beside the server and stop when shutdown begins (or when the
+        // server ends and drops `stopping_tx`).
+        let sweepers = tokio::spawn(jobs::run(
+            self.store.clone(),
+            self.clock.clone(),
+            self.sweep,
+            stopping_rx.clone(),
+        ));
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections, draining in-flight requests");
@@ -119,6 +133,13 @@ impl Application {
             () = drain_deadline => {
                 tracing::warn!(timeout = ?self.shutdown_timeout, "in-flight requests did not finish in time; exiting");
             }
+        }
+        // A sweeper pass in progress finishes its batch, within the same bound.
+        if tokio::time::timeout(self.shutdown_timeout, sweepers)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the sweepers did not stop in time; exiting");
         }
         self.store.close().await;
         tracing::info!("stopped");

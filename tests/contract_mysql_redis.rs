@@ -11,9 +11,21 @@ mod api_lookup;
 mod api_receive;
 #[path = "contract/api_spray.rs"]
 mod api_spray;
+#[path = "contract/audit_life.rs"]
+mod audit_life;
 #[path = "contract/concurrency.rs"]
 mod concurrency;
 #[path = "gate/gate.rs"]
 mod gate;
+#[path = "contract/idempotency.rs"]
+mod idempotency;
+#[path = "contract/life_races.rs"]
+mod life_races;
+#[path = "contract/mysql_cancellation.rs"]
+mod mysql_cancellation;
 #[path = "gate/outage.rs"]
 mod outage;
+#[path = "contract/retention.rs"]
+mod retention;
+#[path = "contract/settlement.rs"]
+mod settlement;

@@ -11,5 +11,15 @@ mod api_lookup;
 mod api_receive;
 #[path = "contract/api_spray.rs"]
 mod api_spray;
+#[path = "contract/audit_life.rs"]
+mod audit_life;
 #[path = "contract/concurrency.rs"]
 mod concurrency;
+#[path = "contract/idempotency.rs"]
+mod idempotency;
+#[path = "contract/life_races.rs"]
+mod life_races;
+#[path = "contract/retention.rs"]
+mod retention;
+#[path = "contract/settlement.rs"]
+mod settlement;

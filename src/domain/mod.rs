@@ -1,6 +1,7 @@
 //! The domain: amounts, identities, tokens, the split and the rules. Plain Rust, no I/O.
 
 pub mod amount;
+pub mod idempotency;
 pub mod ids;
 pub mod rules;
 pub mod split;
@@ -8,8 +9,9 @@ pub mod spray;
 pub mod token;
 
 pub use amount::Amount;
+pub use idempotency::{Endpoint, Fingerprint, IdempotencyKey};
 pub use ids::{RoomId, UserId};
 pub use rules::{LookupRefusal, LookupScope, ReceiveFacts, ReceiveRefusal};
 pub use split::{SplitMode, split};
-pub use spray::{Receipt, SprayRecord, SprayState, SprayStatus};
+pub use spray::{Receipt, Settlement, SprayRecord, SprayState, SprayStatus};
 pub use token::{OsTokens, ScriptedTokens, Token, TokenSource};

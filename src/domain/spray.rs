@@ -43,6 +43,16 @@ pub struct SprayRecord {
     pub receive_until: DateTime<Utc>,
     pub lookup_until: DateTime<Utc>,
     pub receipts: Vec<Receipt>,
+    /// Set once the sweeper has settled the spray after its receive window.
+    pub settlement: Option<Settlement>,
+}
+
+/// A settled spray: when the sweeper settled it, and what it refunded (0 when every share
+/// had been received).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    pub at: DateTime<Utc>,
+    pub refunded: Amount,
 }
 
 /// The derived state of a spray at `now`.
@@ -53,9 +63,10 @@ pub struct SprayState {
     pub refunded_amount: Amount,
 }
 
-/// The stored receipts add up to more than the spray: the store is corrupt.
+/// The stored receipts add up to more than the spray, or disagree with its stored
+/// settlement: the store is corrupt.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the receipts of a spray exceed its amount")]
+#[error("the receipts of a spray exceed its amount or disagree with its settlement")]
 pub struct InconsistentSpray;
 
 impl SprayRecord {
@@ -67,13 +78,20 @@ impl SprayRecord {
             .checked_sub(received_amount)
             .ok_or(InconsistentSpray)?;
         let all_received = u32::try_from(self.receipts.len()).is_ok_and(|n| n >= self.recipient_count);
+        // A settled spray's window is closed whatever `now` says (the instance answering may
+        // run a clock a little behind the sweeper's), and the refund it shows is the one
+        // stored, which must be what the receipts leave.
+        let settled = self.settlement.is_some();
         let (status, refunded_amount) = if all_received {
             (SprayStatus::Completed, Amount::ZERO)
-        } else if window_open(now, self.receive_until) {
+        } else if window_open(now, self.receive_until) && !settled {
             (SprayStatus::Active, Amount::ZERO)
         } else {
             (SprayStatus::Expired, left)
         };
+        if self.settlement.is_some_and(|s| s.refunded != refunded_amount) {
+            return Err(InconsistentSpray);
+        }
         Ok(SprayState {
             status,
             received_amount,
@@ -109,6 +127,7 @@ mod tests {
                     received_at: t0,
                 })
                 .collect(),
+            settlement: None,
         }
     }
 
@@ -135,5 +154,46 @@ mod tests {
     #[test]
     fn receipts_over_the_amount_are_reported_not_wrapped() {
         assert!(record(&[60, 60]).state_at(DateTime::UNIX_EPOCH).is_err());
+    }
+
+    #[test]
+    fn a_settled_spray_shows_its_stored_refund_and_is_closed_whatever_the_clock() {
+        let closes = DateTime::UNIX_EPOCH + TimeDelta::minutes(10);
+        let mut settled = record(&[33]);
+        settled.settlement = Some(Settlement {
+            at: closes,
+            refunded: Amount::new(67),
+        });
+        let state = settled.state_at(closes).unwrap();
+        assert_eq!(
+            (state.status, state.refunded_amount),
+            (SprayStatus::Expired, Amount::new(67))
+        );
+        // An instance whose clock lags the sweeper's still shows it closed.
+        let lagging = settled.state_at(closes - TimeDelta::milliseconds(1)).unwrap();
+        assert_eq!(lagging, state);
+        let mut completed = record(&[33, 33, 34]);
+        completed.settlement = Some(Settlement {
+            at: closes,
+            refunded: Amount::ZERO,
+        });
+        assert_eq!(completed.state_at(closes).unwrap().status, SprayStatus::Completed);
+    }
+
+    #[test]
+    fn a_stored_refund_that_disagrees_with_the_receipts_is_reported() {
+        let closes = DateTime::UNIX_EPOCH + TimeDelta::minutes(10);
+        let mut wrong = record(&[33]);
+        wrong.settlement = Some(Settlement {
+            at: closes,
+            refunded: Amount::new(66),
+        });
+        assert!(wrong.state_at(closes).is_err());
+        let mut refunded_though_complete = record(&[33, 33, 34]);
+        refunded_though_complete.settlement = Some(Settlement {
+            at: closes,
+            refunded: Amount::new(1),
+        });
+        assert!(refunded_though_complete.state_at(closes).is_err());
     }
 }

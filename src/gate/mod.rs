@@ -41,6 +41,7 @@ pub struct GateSnapshot {
     pub spray_id: i64,
     pub owner: UserId,
     pub receive_until: DateTime<Utc>,
+    pub lookup_until: DateTime<Utc>,
     pub recipient_count: u32,
     /// Unclaimed slots, in the order they are handed out.
     pub free_slots: Vec<i64>,
@@ -227,7 +228,11 @@ impl RedisGate {
             .run(
                 &self.claim,
                 keys,
-                vec![user.to_string(), now.timestamp_millis().to_string()],
+                vec![
+                    user.to_string(),
+                    now.timestamp_millis().to_string(),
+                    KEEP_AFTER_WINDOW.num_milliseconds().to_string(),
+                ],
             )
             .await?;
         parse_verdict(&answer).ok_or_else(|| GateUnavailable(format!("unexpected claim answer {answer:?}")))
@@ -241,7 +246,9 @@ impl RedisGate {
         snapshot: &GateSnapshot,
         now: DateTime<Utc>,
     ) -> Result<(), GateUnavailable> {
-        let time_to_live = (snapshot.receive_until + KEEP_AFTER_WINDOW - now).num_milliseconds();
+        // Never past the lookup window: the token may name another spray after it.
+        let until = (snapshot.receive_until + KEEP_AFTER_WINDOW).min(snapshot.lookup_until);
+        let time_to_live = (until - now).num_milliseconds();
         if time_to_live <= 0 {
             return Ok(());
         }

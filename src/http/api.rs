@@ -3,20 +3,22 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{StatusCode, Uri};
+use axum::response::Response;
+use axum::{Extension, Json};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::extract::{Caller, JsonRequest, LookupQuery, present};
+use super::idempotency::respond;
 use super::openapi::{IdempotencyHeader, IdentityHeaders};
 use crate::domain::{Amount, SplitMode, SprayStatus, Token, UserId};
-use crate::service::{SprayCommand, SprayService};
+use crate::service::{CreatedSpray, RenderSpray, SprayCommand, SprayService};
+use crate::store::{IdempotencySlot, IdempotencyWrite, StoredAnswer};
 
 /// `POST /api/v1/spray`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -145,11 +147,40 @@ fn parse_token(text: &str) -> Result<Token, ApiError> {
     Token::parse(text).ok_or_else(|| ApiError::invalid("token must be exactly 3 characters of A-Z, a-z, 0-9"))
 }
 
+/// The answer to a spray, as sent and as kept for idempotent retries: the same bytes.
+fn spray_answer(created: &CreatedSpray) -> StoredAnswer {
+    let body = SprayCreated {
+        token: created.token.clone(),
+        created_at: created.created_at,
+        receive_until: created.receive_until,
+        lookup_until: created.lookup_until,
+    };
+    StoredAnswer {
+        status: StatusCode::CREATED.as_u16(),
+        content_type: "application/json".to_owned(),
+        location: Some(format!("/api/v1/spray/{}", created.token)),
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
+}
+
+/// The answer to a receive, as sent and as kept for idempotent retries: the same bytes.
+fn received_answer(received_amount: Amount) -> StoredAnswer {
+    StoredAnswer {
+        status: StatusCode::OK.as_u16(),
+        content_type: "application/json".to_owned(),
+        location: None,
+        body: serde_json::to_vec(&Received { received_amount }).unwrap_or_default(),
+    }
+}
+
 /// Spray money into a room
 ///
 /// Splits `amount` into `recipient_count` shares, drawn now in the order they will be
 /// received, and answers a fresh 3-character token that members of the room use to
 /// receive a share within the receive window.
+//
+// `idempotency` is the pending `Idempotency-Key` row this request holds, if it sent a key
+// (put there by the idempotency middleware): the answer is kept in the effect's transaction.
 #[utoipa::path(
     post,
     path = "/api/v1/spray",
@@ -166,6 +197,7 @@ fn parse_token(text: &str) -> Result<Token, ApiError> {
 )]
 pub async fn create_spray(
     State(service): State<Arc<SprayService>>,
+    idempotency: Option<Extension<IdempotencySlot>>,
     request: JsonRequest<SprayRequest>,
 ) -> Result<Response, ApiError> {
     let JsonRequest { caller, body, .. } = request;
@@ -194,18 +226,12 @@ pub async fn create_spray(
         mode: body.mode.unwrap_or_default(),
     };
     let mode = command.mode;
-    let created = service.spray(command).await?;
+    let render: RenderSpray<'_> = &spray_answer;
+    let kept = idempotency.as_ref().map(|Extension(slot)| (slot, render));
+    let created = service.spray(command, kept).await?;
     tracing::Span::current().record("token", created.token.as_str());
     crate::telemetry::record_spray_created(mode);
-    let location =
-        HeaderValue::try_from(format!("/api/v1/spray/{}", created.token)).map_err(|_| ApiError::Internal)?;
-    let body = SprayCreated {
-        token: created.token,
-        created_at: created.created_at,
-        receive_until: created.receive_until,
-        lookup_until: created.lookup_until,
-    };
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(body)).into_response())
+    respond(spray_answer(&created), false)
 }
 
 /// Receive a share
@@ -226,17 +252,23 @@ pub async fn create_spray(
             )),
     )
 )]
+// `idempotency`: see `create_spray`.
 pub async fn receive(
     State(service): State<Arc<SprayService>>,
+    idempotency: Option<Extension<IdempotencySlot>>,
     request: JsonRequest<ReceiveRequest>,
-) -> Result<Json<Received>, ApiError> {
+) -> Result<Response, ApiError> {
     let JsonRequest { caller, body, .. } = request;
     let room = caller.required_room(body.room_id.as_deref(), "room_id")?;
     let token = parse_token(&body.token)?;
     tracing::Span::current().record("token", token.as_str());
-    let received_amount = service.receive(caller.user, room, token).await?;
+    let kept = idempotency.as_ref().map(|Extension(slot)| IdempotencyWrite {
+        slot,
+        render: &received_answer,
+    });
+    let received_amount = service.receive(caller.user, room, token, kept.as_ref()).await?;
     crate::telemetry::record_claim();
-    Ok(Json(Received { received_amount }))
+    respond(received_answer(received_amount), false)
 }
 
 /// Look a spray up (the sprayer only)

@@ -48,6 +48,10 @@ pub enum ApiError {
     Unavailable(&'static str),
     /// 500 `INTERNAL`: a bug or a corrupt store; details only in the log.
     Internal,
+    /// 422 `IDEMPOTENCY_KEY_REUSED`: the key was used with a different request.
+    IdempotencyKeyReused,
+    /// 409 `IDEMPOTENCY_IN_PROGRESS`: the first request with this key is still running.
+    IdempotencyInProgress,
 }
 
 /// The problem code of an error answer, left in the response's extensions so that the
@@ -109,6 +113,16 @@ impl ApiError {
                 "Service unavailable",
             ),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error"),
+            IdempotencyKeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "IDEMPOTENCY_KEY_REUSED",
+                "Idempotency key reused",
+            ),
+            IdempotencyInProgress => (
+                StatusCode::CONFLICT,
+                "IDEMPOTENCY_IN_PROGRESS",
+                "Request in progress",
+            ),
         }
     }
 
@@ -132,6 +146,10 @@ impl ApiError {
             MethodNotAllowed => "this endpoint does not accept this method".into(),
             Unavailable(detail) => (*detail).into(),
             Internal => "something went wrong on our side; it has been logged".into(),
+            IdempotencyKeyReused => "this Idempotency-Key was already used with a different request".into(),
+            IdempotencyInProgress => {
+                "a request with this Idempotency-Key is still being processed; retry shortly".into()
+            }
         }
     }
 }

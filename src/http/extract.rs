@@ -136,7 +136,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonRequest<T> {
     }
 }
 
-fn is_length_limit(error: &axum::Error) -> bool {
+pub(super) fn is_length_limit(error: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
@@ -148,7 +148,7 @@ fn is_length_limit(error: &axum::Error) -> bool {
 }
 
 /// `Content-Type: application/json`, parameters such as `charset=utf-8` allowed.
-fn is_json(headers: &HeaderMap) -> bool {
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

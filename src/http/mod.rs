@@ -5,6 +5,7 @@
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;
@@ -69,6 +70,12 @@ pub fn router_with(state: AppState, limits: Limits) -> Router {
     let document = ops::OpenApiJson(serde_json::to_vec(&document).unwrap_or_default().into());
     Router::new()
         .merge(routes)
+        // `Idempotency-Key` on the POST endpoints, inside the gateway check (see
+        // idempotency.rs; it passes every other route through untouched).
+        .layer(axum_middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::guard,
+        ))
         .merge(openapi::swagger_ui())
         .layer(Extension(document))
         .fallback(|| async { ApiError::RouteNotFound })

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 
 use super::StoreError;
-use crate::domain::{Amount, Receipt, RoomId, SplitMode, SprayRecord, Token, UserId};
+use crate::domain::{Amount, Receipt, RoomId, Settlement, SplitMode, SprayRecord, Token, UserId};
 
 pub fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -44,7 +44,7 @@ pub fn share_rows(shares: &[Amount]) -> Result<Vec<(i64, i64)>, StoreError> {
 
 /// The columns every backend selects for a spray, in this order.
 pub const SPRAY_COLUMNS: &str = "id, room_id, token, owner_id, mode, total_amount, recipient_count, \
-                                 created_at, receive_until, lookup_until";
+                                 created_at, receive_until, lookup_until, settled_at, refunded_amount";
 
 /// A spray row as selected with [`SPRAY_COLUMNS`].
 #[derive(Debug, sqlx::FromRow)]
@@ -59,6 +59,8 @@ pub struct SprayRow {
     pub created_at: i64,
     pub receive_until: i64,
     pub lookup_until: i64,
+    pub settled_at: Option<i64>,
+    pub refunded_amount: Option<i64>,
 }
 
 /// A received share as `(receiver_id, amount, received_at)`.
@@ -78,6 +80,14 @@ impl SprayRow {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let settlement = match (self.settled_at, self.refunded_amount) {
+            (None, None) => None,
+            (Some(at), Some(refunded)) => Some(Settlement {
+                at: time_from(at)?,
+                refunded: amount_from(refunded)?,
+            }),
+            _ => return Err(corrupt("settlement")),
+        };
         Ok(SprayRecord {
             token: Token::parse(&self.token).ok_or_else(|| corrupt("token"))?,
             room: RoomId::parse(&self.room_id).ok_or_else(|| corrupt("room"))?,
@@ -89,15 +99,17 @@ impl SprayRow {
             receive_until: time_from(self.receive_until)?,
             lookup_until: time_from(self.lookup_until)?,
             receipts,
+            settlement,
         })
     }
 }
 
-/// The spray row of a gate snapshot: `(id, owner_id, receive_until, recipient_count)`.
-pub type GateSprayRow = (i64, i64, i64, i64);
+/// The spray row of a gate snapshot:
+/// `(id, owner_id, receive_until, lookup_until, recipient_count)`.
+pub type GateSprayRow = (i64, i64, i64, i64, i64);
 
 pub fn gate_snapshot_from(
-    (spray_id, owner, receive_until, count): GateSprayRow,
+    (spray_id, owner, receive_until, lookup_until, count): GateSprayRow,
     free_slots: Vec<i64>,
     receivers: Vec<(i64, i64)>,
 ) -> Result<crate::gate::GateSnapshot, StoreError> {
@@ -105,6 +117,7 @@ pub fn gate_snapshot_from(
         spray_id,
         owner: user_from(owner)?,
         receive_until: time_from(receive_until)?,
+        lookup_until: time_from(lookup_until)?,
         recipient_count: u32::try_from(count)
             .map_err(|_| StoreError::Corrupt(format!("spray {spray_id}: count")))?,
         free_slots,
@@ -113,4 +126,14 @@ pub fn gate_snapshot_from(
             .map(|(user, slot)| Ok((user_from(user)?, slot)))
             .collect::<Result<_, StoreError>>()?,
     })
+}
+
+/// Sums stored amounts, refusing negative values and overflow as corruption.
+pub fn sum_amounts(spray_id: i64, units: Vec<i64>) -> Result<Amount, StoreError> {
+    let amounts = units
+        .into_iter()
+        .map(amount_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    Amount::try_sum(amounts)
+        .ok_or_else(|| StoreError::Corrupt(format!("spray {spray_id}: the free shares overflow")))
 }

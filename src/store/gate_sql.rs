@@ -2,10 +2,11 @@
 //!
 //! The statements are portable, so rather than write them twice the functions are
 //! generated once per backend by this macro (sqlx's types differ per database); each
-//! backend's `impl Store` delegates to them. `begin` is how a write transaction starts.
+//! backend's `impl Store` delegates to them, and wraps the point update in a transaction
+//! of its own that first makes sure the spray is not settled.
 
 macro_rules! gate_sql_functions {
-    (db = $db:ty, begin = $begin:literal) => {
+    (db = $db:ty) => {
         use crate::store::StoreError;
 
         pub async fn gate_snapshot(
@@ -14,7 +15,7 @@ macro_rules! gate_sql_functions {
             token: &crate::domain::Token,
         ) -> Result<Option<crate::gate::GateSnapshot>, StoreError> {
             let spray = sqlx::query_as::<_, crate::store::convert::GateSprayRow>(
-                "SELECT id, owner_id, receive_until, recipient_count FROM sprays
+                "SELECT id, owner_id, receive_until, lookup_until, recipient_count FROM sprays
                  WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
             )
             .bind(room.as_str())
@@ -40,76 +41,68 @@ macro_rules! gate_sql_functions {
             crate::store::convert::gate_snapshot_from(spray, free_slots, receivers).map(Some)
         }
 
-        pub async fn claim_slot(
-            writer: &sqlx::Pool<$db>,
+        /// The point update of one slot and its CREDIT, inside the caller's transaction
+        /// (which has already checked that the spray is not settled).
+        pub async fn claim_slot_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
             spray_id: i64,
             slot: i64,
         ) -> Result<crate::store::SlotClaim, StoreError> {
             use crate::store::SlotClaim;
             let now = crate::store::convert::millis(claim.now);
-            let mut tx = writer.begin_with($begin).await?;
-            let outcome = async {
-                let updated = sqlx::query(
-                    "UPDATE shares SET receiver_id = ?, received_at = ?
-                     WHERE spray_id = ? AND slot = ? AND receiver_id IS NULL
-                       AND EXISTS (SELECT 1 FROM sprays WHERE id = ? AND receive_until > ?)",
-                )
-                .bind(claim.user.get())
-                .bind(now)
-                .bind(spray_id)
-                .bind(slot)
-                .bind(spray_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await;
-                match updated {
-                    Err(e) if crate::store::error::is_unique_violation(&e) => {
-                        return Ok(SlotClaim::AlreadyReceived);
-                    }
-                    Err(e) => return Err(StoreError::from(e)),
-                    Ok(done) if done.rows_affected() == 0 => {
-                        let open = sqlx::query_scalar::<_, i64>(
-                            "SELECT COUNT(*) FROM sprays WHERE id = ? AND receive_until > ?",
-                        )
-                        .bind(spray_id)
-                        .bind(now)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                        return Ok(if open == 0 {
-                            SlotClaim::Closed
-                        } else {
-                            SlotClaim::Taken
-                        });
-                    }
-                    Ok(_) => {}
-                }
-                let amount =
-                    sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND slot = ?")
-                        .bind(spray_id)
-                        .bind(slot)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                sqlx::query(
-                    "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)",
-                )
-                .bind(spray_id)
-                .bind(claim.user.get())
-                .bind(amount)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                Ok(SlotClaim::Received(crate::store::convert::amount_from(
-                    amount,
-                )?))
-            }
+            let updated = sqlx::query(
+                "UPDATE shares SET receiver_id = ?, received_at = ?
+                 WHERE spray_id = ? AND slot = ? AND receiver_id IS NULL
+                   AND EXISTS (SELECT 1 FROM sprays WHERE id = ? AND receive_until > ?)",
+            )
+            .bind(claim.user.get())
+            .bind(now)
+            .bind(spray_id)
+            .bind(slot)
+            .bind(spray_id)
+            .bind(now)
+            .execute(&mut **tx)
             .await;
-            // Committed only when the share was recorded; rolled back explicitly otherwise.
-            match outcome {
-                Ok(SlotClaim::Received(_)) => tx.commit().await?,
-                _ => tx.rollback().await?,
+            match updated {
+                Err(e) if crate::store::error::is_unique_violation(&e) => {
+                    return Ok(SlotClaim::AlreadyReceived)
+                }
+                Err(e) => return Err(StoreError::from(e)),
+                Ok(done) if done.rows_affected() == 0 => {
+                    let open = sqlx::query_scalar::<_, i64>(
+                        "SELECT COUNT(*) FROM sprays WHERE id = ? AND receive_until > ?",
+                    )
+                    .bind(spray_id)
+                    .bind(now)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    return Ok(if open == 0 {
+                        SlotClaim::Closed
+                    } else {
+                        SlotClaim::Taken
+                    });
+                }
+                Ok(_) => {}
             }
-            outcome
+            let amount =
+                sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND slot = ?")
+                    .bind(spray_id)
+                    .bind(slot)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            sqlx::query(
+                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)",
+            )
+            .bind(spray_id)
+            .bind(claim.user.get())
+            .bind(amount)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            Ok(SlotClaim::Received(crate::store::convert::amount_from(
+                amount,
+            )?))
         }
 
         pub async fn share_of(

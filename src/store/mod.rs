@@ -8,6 +8,7 @@
 mod convert;
 mod error;
 mod gate_sql;
+mod idempotency;
 pub mod mysql;
 pub mod sqlite;
 
@@ -17,6 +18,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use error::StoreError;
+pub use idempotency::{
+    Begin, IdempotencySlot, IdempotencyWrite, IdempotentRequest, RenderAnswer, StoredAnswer,
+};
 
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
 use crate::gate::GateSnapshot;
@@ -69,12 +73,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes the spray, its shares and the sprayer's DEBIT in one transaction.
     /// `StoreError::TokenTaken` when a live spray of the room or of the sprayer holds the
-    /// token; nothing is written then.
-    async fn insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError>;
+    /// token; nothing is written then. With `idempotency`, the same transaction completes
+    /// that pending row with the answer (rendered with the spray's amount).
+    async fn insert_spray(
+        &self,
+        spray: &NewSpray,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<(), StoreError>;
 
     /// Applies the receive rules and, if they allow it, gives the caller one free share
-    /// and records the CREDIT, all in one transaction.
-    async fn claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError>;
+    /// and records the CREDIT, all in one transaction. A settled spray counts as closed
+    /// (rule 4), whatever `claim.now` says. With `idempotency`, a claim that takes a share
+    /// completes that pending row, in the same transaction, with the answer rendered from
+    /// the share's amount; a refused claim leaves the row to the caller.
+    async fn claim_share(
+        &self,
+        claim: &Claim,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<ClaimOutcome, StoreError>;
 
     /// The newest spray under this key, with its receipts in order of receipt.
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError>;
@@ -92,12 +108,69 @@ pub trait Store: Send + Sync + 'static {
     async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError>;
 
     /// Records that `claim.user` received the share in `slot`, if that share is still
-    /// free and the window is still open at `claim.now`: one point update and the CREDIT,
-    /// in one transaction.
-    async fn claim_slot(&self, claim: &Claim, spray_id: i64, slot: i64) -> Result<SlotClaim, StoreError>;
+    /// free, the window is still open at `claim.now` and the spray is not settled: one
+    /// point update and the CREDIT (and, with `idempotency`, the kept answer), in one
+    /// transaction.
+    async fn claim_slot(
+        &self,
+        claim: &Claim,
+        spray_id: i64,
+        slot: i64,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<SlotClaim, StoreError>;
 
     /// The share `user` holds in the spray, if any (one indexed read).
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError>;
+
+    // The life of a spray after its window: settlement, retention, idempotency.
+
+    /// Up to `limit` ids of unsettled sprays whose receive window closed by `closed_by`,
+    /// the longest closed first.
+    async fn unsettled_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<Vec<i64>, StoreError>;
+
+    /// Settles the spray `spray_id` at `now` in one transaction: marks it settled and, if
+    /// shares are left, writes one REFUND of their sum to the sprayer. A conditional
+    /// update that only one caller can win, however many race; a spray whose window is
+    /// still open at `now` is left alone. No claim can take a share once this commits.
+    async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError>;
+
+    /// Deletes up to `limit` settled sprays whose lookup window closed by `closed_by`, with
+    /// their shares; the ledger is kept. Returns how many were deleted.
+    async fn purge_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+
+    /// Begins a request under an `Idempotency-Key`; see [`Begin`].
+    async fn begin_idempotent(&self, request: &IdempotentRequest) -> Result<Begin, StoreError>;
+
+    /// Keeps `answer` (one without effect, such as a 4xx) for the pending row `slot` holds,
+    /// at `now`. `false` when the row is no longer pending under this lease.
+    async fn finish_idempotent(
+        &self,
+        slot: &IdempotencySlot,
+        answer: &StoredAnswer,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes the row `slot` holds if it is still pending under its lease, so that a
+    /// retry runs afresh (after a 5xx, or a request that was cancelled).
+    async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError>;
+
+    /// Deletes up to `limit` idempotency rows untouched since before `touched_before`.
+    async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+}
+
+/// What settling one spray did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleOutcome {
+    /// Settled now, with a REFUND of this remainder to the sprayer.
+    Refunded(Amount),
+    /// Settled now: every share had been received, nothing to refund.
+    Completed,
+    /// Someone else settled it first.
+    AlreadySettled,
+    /// Its receive window is still open at the given time.
+    StillOpen,
+    /// It no longer exists (purged).
+    Gone,
 }
 
 /// The outcome of a point update of one slot.
@@ -108,7 +181,8 @@ pub enum SlotClaim {
     Taken,
     /// The user already holds another share of this spray.
     AlreadyReceived,
-    /// The receive window closed before the claim could be recorded.
+    /// The receive window closed (or the spray was settled) before the claim could be
+    /// recorded.
     Closed,
 }
 

@@ -6,20 +6,38 @@
 //!
 //! A claim locks one free share with `FOR UPDATE SKIP LOCKED`: a thousand members racing
 //! for one spray each lock a different row instead of queueing on the first free one.
+//!
+//! Claims and settlement meet on the spray row. Every transaction that gives a share away
+//! first reads the spray's `settled_at` under a shared lock (`LOCK IN SHARE MODE`, which
+//! MariaDB and MySQL both accept) and refuses a settled spray; the settlement takes the
+//! same row exclusively (`FOR UPDATE`). Shared locks do not block one another, so claims
+//! still run side by side; but a claim that locked the row before the settlement commits
+//! before the settlement can read the free shares (and its share is not refunded), and a
+//! claim that comes after the settlement waits for it and then sees it settled. Locks are
+//! always taken spray row first, then shares, so claims and settlements cannot deadlock.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySql, MySqlPool, QueryBuilder};
 
 use super::convert::{
-    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, time_from, user_from,
+    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, sum_amounts, time_from,
+    user_from,
 };
 use super::error::is_unique_violation;
-use super::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
-use crate::domain::rules::{ReceiveFacts, check_receive};
+use super::idempotency::{
+    COMPLETE_SQL, INSERT_PENDING_SQL, IdempotencyRow, Judgement, RELEASE_SQL, SELECT_ROW_SQL, TAKE_OVER_SQL,
+    answer_columns, lease_lost,
+};
+use super::{
+    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
+    SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
+};
+use crate::domain::rules::{ReceiveFacts, check_receive, window_open};
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 use crate::gate::GateSnapshot;
 
@@ -58,11 +76,19 @@ impl MySqlStore {
         Ok(MySqlStore { pool })
     }
 
-    async fn try_insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError> {
+    async fn try_insert_spray(
+        &self,
+        spray: &NewSpray,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         // Committed only if every write succeeded; rolled back explicitly otherwise, so
         // no transaction stays open on a pooled connection.
-        match insert_in(&mut tx, spray).await {
+        let written = match insert_in(&mut tx, spray).await {
+            Ok(()) => complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => Ok(tx.commit().await?),
             Err(e) => {
                 tx.rollback().await?;
@@ -74,11 +100,50 @@ impl MySqlStore {
     /// One claim transaction: committed when a share was taken, rolled back otherwise.
     /// The rollback is explicit: a transaction merely dropped would stay open on its pooled
     /// connection (holding metadata locks) until the connection is next used.
-    async fn try_claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+    async fn try_claim_share(
+        &self,
+        claim: &Claim,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<ClaimOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let outcome = Self::claim_in(&mut tx, claim).await;
+        let outcome = match Self::claim_in(&mut tx, claim).await {
+            Ok(ClaimOutcome::Received(amount)) => complete_in(&mut tx, idempotency, amount, claim.now)
+                .await
+                .map(|()| ClaimOutcome::Received(amount)),
+            other => other,
+        };
         match outcome {
             Ok(ClaimOutcome::Received(_)) => tx.commit().await?,
+            _ => tx.rollback().await?,
+        }
+        outcome
+    }
+
+    /// The gate's point update: the spray row first, under the same shared lock as every
+    /// claim (see the module doc), then the one share, then the kept answer.
+    async fn try_claim_slot(
+        &self,
+        claim: &Claim,
+        spray_id: i64,
+        slot: i64,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<SlotClaim, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = async {
+            if lock_unsettled(&mut tx, spray_id).await?.is_none() {
+                return Ok(SlotClaim::Closed);
+            }
+            match gate_sql::claim_slot_in(&mut tx, claim, spray_id, slot).await? {
+                SlotClaim::Received(amount) => {
+                    complete_in(&mut tx, idempotency, amount, claim.now).await?;
+                    Ok(SlotClaim::Received(amount))
+                }
+                other => Ok(other),
+            }
+        }
+        .await;
+        match outcome {
+            Ok(SlotClaim::Received(_)) => tx.commit().await?,
             _ => tx.rollback().await?,
         }
         outcome
@@ -120,11 +185,19 @@ impl MySqlStore {
         if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
             return Ok(ClaimOutcome::Refused(refusal));
         }
+        // Rule 4 again, under the spray row's shared lock (see the module doc): a settled
+        // spray is closed, even to a claim whose `now` is still inside the window.
+        if lock_unsettled(tx, spray_id).await?.is_none() {
+            return Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired));
+        }
 
         // Rule 5: lock a free share nobody else holds. SKIP LOCKED may miss shares that
         // in-flight claims hold and may yet give back (rollback), so "none" is confirmed
-        // by a waiting locking read before the spray is called exhausted.
-        let mut free = sqlx::query_as::<_, (i64, i64)>(
+        // by a plain read of the committed free shares before the spray is called
+        // exhausted. If some are still free, in-flight claims hold them: this transaction
+        // is a conflict and runs again shortly, when they have committed or rolled back.
+        // (A waiting `FOR UPDATE` here deadlocked with those claims' index updates.)
+        let free = sqlx::query_as::<_, (i64, i64)>(
             "SELECT slot, amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL
              ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
@@ -132,13 +205,17 @@ impl MySqlStore {
         .fetch_optional(&mut **tx)
         .await?;
         if free.is_none() {
-            free = sqlx::query_as::<_, (i64, i64)>(
-                "SELECT slot, amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL
-                 ORDER BY slot LIMIT 1 FOR UPDATE",
+            let still_free = sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
             )
             .bind(spray_id)
-            .fetch_optional(&mut **tx)
+            .fetch_one(&mut **tx)
             .await?;
+            if still_free > 0 {
+                return Err(StoreError::Conflict(
+                    "every free share is held by a claim in flight".into(),
+                ));
+            }
         }
         let Some((slot, amount)) = free else {
             let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
@@ -230,12 +307,20 @@ impl Store for MySqlStore {
         Ok(())
     }
 
-    async fn insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError> {
-        retrying!(self.try_insert_spray(spray))
+    async fn insert_spray(
+        &self,
+        spray: &NewSpray,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<(), StoreError> {
+        retrying!(self.try_insert_spray(spray, idempotency))
     }
 
-    async fn claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
-        retrying!(self.try_claim_share(claim))
+    async fn claim_share(
+        &self,
+        claim: &Claim,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<ClaimOutcome, StoreError> {
+        retrying!(self.try_claim_share(claim, idempotency))
     }
 
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
@@ -258,8 +343,10 @@ impl Store for MySqlStore {
         else {
             return Ok(None);
         };
-        // The spray row never changes after creation; the answer is derived from the
-        // receipts alone, so one read of them is a consistent view.
+        // The spray row changes only when it is settled, and no receipt is added after
+        // that: a row read unsettled is answered from the clock and the receipts, a row
+        // read settled from receipts that can no longer change. Either way one read of
+        // the receipts is a consistent view.
         let receipts = sqlx::query_as::<_, ReceiptRow>(
             "SELECT receiver_id, amount, received_at FROM shares
              WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
@@ -282,12 +369,158 @@ impl Store for MySqlStore {
         gate_sql::gate_snapshot(&self.pool, room, token).await
     }
 
-    async fn claim_slot(&self, claim: &Claim, spray_id: i64, slot: i64) -> Result<SlotClaim, StoreError> {
-        gate_sql::claim_slot(&self.pool, claim, spray_id, slot).await
+    async fn claim_slot(
+        &self,
+        claim: &Claim,
+        spray_id: i64,
+        slot: i64,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<SlotClaim, StoreError> {
+        retrying!(self.try_claim_slot(claim, spray_id, slot, idempotency))
     }
 
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
         gate_sql::share_of(&self.pool, spray_id, user).await
+    }
+
+    async fn unsettled_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<Vec<i64>, StoreError> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT id FROM sprays WHERE settled_at IS NULL AND receive_until <= ?
+             ORDER BY receive_until, id LIMIT ?",
+        )
+        .bind(millis(closed_by))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
+        retrying!(self.try_settle_spray(spray_id, now))
+    }
+
+    async fn purge_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        // Shares go with their spray (ON DELETE CASCADE); the ledger has no foreign key and
+        // stays. Only settled sprays: their money is fully accounted for in the ledger.
+        retrying!(async {
+            let done = sqlx::query(
+                "DELETE FROM sprays WHERE settled_at IS NOT NULL AND lookup_until <= ?
+                 ORDER BY lookup_until, id LIMIT ?",
+            )
+            .bind(millis(closed_by))
+            .bind(limit)
+            .execute(&self.pool)
+            .await?;
+            Ok::<u64, StoreError>(done.rows_affected())
+        })
+    }
+
+    async fn begin_idempotent(&self, request: &IdempotentRequest) -> Result<Begin, StoreError> {
+        let now = millis(request.now);
+        // Each step is its own autocommit statement; a step that finds the row changed by
+        // another request since the last one starts over, a bounded number of times.
+        for _ in 0..ATTEMPTS {
+            let inserted = sqlx::query(INSERT_PENDING_SQL)
+                .bind(request.user.get())
+                .bind(request.endpoint.as_str())
+                .bind(request.key.as_str())
+                .bind(request.fingerprint.as_bytes().as_slice())
+                .bind(request.lease)
+                .bind(now)
+                .bind(now)
+                .execute(&self.pool)
+                .await;
+            match inserted {
+                Ok(_) => return Ok(Begin::Run(request.slot())),
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            // The key is taken. The duplicate-key check waited for any transaction that
+            // held the row (an effect completing it), so this read sees its outcome.
+            let existing = sqlx::query_as::<_, IdempotencyRow>(SELECT_ROW_SQL)
+                .bind(request.user.get())
+                .bind(request.endpoint.as_str())
+                .bind(request.key.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+            let Some(row) = existing else {
+                continue; // released or purged meanwhile: try inserting again
+            };
+            match row.judge(request)? {
+                Judgement::Answer(answer) => return Ok(answer),
+                Judgement::TakeOver { lease } => {
+                    let taken = sqlx::query(TAKE_OVER_SQL)
+                        .bind(request.lease)
+                        .bind(now)
+                        .bind(request.user.get())
+                        .bind(request.endpoint.as_str())
+                        .bind(request.key.as_str())
+                        .bind(lease)
+                        .execute(&self.pool)
+                        .await?;
+                    if taken.rows_affected() == 1 {
+                        return Ok(Begin::Run(request.slot()));
+                    }
+                }
+            }
+        }
+        // Other requests under this key keep changing the row: one of them is running.
+        Ok(Begin::InProgress)
+    }
+
+    async fn finish_idempotent(
+        &self,
+        slot: &IdempotencySlot,
+        answer: &StoredAnswer,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let (status, content_type, location, body) = answer_columns(answer);
+        let done = sqlx::query(COMPLETE_SQL)
+            .bind(status)
+            .bind(content_type)
+            .bind(location)
+            .bind(body)
+            .bind(millis(now))
+            .bind(slot.user.get())
+            .bind(slot.endpoint.as_str())
+            .bind(slot.key.as_str())
+            .bind(slot.lease)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError> {
+        sqlx::query(RELEASE_SQL)
+            .bind(slot.user.get())
+            .bind(slot.endpoint.as_str())
+            .bind(slot.key.as_str())
+            .bind(slot.lease)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM idempotency WHERE touched_at < ? ORDER BY touched_at LIMIT ?")
+            .bind(millis(touched_before))
+            .bind(limit)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+impl MySqlStore {
+    /// One settlement transaction: committed when it settled the spray, rolled back
+    /// explicitly otherwise (see try_claim_share).
+    async fn try_settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = settle_in(&mut tx, spray_id, now).await;
+        match outcome {
+            Ok(SettleOutcome::Refunded(_) | SettleOutcome::Completed) => tx.commit().await?,
+            _ => tx.rollback().await?,
+        }
+        outcome
     }
 }
 
@@ -359,5 +592,114 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray)
 
 /// The SQL side of the Redis gate, shared with the other backends.
 mod gate_sql {
-    super::super::gate_sql::gate_sql_functions!(db = sqlx::MySql, begin = "BEGIN");
+    super::super::gate_sql::gate_sql_functions!(db = sqlx::MySql);
+}
+
+/// Locks the spray row in share mode and reads whether it is settled (see the module
+/// doc). `Some(())` when the spray is there and unsettled: the caller may give a share
+/// away, and no settlement can commit until the caller's transaction ends. `None` when it
+/// is settled, or gone (a spray is purged only once settled).
+///
+/// Every transaction that gives a share away must call this before touching the shares.
+pub(crate) async fn lock_unsettled(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray_id: i64,
+) -> Result<Option<()>, StoreError> {
+    let settled_at =
+        sqlx::query_scalar::<_, Option<i64>>("SELECT settled_at FROM sprays WHERE id = ? LOCK IN SHARE MODE")
+            .bind(spray_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(matches!(settled_at, Some(None)).then_some(()))
+}
+
+/// Completes the idempotency row, if any, with the answer rendered from `amount`, inside
+/// the effect's transaction. Fails (and so rolls the effect back) when the row is no
+/// longer pending under the request's lease.
+async fn complete_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    idempotency: Option<&IdempotencyWrite<'_>>,
+    amount: Amount,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let Some(write) = idempotency else {
+        return Ok(());
+    };
+    let answer = (write.render)(amount);
+    let (status, content_type, location, body) = answer_columns(&answer);
+    let done = sqlx::query(COMPLETE_SQL)
+        .bind(status)
+        .bind(content_type)
+        .bind(location)
+        .bind(body)
+        .bind(millis(now))
+        .bind(write.slot.user.get())
+        .bind(write.slot.endpoint.as_str())
+        .bind(write.slot.key.as_str())
+        .bind(write.slot.lease)
+        .execute(&mut **tx)
+        .await?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(lease_lost())
+    }
+}
+
+/// Settles one spray inside the caller's transaction; see `Store::settle_spray`.
+async fn settle_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray_id: i64,
+    now: DateTime<Utc>,
+) -> Result<SettleOutcome, StoreError> {
+    // The spray row exclusively: waits for the claims that hold it in share mode to end,
+    // and holds off every later claim until this transaction ends (see the module doc).
+    // A second sweeper settling the same spray waits here, then finds it settled.
+    let spray = sqlx::query_as::<_, (i64, i64, Option<i64>)>(
+        "SELECT owner_id, receive_until, settled_at FROM sprays WHERE id = ? FOR UPDATE",
+    )
+    .bind(spray_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((owner_id, receive_until, settled_at)) = spray else {
+        return Ok(SettleOutcome::Gone);
+    };
+    if settled_at.is_some() {
+        return Ok(SettleOutcome::AlreadySettled);
+    }
+    if window_open(now, time_from(receive_until)?) {
+        return Ok(SettleOutcome::StillOpen);
+    }
+    // What nobody received. The spray lock already keeps claims out; locking the free
+    // shares as well makes this a locking read of exactly the rows being refunded.
+    let free = sqlx::query_scalar::<_, i64>(
+        "SELECT amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL FOR UPDATE",
+    )
+    .bind(spray_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let refund = sum_amounts(spray_id, free)?;
+    // Conditional: only one settlement of a spray can ever match `settled_at IS NULL`.
+    let marked = sqlx::query(
+        "UPDATE sprays SET settled_at = ?, refunded_amount = ? WHERE id = ? AND settled_at IS NULL",
+    )
+    .bind(millis(now))
+    .bind(stored(refund)?)
+    .bind(spray_id)
+    .execute(&mut **tx)
+    .await?;
+    if marked.rows_affected() != 1 {
+        return Ok(SettleOutcome::AlreadySettled);
+    }
+    if refund == Amount::ZERO {
+        return Ok(SettleOutcome::Completed);
+    }
+    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'REFUND', ?, ?, ?)")
+        .bind(spray_id)
+        .bind(owner_id)
+        .bind(stored(refund)?)
+        .bind(millis(now))
+        .execute(&mut **tx)
+        .await?;
+    Ok(SettleOutcome::Refunded(refund))
 }

@@ -9,15 +9,24 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::convert::{
-    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, time_from, user_from,
+    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, sum_amounts, time_from,
+    user_from,
 };
 use super::error::is_unique_violation;
-use super::{Claim, ClaimOutcome, NewSpray, SlotClaim, SprayKey, Store, StoreError};
-use crate::domain::rules::{ReceiveFacts, check_receive};
+use super::idempotency::{
+    COMPLETE_SQL, INSERT_PENDING_SQL, IdempotencyRow, Judgement, RELEASE_SQL, SELECT_ROW_SQL, TAKE_OVER_SQL,
+    answer_columns, lease_lost,
+};
+use super::{
+    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
+    SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
+};
+use crate::domain::rules::{ReceiveFacts, check_receive, window_open};
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 use crate::gate::GateSnapshot;
 
@@ -69,13 +78,21 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn insert_spray(&self, spray: &NewSpray) -> Result<(), StoreError> {
+    async fn insert_spray(
+        &self,
+        spray: &NewSpray,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<(), StoreError> {
         // IMMEDIATE takes the write lock up front, so the transaction never has to
         // upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         // Committed only if every write succeeded; rolled back explicitly otherwise, so
         // no transaction stays open on a pooled connection.
-        match insert_in(&mut tx, spray).await {
+        let written = match insert_in(&mut tx, spray).await {
+            Ok(()) => complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => Ok(tx.commit().await?),
             Err(e) => {
                 tx.rollback().await?;
@@ -84,11 +101,20 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn claim_share(&self, claim: &Claim) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_share(
+        &self,
+        claim: &Claim,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<ClaimOutcome, StoreError> {
         // IMMEDIATE takes the write lock up front (see insert_spray). The transaction is
         // committed when a share was taken and rolled back explicitly otherwise.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcome = claim_in(&mut tx, claim).await;
+        let outcome = match claim_in(&mut tx, claim).await {
+            Ok(ClaimOutcome::Received(amount)) => complete_in(&mut tx, idempotency, amount, claim.now)
+                .await
+                .map(|()| ClaimOutcome::Received(amount)),
+            other => other,
+        };
         match outcome {
             Ok(ClaimOutcome::Received(_)) => tx.commit().await?,
             _ => tx.rollback().await?,
@@ -118,12 +144,132 @@ impl Store for SqliteStore {
         gate_sql::gate_snapshot(&self.reader, room, token).await
     }
 
-    async fn claim_slot(&self, claim: &Claim, spray_id: i64, slot: i64) -> Result<SlotClaim, StoreError> {
-        gate_sql::claim_slot(&self.writer, claim, spray_id, slot).await
+    async fn claim_slot(
+        &self,
+        claim: &Claim,
+        spray_id: i64,
+        slot: i64,
+        idempotency: Option<&IdempotencyWrite<'_>>,
+    ) -> Result<SlotClaim, StoreError> {
+        // The single writer orders this after any settlement, which it then sees.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let outcome = async {
+            if is_settled(&mut tx, spray_id).await? {
+                return Ok(SlotClaim::Closed);
+            }
+            match gate_sql::claim_slot_in(&mut tx, claim, spray_id, slot).await? {
+                SlotClaim::Received(amount) => {
+                    complete_in(&mut tx, idempotency, amount, claim.now).await?;
+                    Ok(SlotClaim::Received(amount))
+                }
+                other => Ok(other),
+            }
+        }
+        .await;
+        match outcome {
+            Ok(SlotClaim::Received(_)) => tx.commit().await?,
+            _ => tx.rollback().await?,
+        }
+        outcome
     }
 
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
         gate_sql::share_of(&self.writer, spray_id, user).await
+    }
+
+    async fn unsettled_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<Vec<i64>, StoreError> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT id FROM sprays WHERE settled_at IS NULL AND receive_until <= ?
+             ORDER BY receive_until, id LIMIT ?",
+        )
+        .bind(millis(closed_by))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
+        // One writer at a time: no claim runs while this transaction does, and every claim
+        // after it sees `settled_at` (see claim_in).
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let outcome = settle_in(&mut tx, spray_id, now).await;
+        match outcome {
+            Ok(SettleOutcome::Refunded(_) | SettleOutcome::Completed) => tx.commit().await?,
+            _ => tx.rollback().await?,
+        }
+        outcome
+    }
+
+    async fn purge_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        // Shares go with their spray (ON DELETE CASCADE); the ledger has no foreign key and
+        // stays. Only settled sprays: their money is fully accounted for in the ledger.
+        let done = sqlx::query(
+            "DELETE FROM sprays WHERE id IN
+                 (SELECT id FROM sprays WHERE settled_at IS NOT NULL AND lookup_until <= ?
+                  ORDER BY lookup_until, id LIMIT ?)",
+        )
+        .bind(millis(closed_by))
+        .bind(limit)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn begin_idempotent(&self, request: &IdempotentRequest) -> Result<Begin, StoreError> {
+        // One transaction on the single writer: the read and the insert or take-over that
+        // follows it cannot interleave with another request's.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let begun = begin_in(&mut tx, request).await;
+        match begun {
+            Ok(Begin::Run(_)) => tx.commit().await?,
+            _ => tx.rollback().await?,
+        }
+        begun
+    }
+
+    async fn finish_idempotent(
+        &self,
+        slot: &IdempotencySlot,
+        answer: &StoredAnswer,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let (status, content_type, location, body) = answer_columns(answer);
+        let done = sqlx::query(COMPLETE_SQL)
+            .bind(status)
+            .bind(content_type)
+            .bind(location)
+            .bind(body)
+            .bind(millis(now))
+            .bind(slot.user.get())
+            .bind(slot.endpoint.as_str())
+            .bind(slot.key.as_str())
+            .bind(slot.lease)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError> {
+        sqlx::query(RELEASE_SQL)
+            .bind(slot.user.get())
+            .bind(slot.endpoint.as_str())
+            .bind(slot.key.as_str())
+            .bind(slot.lease)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency WHERE rowid IN
+                 (SELECT rowid FROM idempotency WHERE touched_at < ? ORDER BY touched_at LIMIT ?)",
+        )
+        .bind(millis(touched_before))
+        .bind(limit)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
     }
 }
 
@@ -163,6 +309,12 @@ async fn claim_in(
     };
     if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
         return Ok(ClaimOutcome::Refused(refusal));
+    }
+    // Rule 4 again: a settled spray is closed, even to a claim whose `now` is still inside
+    // the window (it started before the deadline and queued behind the settlement). This
+    // transaction holds the only write lock, so no settlement can commit after this read.
+    if is_settled(tx, spray_id).await? {
+        return Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired));
     }
 
     // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
@@ -219,10 +371,16 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray
     .await?;
 
     let recipient_count = i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
+    // The id is never one a purged spray had: the ledger keeps every spray id ever used
+    // (each spray's DEBIT), and a reused id would tie that old history to the new spray.
+    // SQLite itself would hand out MAX(id) + 1 of the rows left, and the table has no
+    // AUTOINCREMENT. The single writer makes reading the maximum and inserting atomic.
     let inserted = sqlx::query_scalar::<_, i64>(
-        "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
+        "INSERT INTO sprays (id, room_id, token, owner_id, mode, total_amount, recipient_count,
                                  created_at, receive_until, lookup_until)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES (max(COALESCE((SELECT MAX(id) FROM sprays), 0),
+                         COALESCE((SELECT MAX(spray_id) FROM ledger), 0)) + 1,
+                     ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(spray.room.as_str())
     .bind(spray.token.as_str())
@@ -295,5 +453,149 @@ async fn find_in(
 
 /// The SQL side of the Redis gate, shared with the other backends.
 mod gate_sql {
-    super::super::gate_sql::gate_sql_functions!(db = sqlx::Sqlite, begin = "BEGIN IMMEDIATE");
+    super::super::gate_sql::gate_sql_functions!(db = sqlx::Sqlite);
+}
+
+/// Whether the spray has been settled, inside the caller's transaction. A spray that is
+/// gone (purged) counts as settled: it was settled before it could be purged.
+async fn is_settled(tx: &mut sqlx::Transaction<'static, Sqlite>, spray_id: i64) -> Result<bool, StoreError> {
+    let settled_at = sqlx::query_scalar::<_, Option<i64>>("SELECT settled_at FROM sprays WHERE id = ?")
+        .bind(spray_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(!matches!(settled_at, Some(None)))
+}
+
+/// Completes the idempotency row, if any, with the answer rendered from `amount`, inside
+/// the effect's transaction. Fails (and so rolls the effect back) when the row is no
+/// longer pending under the request's lease.
+async fn complete_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    idempotency: Option<&IdempotencyWrite<'_>>,
+    amount: Amount,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let Some(write) = idempotency else {
+        return Ok(());
+    };
+    let answer = (write.render)(amount);
+    let (status, content_type, location, body) = answer_columns(&answer);
+    let done = sqlx::query(COMPLETE_SQL)
+        .bind(status)
+        .bind(content_type)
+        .bind(location)
+        .bind(body)
+        .bind(millis(now))
+        .bind(write.slot.user.get())
+        .bind(write.slot.endpoint.as_str())
+        .bind(write.slot.key.as_str())
+        .bind(write.slot.lease)
+        .execute(&mut **tx)
+        .await?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(lease_lost())
+    }
+}
+
+/// Settles one spray inside the caller's transaction; see `Store::settle_spray`.
+async fn settle_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    spray_id: i64,
+    now: DateTime<Utc>,
+) -> Result<SettleOutcome, StoreError> {
+    let spray = sqlx::query_as::<_, (i64, i64, Option<i64>)>(
+        "SELECT owner_id, receive_until, settled_at FROM sprays WHERE id = ?",
+    )
+    .bind(spray_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((owner_id, receive_until, settled_at)) = spray else {
+        return Ok(SettleOutcome::Gone);
+    };
+    if settled_at.is_some() {
+        return Ok(SettleOutcome::AlreadySettled);
+    }
+    if window_open(now, time_from(receive_until)?) {
+        return Ok(SettleOutcome::StillOpen);
+    }
+    // What nobody received, share by share, summed with overflow checked.
+    let free =
+        sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL")
+            .bind(spray_id)
+            .fetch_all(&mut **tx)
+            .await?;
+    let refund = sum_amounts(spray_id, free)?;
+    // Conditional: only one settlement of a spray can ever match `settled_at IS NULL`.
+    let marked = sqlx::query(
+        "UPDATE sprays SET settled_at = ?, refunded_amount = ? WHERE id = ? AND settled_at IS NULL",
+    )
+    .bind(millis(now))
+    .bind(stored(refund)?)
+    .bind(spray_id)
+    .execute(&mut **tx)
+    .await?;
+    if marked.rows_affected() != 1 {
+        return Ok(SettleOutcome::AlreadySettled);
+    }
+    if refund == Amount::ZERO {
+        return Ok(SettleOutcome::Completed);
+    }
+    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'REFUND', ?, ?, ?)")
+        .bind(spray_id)
+        .bind(owner_id)
+        .bind(stored(refund)?)
+        .bind(millis(now))
+        .execute(&mut **tx)
+        .await?;
+    Ok(SettleOutcome::Refunded(refund))
+}
+
+/// Begins an idempotent request inside the caller's transaction; see `Store::begin_idempotent`.
+async fn begin_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    request: &IdempotentRequest,
+) -> Result<Begin, StoreError> {
+    let existing = sqlx::query_as::<_, IdempotencyRow>(SELECT_ROW_SQL)
+        .bind(request.user.get())
+        .bind(request.endpoint.as_str())
+        .bind(request.key.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    let now = millis(request.now);
+    match existing.map(|row| row.judge(request)).transpose()? {
+        None => {
+            sqlx::query(INSERT_PENDING_SQL)
+                .bind(request.user.get())
+                .bind(request.endpoint.as_str())
+                .bind(request.key.as_str())
+                .bind(request.fingerprint.as_bytes().as_slice())
+                .bind(request.lease)
+                .bind(now)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Begin::Run(request.slot()))
+        }
+        Some(Judgement::Answer(answer)) => Ok(answer),
+        Some(Judgement::TakeOver { lease }) => {
+            // Under the single writer nothing can change the row between the read and
+            // this update, but the condition keeps the take-over honest on its own.
+            let taken = sqlx::query(TAKE_OVER_SQL)
+                .bind(request.lease)
+                .bind(now)
+                .bind(request.user.get())
+                .bind(request.endpoint.as_str())
+                .bind(request.key.as_str())
+                .bind(lease)
+                .execute(&mut **tx)
+                .await?;
+            if taken.rows_affected() == 1 {
+                Ok(Begin::Run(request.slot()))
+            } else {
+                Ok(Begin::InProgress)
+            }
+        }
+    }
 }

@@ -367,3 +367,66 @@ impl TestApp {
         )
     }
 }
+
+/// Helpers for the tests of a spray's life after its window (settlement, retention,
+/// idempotency).
+impl TestApp {
+    /// The test's clock, now.
+    pub fn now(&self) -> DateTime<Utc> {
+        use spray::clock::Clock;
+        self.clock.now()
+    }
+
+    /// Counts with a query built at run time (the store's `count` takes static text).
+    pub async fn count_where(&self, sql: String) -> i64 {
+        self.store.count(Box::leak(sql.into_boxed_str())).await.unwrap()
+    }
+
+    /// Runs one statement directly on the test's database, behind the service's back.
+    pub async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&self.settings.database_url).await?;
+                let done = sqlx::query(sql).execute(&pool).await;
+                pool.close().await;
+                Ok(done?.rows_affected())
+            }
+            Backend::MySql | Backend::MySqlRedis | Backend::MySqlRedisCluster => {
+                let pool = sqlx::MySqlPool::connect(&self.settings.database_url).await?;
+                let done = sqlx::query(sql).execute(&pool).await;
+                pool.close().await;
+                Ok(done?.rows_affected())
+            }
+        }
+    }
+
+    /// Another store on the same database, as a second instance of the service would open.
+    pub async fn second_store(&self) -> Arc<dyn Store> {
+        open_store(&self.settings).await.unwrap()
+    }
+
+    /// A JSON POST with an exact body text and optional `Idempotency-Key`.
+    pub async fn post_keyed(
+        &self,
+        path: &str,
+        user: i64,
+        room: Option<&str>,
+        key: Option<&str>,
+        body: &str,
+    ) -> Answer {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("content-type", "application/json")
+            .header("x-user-id", user.to_string());
+        if let Some(room) = room {
+            request = request.header("x-room-id", room);
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        self.send(request.body(Body::from(body.to_owned())).unwrap())
+            .await
+    }
+}

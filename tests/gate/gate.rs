@@ -118,7 +118,7 @@ async fn a_stale_gate_falls_back_to_the_sql_claim() {
         user: spray::domain::UserId::parse("2").unwrap(),
         now: crate::common::start_time(),
     };
-    let outcome = app.store.claim_share(&claim).await.unwrap();
+    let outcome = app.store.claim_share(&claim, None).await.unwrap();
     assert_eq!(
         outcome,
         spray::store::ClaimOutcome::Received(spray::domain::Amount::new(200))
@@ -177,4 +177,33 @@ async fn the_gate_reports_hits_misses_and_rebuilds() {
         counter(&app, rebuilds).await > rebuilds_before,
         "lost keys are rebuilt"
     );
+}
+
+#[tokio::test]
+async fn a_reused_token_is_never_answered_from_the_old_sprays_keys() {
+    // Lookup window as short as the receive window: the token is free again while the
+    // old spray's keys may still be in Redis.
+    let minutes = std::time::Duration::from_secs(600);
+    let settings = spray::config::Settings {
+        receive_window: minutes,
+        lookup_window: minutes,
+        ..Default::default()
+    };
+    let app = TestApp::with_settings(settings).await;
+    app.tokens.push("AAA");
+    app.spray(100, 1).await;
+    app.receive(2, "AAA").await.assert_status(200);
+    app.advance(chrono::TimeDelta::minutes(10));
+    // Another sprayer takes the token; the old sprayer and the old receiver may receive.
+    app.tokens.push("AAA");
+    app.spray_as(
+        5,
+        crate::common::ROOM,
+        serde_json::json!({"amount": 300, "recipient_count": 3}),
+    )
+    .await;
+    app.receive(OWNER, "AAA").await.assert_status(200);
+    app.receive(2, "AAA").await.assert_status(200);
+    app.receive(5, "AAA").await.assert_problem(403, "OWN_SPRAY");
+    app.assert_audit_clean().await;
 }

@@ -1,0 +1,263 @@
+//! `Idempotency-Key` on the two POST endpoints (CONTRACT.md, "Idempotency").
+//!
+//! A middleware in front of the handlers. For a request that sends a key it:
+//! 1. lets the defects the contract ranks before `INVALID_REQUEST` (too large, not JSON, no
+//!    valid user) through to the handler untouched, so they answer exactly as without a
+//!    key, and are not kept: such a request cannot be scoped to a user or compared as a
+//!    JSON value. The same goes for a body that is not JSON at all. A malformed key is
+//!    `400 INVALID_REQUEST`, not kept either;
+//! 2. fingerprints the request (its body as a canonical JSON value, plus its effective
+//!    room) and begins it in the store, which answers at once with a replay, `422
+//!    IDEMPOTENCY_KEY_REUSED` or `409 IDEMPOTENCY_IN_PROGRESS`, or lets it run holding a
+//!    pending row;
+//! 3. runs the handler with the pending row's [`IdempotencySlot`] in the request's
+//!    extensions. A handler whose effect succeeds keeps its answer in the effect's own
+//!    transaction (so the money and the answer a retry gets commit together); any other
+//!    answer is dealt with here: a 4xx (no effect) is kept in its own transaction, a 5xx
+//!    releases the row so the retry runs afresh. A request cancelled mid-way (the client
+//!    went away) releases its row too, unless its effect already committed.
+//!
+//! The row is fenced by a random lease: only the request holding the current lease can
+//! complete or release it. A pending row untouched for [`IN_PROGRESS_BOUND_SECONDS`] was
+//! abandoned (its process died) and the next retry takes it over under a new lease; the
+//! old holder, if it was merely slow, can then no longer commit its effect.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::Value;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{BODY_LIMIT, Caller, is_json, is_length_limit};
+use crate::domain::{Endpoint, Fingerprint, IdempotencyKey};
+use crate::service::ServiceError;
+use crate::store::{Begin, IdempotencySlot, IdempotentRequest, Store, StoredAnswer};
+
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// A pending row untouched this long is taken to be abandoned by a process that died. Well
+/// above the time any request takes (the store's own timeouts are 5 to 30 seconds); and
+/// the lease makes a take-over safe even when the first request was merely slow.
+pub const IN_PROGRESS_BOUND_SECONDS: i64 = 60;
+
+/// The largest 4xx body kept for replay; ours are small problem documents.
+const KEPT_BODY_LIMIT: usize = 64 * 1024;
+
+/// The middleware; see the module doc.
+pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(endpoint) = endpoint_of(request.method(), request.uri().path()) else {
+        return next.run(request).await;
+    };
+    if !request.headers().contains_key(&IDEMPOTENCY_KEY) {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    // Defects ranked before INVALID_REQUEST: the handler's extractor answers them.
+    let declared_too_large = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| len > BODY_LIMIT);
+    if declared_too_large {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(bytes) => bytes,
+        // The body is consumed: answer as the extractor would have.
+        Err(e) if is_length_limit(&e) => return ApiError::PayloadTooLarge.into_response(),
+        Err(_) => return ApiError::invalid("the request body could not be read").into_response(),
+    };
+    let pass_through = |parts: Parts, bytes| Request::from_parts(parts, Body::from(bytes));
+    if !is_json(&parts.headers) {
+        return next.run(pass_through(parts, bytes)).await;
+    }
+    let Ok(caller) = Caller::from_request_parts(&mut parts, &state).await else {
+        return next.run(pass_through(parts, bytes)).await;
+    };
+    let Some(key) = idempotency_key(&parts.headers) else {
+        return ApiError::invalid("Idempotency-Key must be sent once, as 1 to 255 visible ASCII characters")
+            .into_response();
+    };
+    let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
+        return next.run(pass_through(parts, bytes)).await;
+    };
+    // The effective room: the header's, else the body's (when both are given and differ,
+    // the handler refuses the request; the header's then stands for it).
+    let room = caller
+        .header_room
+        .as_ref()
+        .map(|room| room.as_str())
+        .or_else(|| value.get("room_id").and_then(Value::as_str));
+    let fingerprint = Fingerprint::of(&value, room);
+
+    let service = &state.service;
+    let store = service.store().clone();
+    let now = service.clock().now();
+    let begin = IdempotentRequest {
+        user: caller.user,
+        endpoint,
+        key: key.clone(),
+        fingerprint,
+        now,
+        abandoned_before: now - TimeDelta::seconds(IN_PROGRESS_BOUND_SECONDS),
+        lease: rand::random(),
+    };
+    // Held from before the row is written, so that a request cancelled while its insert
+    // is on the way back still releases the row it may have written. The release is
+    // conditional on this request's own lease: it can never touch another request's row.
+    let mut held = Held {
+        store: Some(store.clone()),
+        slot: IdempotencySlot {
+            user: caller.user,
+            endpoint,
+            key,
+            lease: begin.lease,
+        },
+    };
+    let refused = match store.begin_idempotent(&begin).await {
+        Ok(Begin::Run(_)) => None,
+        Ok(Begin::Replay(answer)) => Some(respond(answer, true).unwrap_or_else(IntoResponse::into_response)),
+        Ok(Begin::KeyReused) => Some(ApiError::IdempotencyKeyReused.into_response()),
+        Ok(Begin::InProgress) => Some(ApiError::IdempotencyInProgress.into_response()),
+        // The insert may have committed before the error reached us: `held` releases it.
+        Err(e) => return ApiError::from(ServiceError::Store(e)).into_response(),
+    };
+    if let Some(answer) = refused {
+        held.done(); // the row is another request's
+        return answer;
+    }
+
+    let mut request = pass_through(parts, bytes);
+    request.extensions_mut().insert(held.slot.clone());
+    let response = next.run(request).await;
+    let status = response.status();
+    let response = if status.is_client_error() {
+        keep(store.as_ref(), &held.slot, response, service.clock().now()).await
+    } else if status.is_server_error() {
+        release(store.as_ref(), &held.slot).await;
+        response
+    } else {
+        // A success: the effect's transaction kept the answer.
+        response
+    };
+    held.done();
+    response
+}
+
+/// The endpoint a request goes to, if it is one that honours `Idempotency-Key`.
+fn endpoint_of(method: &Method, path: &str) -> Option<Endpoint> {
+    match (method, path) {
+        (&Method::POST, "/api/v1/spray") => Some(Endpoint::Spray),
+        (&Method::POST, "/api/v1/receive") => Some(Endpoint::Receive),
+        _ => None,
+    }
+}
+
+/// The key, sent exactly once and well-formed.
+fn idempotency_key(headers: &HeaderMap) -> Option<IdempotencyKey> {
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok().and_then(IdempotencyKey::parse)
+}
+
+/// An answer, as sent the first time or replayed (with `Idempotent-Replayed: true`).
+pub fn respond(answer: StoredAnswer, replayed: bool) -> Result<Response, ApiError> {
+    let status = StatusCode::from_u16(answer.status).map_err(|_| ApiError::Internal)?;
+    let mut response = (status, answer.body).into_response();
+    let headers = response.headers_mut();
+    let content_type = HeaderValue::try_from(answer.content_type).map_err(|_| ApiError::Internal)?;
+    headers.insert(header::CONTENT_TYPE, content_type);
+    if let Some(location) = answer.location {
+        let location = HeaderValue::try_from(location).map_err(|_| ApiError::Internal)?;
+        headers.insert(header::LOCATION, location);
+    }
+    if replayed {
+        headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// Keeps a 4xx answer for replay, in its own transaction, and sends it on.
+async fn keep(store: &dyn Store, slot: &IdempotencySlot, response: Response, now: DateTime<Utc>) -> Response {
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, KEPT_BODY_LIMIT).await else {
+        tracing::error!("a 4xx answer could not be read back to be kept");
+        release(store, slot).await;
+        return ApiError::Internal.into_response();
+    };
+    let header_text = |name: &HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let answer = StoredAnswer {
+        status: parts.status.as_u16(),
+        content_type: header_text(&header::CONTENT_TYPE)
+            .unwrap_or_else(|| "application/problem+json".to_owned()),
+        location: header_text(&header::LOCATION),
+        body: bytes.to_vec(),
+    };
+    match store.finish_idempotent(slot, &answer, now).await {
+        Ok(true) => {}
+        // Taken over by a retry after the in-progress bound: the retry's answer stands.
+        Ok(false) => {
+            tracing::warn!(endpoint = %slot.endpoint, "idempotency row taken over before its answer was kept")
+        }
+        // The answer is still true; without it kept, the retry will run afresh.
+        Err(e) => {
+            tracing::warn!(error = %e, "a 4xx answer could not be kept for replay");
+            release(store, slot).await;
+        }
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// Releases the pending row so that a retry runs afresh; a failure only delays that retry
+/// until the row counts as abandoned.
+async fn release(store: &dyn Store, slot: &IdempotencySlot) {
+    if let Err(e) = store.release_idempotent(slot).await {
+        tracing::warn!(error = %e, "a pending idempotency row could not be released");
+    }
+}
+
+/// The pending row a running request holds. Dropped before [`Held::done`] (the request
+/// was cancelled: the client went away), it releases the row in the background. That is
+/// safe even if the effect's transaction is still in flight: the release only deletes a
+/// row still pending under this lease, so it waits for that transaction and then either
+/// finds the answer kept (committed) or the row pending (rolled back).
+struct Held {
+    store: Option<Arc<dyn Store>>,
+    slot: IdempotencySlot,
+}
+
+impl Held {
+    fn done(&mut self) {
+        self.store = None;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let slot = self.slot.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { release(store.as_ref(), &slot).await });
+        }
+    }
+}
