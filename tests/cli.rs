@@ -6,6 +6,7 @@ mod common;
 use common::process::*;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -508,6 +509,84 @@ async fn sigterm_stops_the_server_gracefully() {
         drop(server);
 
         // What it wrote before stopping is whole.
+        let audit = audit(dir.path(), "audit", &url).await;
+        assert_eq!(audit.status.code(), Some(0), "{}\n{}", audit.stdout, audit.stderr);
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+#[tokio::test]
+async fn a_request_in_flight_at_sigterm_is_finished_before_the_exit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = database_url(dir.path());
+        let client = client();
+        let mut server = Server::start(dir.path(), &url, &[], &[]).await;
+        let token = spray(&client, &server, &json!({ "amount": 10, "recipient_count": 2 })).await;
+        let in_flight = || async {
+            let text = client
+                .get(server.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("http_requests_in_flight ")?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(0.0)
+        };
+        let baseline = in_flight().await;
+
+        // A receive whose body is only half sent: the request is in flight.
+        let body = format!(r#"{{"token": "{token}"}}"#);
+        let (first, rest) = body.split_at(body.len() / 2);
+        let address = server.base.trim_start_matches("http://").to_owned();
+        let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connect");
+        let head = format!(
+            "POST /api/v1/receive HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+             X-USER-ID: 2\r\nX-ROOM-ID: {ROOM}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{first}",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut polls = 0;
+        while in_flight().await <= baseline {
+            polls += 1;
+            assert!(polls < HEALTH_POLLS, "the half-sent request never started");
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+
+        // SIGTERM now: the server stops accepting but finishes this request.
+        let pid = server.child.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        stream.write_all(rest.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("the answer");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "answer after SIGTERM: {answer}"
+        );
+        assert!(answer.contains(r#"{"received_amount":5}"#), "{answer}");
+
+        let status = server
+            .child
+            .wait_for_exit(STOP_LIMIT)
+            .await
+            .expect("spray serve exits after the drain");
+        assert_eq!(status.code(), Some(0), "--- log ---\n{}", server.log_text());
         let audit = audit(dir.path(), "audit", &url).await;
         assert_eq!(audit.status.code(), Some(0), "{}\n{}", audit.stdout, audit.stderr);
     })
