@@ -207,3 +207,26 @@ async fn a_reused_token_is_never_answered_from_the_old_sprays_keys() {
     app.receive(5, "AAA").await.assert_problem(403, "OWN_SPRAY");
     app.assert_audit_clean().await;
 }
+
+#[tokio::test]
+async fn a_slot_that_sql_could_not_record_is_given_back() {
+    let app = TestApp::new().await;
+    let token = app.spray(300, 3).await;
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    // The database goes away between the gate's answer and the point update.
+    app.store.close().await;
+    app.receive(2, &token).await.assert_problem(503, "UNAVAILABLE");
+    // The slot is back at the head of the list and user 2 holds nothing, so the retry
+    // (or anyone else) gets the same share once SQL is back.
+    let free: Vec<String> = redis
+        .query(redis::cmd("LRANGE").arg(&keys.free).arg(0).arg(-1))
+        .await;
+    let held: Option<String> = redis
+        .query(redis::cmd("HGET").arg(&keys.receivers).arg("2"))
+        .await;
+    assert_eq!(
+        (free, held),
+        (vec!["0".to_owned(), "1".to_owned(), "2".to_owned()], None)
+    );
+}
