@@ -180,20 +180,14 @@ pub fn problems() -> Vec<ProblemDoc> {
         ProblemDoc::of(LookupExpired, "the lookup window (7 days by default) has closed"),
         ProblemDoc::of(PayloadTooLarge, "request body over 16 KiB"),
         ProblemDoc::of(UnsupportedMediaType, "a POST body that is not application/json"),
-        ProblemDoc {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "IDEMPOTENCY_KEY_REUSED",
-            title: "Idempotency key reused",
-            detail: "this Idempotency-Key was used with a different request".into(),
-            when: "an Idempotency-Key reused with a different request",
-        },
-        ProblemDoc {
-            status: StatusCode::CONFLICT,
-            code: "IDEMPOTENCY_IN_PROGRESS",
-            title: "Request in progress",
-            detail: "a request with this Idempotency-Key is still being processed".into(),
-            when: "a request with the same Idempotency-Key is still being processed",
-        },
+        ProblemDoc::of(
+            IdempotencyKeyReused,
+            "an Idempotency-Key reused with a different request",
+        ),
+        ProblemDoc::of(
+            IdempotencyInProgress,
+            "a request with the same Idempotency-Key is still being processed",
+        ),
         ProblemDoc::of(
             Unavailable("the database is unavailable; try again shortly"),
             "a backing store is unreachable, the instance is at its concurrency bound, or the \
