@@ -7,9 +7,9 @@
 
 mod convert;
 mod error;
-mod gate_sql;
 mod idempotency;
 pub mod mysql;
+mod portable;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -18,10 +18,7 @@ use super::convert::{
     user_from,
 };
 use super::error::is_unique_violation;
-use super::idempotency::{
-    COMPLETE_SQL, INSERT_PENDING_SQL, IdempotencyRow, Judgement, RELEASE_SQL, SELECT_ROW_SQL, TAKE_OVER_SQL,
-    answer_columns, lease_lost,
-};
+use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
     Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
@@ -89,7 +86,7 @@ impl Store for SqliteStore {
         // Committed only if every write succeeded; rolled back explicitly otherwise, so
         // no transaction stays open on a pooled connection.
         let written = match insert_in(&mut tx, spray).await {
-            Ok(()) => complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at).await,
+            Ok(()) => portable::complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at).await,
             Err(e) => Err(e),
         };
         match written {
@@ -110,9 +107,11 @@ impl Store for SqliteStore {
         // committed when a share was taken and rolled back explicitly otherwise.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let outcome = match claim_in(&mut tx, claim).await {
-            Ok(ClaimOutcome::Received(amount)) => complete_in(&mut tx, idempotency, amount, claim.now)
-                .await
-                .map(|()| ClaimOutcome::Received(amount)),
+            Ok(ClaimOutcome::Received(amount)) => {
+                portable::complete_in(&mut tx, idempotency, amount, claim.now)
+                    .await
+                    .map(|()| ClaimOutcome::Received(amount))
+            }
             other => other,
         };
         match outcome {
@@ -141,7 +140,7 @@ impl Store for SqliteStore {
     }
 
     async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError> {
-        gate_sql::gate_snapshot(&self.reader, room, token).await
+        portable::gate_snapshot(&self.reader, room, token).await
     }
 
     async fn claim_slot(
@@ -157,9 +156,9 @@ impl Store for SqliteStore {
             if is_settled(&mut tx, spray_id).await? {
                 return Ok(SlotClaim::Closed);
             }
-            match gate_sql::claim_slot_in(&mut tx, claim, spray_id, slot).await? {
+            match portable::claim_slot_in(&mut tx, claim, spray_id, slot).await? {
                 SlotClaim::Received(amount) => {
-                    complete_in(&mut tx, idempotency, amount, claim.now).await?;
+                    portable::complete_in(&mut tx, idempotency, amount, claim.now).await?;
                     Ok(SlotClaim::Received(amount))
                 }
                 other => Ok(other),
@@ -174,18 +173,11 @@ impl Store for SqliteStore {
     }
 
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
-        gate_sql::share_of(&self.writer, spray_id, user).await
+        portable::share_of(&self.writer, spray_id, user).await
     }
 
     async fn unsettled_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<Vec<i64>, StoreError> {
-        Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT id FROM sprays WHERE settled_at IS NULL AND receive_until <= ?
-             ORDER BY receive_until, id LIMIT ?",
-        )
-        .bind(millis(closed_by))
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?)
+        portable::unsettled_sprays(&self.reader, closed_by, limit).await
     }
 
     async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
@@ -233,31 +225,11 @@ impl Store for SqliteStore {
         answer: &StoredAnswer,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let (status, content_type, location, body) = answer_columns(answer);
-        let done = sqlx::query(COMPLETE_SQL)
-            .bind(status)
-            .bind(content_type)
-            .bind(location)
-            .bind(body)
-            .bind(millis(now))
-            .bind(slot.user.get())
-            .bind(slot.endpoint.as_str())
-            .bind(slot.key.as_str())
-            .bind(slot.lease)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(portable::complete_row(&self.writer, slot, answer, now).await? == 1)
     }
 
     async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError> {
-        sqlx::query(RELEASE_SQL)
-            .bind(slot.user.get())
-            .bind(slot.endpoint.as_str())
-            .bind(slot.key.as_str())
-            .bind(slot.lease)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        portable::release_row(&self.writer, slot).await
     }
 
     async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
@@ -451,9 +423,9 @@ async fn find_in(
     row.into_record(receipts).map(Some)
 }
 
-/// The SQL side of the Redis gate, shared with the other backends.
-mod gate_sql {
-    super::super::gate_sql::gate_sql_functions!(db = sqlx::Sqlite);
+/// The SQL that is the same for every backend (see `store/portable.rs`).
+mod portable {
+    super::super::portable::portable_sql_functions!(db = sqlx::Sqlite);
 }
 
 /// Whether the spray has been settled, inside the caller's transaction. A spray that is
@@ -464,39 +436,6 @@ async fn is_settled(tx: &mut sqlx::Transaction<'static, Sqlite>, spray_id: i64) 
         .fetch_optional(&mut **tx)
         .await?;
     Ok(!matches!(settled_at, Some(None)))
-}
-
-/// Completes the idempotency row, if any, with the answer rendered from `amount`, inside
-/// the effect's transaction. Fails (and so rolls the effect back) when the row is no
-/// longer pending under the request's lease.
-async fn complete_in(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
-    idempotency: Option<&IdempotencyWrite<'_>>,
-    amount: Amount,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let Some(write) = idempotency else {
-        return Ok(());
-    };
-    let answer = (write.render)(amount);
-    let (status, content_type, location, body) = answer_columns(&answer);
-    let done = sqlx::query(COMPLETE_SQL)
-        .bind(status)
-        .bind(content_type)
-        .bind(location)
-        .bind(body)
-        .bind(millis(now))
-        .bind(write.slot.user.get())
-        .bind(write.slot.endpoint.as_str())
-        .bind(write.slot.key.as_str())
-        .bind(write.slot.lease)
-        .execute(&mut **tx)
-        .await?;
-    if done.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(lease_lost())
-    }
 }
 
 /// Settles one spray inside the caller's transaction; see `Store::settle_spray`.

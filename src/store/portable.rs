@@ -1,11 +1,12 @@
-//! The SQL side of the Redis gate, the same text for every backend.
+//! SQL that is the same text for every backend: the Redis gate's side of the claim, and
+//! the idempotency rows' completion and release, and the sweep's query.
 //!
 //! The statements are portable, so rather than write them twice the functions are
 //! generated once per backend by this macro (sqlx's types differ per database); each
 //! backend's `impl Store` delegates to them, and wraps the point update in a transaction
 //! of its own that first makes sure the spray is not settled.
 
-macro_rules! gate_sql_functions {
+macro_rules! portable_sql_functions {
     (db = $db:ty) => {
         use crate::store::StoreError;
 
@@ -119,7 +120,85 @@ macro_rules! gate_sql_functions {
                 .map(crate::store::convert::amount_from)
                 .transpose()
         }
+
+        /// Completes the idempotency row `slot` holds with `answer`, if it is still
+        /// pending under the slot's lease; how many rows that changed (0 or 1).
+        pub async fn complete_row<'e, E>(
+            executor: E,
+            slot: &crate::store::IdempotencySlot,
+            answer: &crate::store::StoredAnswer,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<u64, StoreError>
+        where
+            E: sqlx::Executor<'e, Database = $db>,
+        {
+            let (status, content_type, location, body) = crate::store::idempotency::answer_columns(answer);
+            let done = sqlx::query(crate::store::idempotency::COMPLETE_SQL)
+                .bind(status)
+                .bind(content_type)
+                .bind(location)
+                .bind(body)
+                .bind(crate::store::convert::millis(now))
+                .bind(slot.user.get())
+                .bind(slot.endpoint.as_str())
+                .bind(slot.key.as_str())
+                .bind(slot.lease)
+                .execute(executor)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        /// Completes the idempotency row, if any, with the answer rendered from `amount`,
+        /// inside the effect's transaction: the money and the kept answer commit together.
+        /// A lost lease (the row was taken over) fails the whole transaction.
+        pub async fn complete_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            idempotency: Option<&crate::store::IdempotencyWrite<'_>>,
+            amount: crate::domain::Amount,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<(), StoreError> {
+            let Some(write) = idempotency else {
+                return Ok(());
+            };
+            let answer = (write.render)(amount);
+            if complete_row(&mut **tx, write.slot, &answer, now).await? == 1 {
+                Ok(())
+            } else {
+                Err(crate::store::idempotency::lease_lost())
+            }
+        }
+
+        /// Deletes the row `slot` holds if it is still pending under its lease.
+        pub async fn release_row(
+            writer: &sqlx::Pool<$db>,
+            slot: &crate::store::IdempotencySlot,
+        ) -> Result<(), StoreError> {
+            sqlx::query(crate::store::idempotency::RELEASE_SQL)
+                .bind(slot.user.get())
+                .bind(slot.endpoint.as_str())
+                .bind(slot.key.as_str())
+                .bind(slot.lease)
+                .execute(writer)
+                .await?;
+            Ok(())
+        }
+
+        /// Up to `limit` ids of unsettled sprays whose window closed by `closed_by`.
+        pub async fn unsettled_sprays(
+            reader: &sqlx::Pool<$db>,
+            closed_by: chrono::DateTime<chrono::Utc>,
+            limit: u32,
+        ) -> Result<Vec<i64>, StoreError> {
+            Ok(sqlx::query_scalar::<_, i64>(
+                "SELECT id FROM sprays WHERE settled_at IS NULL AND receive_until <= ?
+                 ORDER BY receive_until, id LIMIT ?",
+            )
+            .bind(crate::store::convert::millis(closed_by))
+            .bind(limit)
+            .fetch_all(reader)
+            .await?)
+        }
     };
 }
 
-pub(crate) use gate_sql_functions;
+pub(crate) use portable_sql_functions;
