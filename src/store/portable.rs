@@ -198,6 +198,48 @@ macro_rules! portable_sql_functions {
             .fetch_all(reader)
             .await?)
         }
+
+        /// Rules 1 to 4 of a receive, in the contract's order, inside the caller's claim
+        /// transaction: the spray `(id, recipient_count)` the caller may take a share of,
+        /// or the rule that refuses. (The backend then checks settlement and rule 5.)
+        pub async fn receive_rules_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            claim: &crate::store::Claim,
+        ) -> Result<Result<(i64, i64), crate::domain::ReceiveRefusal>, StoreError> {
+            use crate::store::convert::{amount_from, time_from, user_from};
+            // Rule 1: the spray must exist in the caller's room. The newest spray with
+            // this token in the room is the live one, if any is live.
+            let spray = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+                "SELECT id, owner_id, receive_until, recipient_count FROM sprays
+                 WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
+            )
+            .bind(claim.room.as_str())
+            .bind(claim.token.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some((spray_id, owner_id, receive_until, recipient_count)) = spray else {
+                return Ok(Err(crate::domain::ReceiveRefusal::NotFound));
+            };
+            let already_received = sqlx::query_scalar::<_, i64>(
+                "SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?",
+            )
+            .bind(spray_id)
+            .bind(claim.user.get())
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(amount_from)
+            .transpose()?;
+            // Rules 2 to 4, decided by the domain.
+            let facts = crate::domain::ReceiveFacts {
+                owner: user_from(owner_id)?,
+                receive_until: time_from(receive_until)?,
+                already_received,
+            };
+            Ok(
+                crate::domain::rules::check_receive(&facts, claim.user, claim.now)
+                    .map(|()| (spray_id, recipient_count)),
+            )
+        }
     };
 }
 

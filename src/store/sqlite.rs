@@ -15,7 +15,6 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::convert::{
     ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, sum_amounts, time_from,
-    user_from,
 };
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
@@ -23,7 +22,7 @@ use super::{
     Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
-use crate::domain::rules::{ReceiveFacts, check_receive, window_open};
+use crate::domain::rules::window_open;
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 use crate::gate::GateSnapshot;
 
@@ -250,38 +249,11 @@ async fn claim_in(
     tx: &mut sqlx::Transaction<'static, Sqlite>,
     claim: &Claim,
 ) -> Result<ClaimOutcome, StoreError> {
-    // Rule 1: the spray must exist in the caller's room. The newest spray with this
-    // token in the room is the live one, if any is live.
-    let spray = sqlx::query_as::<_, (i64, i64, i64, i64)>(
-        "SELECT id, owner_id, receive_until, recipient_count FROM sprays
-             WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
-    )
-    .bind(claim.room.as_str())
-    .bind(claim.token.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((spray_id, owner_id, receive_until, recipient_count)) = spray else {
-        return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
+    // Rules 1 to 4, in the contract's order.
+    let (spray_id, recipient_count) = match portable::receive_rules_in(tx, claim).await? {
+        Ok(spray) => spray,
+        Err(refusal) => return Ok(ClaimOutcome::Refused(refusal)),
     };
-
-    let already_received =
-        sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
-            .bind(spray_id)
-            .bind(claim.user.get())
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(amount_from)
-            .transpose()?;
-
-    // Rules 2 to 4, in the contract's order.
-    let facts = ReceiveFacts {
-        owner: user_from(owner_id)?,
-        receive_until: time_from(receive_until)?,
-        already_received,
-    };
-    if let Err(refusal) = check_receive(&facts, claim.user, claim.now) {
-        return Ok(ClaimOutcome::Refused(refusal));
-    }
     // Rule 4 again: a settled spray is closed, even to a claim whose `now` is still inside
     // the window (it started before the deadline and queued behind the settlement). This
     // transaction holds the only write lock, so no settlement can commit after this read.
