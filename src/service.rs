@@ -15,7 +15,7 @@ use crate::domain::{
     Amount, LookupRefusal, LookupScope, ReceiveRefusal, RoomId, SplitMode, SprayRecord, SprayState, Token,
     TokenSource, UserId, split,
 };
-use crate::gate::{GateVerdict, RedisGate, SprayKeys};
+use crate::gate::{GateSnapshot, GateVerdict, RedisGate, SprayKeys};
 use crate::store::{
     Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SlotClaim, SprayKey, Store, StoreError,
     StoredAnswer,
@@ -179,8 +179,8 @@ impl SprayService {
                 }
             };
             match inserted {
-                Ok(()) => {
-                    self.prime_gate(&spray.room, &created.token, created_at).await;
+                Ok(spray_id) => {
+                    self.prime_gate(spray_id, &spray).await;
                     return Ok(created);
                 }
                 Err(StoreError::TokenTaken) => {
@@ -243,17 +243,25 @@ impl SprayService {
         Ok((record, state))
     }
 
-    /// Loads a new spray into the gate, so the first receivers do not all rebuild it.
-    /// Best effort: if Redis is down, the first claim rebuilds it from SQL.
-    async fn prime_gate(&self, room: &RoomId, token: &Token, now: chrono::DateTime<chrono::Utc>) {
+    /// Loads a new spray into the gate, so the first receivers do not all rebuild it. The
+    /// keys come from what was just written (every share free, nobody received), so no
+    /// read of it is needed. Best effort: if Redis is down, the first claim rebuilds it.
+    async fn prime_gate(&self, spray_id: i64, spray: &NewSpray) {
         let Some(gate) = &self.gate else { return };
-        match self.store.gate_snapshot(room, token).await {
-            Ok(Some(snapshot)) => {
-                let _ = gate.rebuild(&gate.keys(room, token), &snapshot, now).await;
-            }
-            Ok(None) => {}
-            Err(error) => tracing::warn!(%error, "could not read the new spray back for the gate"),
-        }
+        let Ok(recipient_count) = u32::try_from(spray.shares.len()) else {
+            return;
+        };
+        let snapshot = GateSnapshot {
+            spray_id,
+            owner: spray.owner,
+            receive_until: spray.receive_until,
+            lookup_until: spray.lookup_until,
+            recipient_count,
+            free_slots: (0..i64::from(recipient_count)).collect(),
+            receivers: Vec::new(),
+        };
+        let keys = gate.keys(&spray.room, &spray.token);
+        let _ = gate.rebuild(&keys, &snapshot, spray.created_at).await;
     }
 
     /// The claim with the Redis gate in front (`../shared/DESIGN.md` section 2). Redis

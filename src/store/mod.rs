@@ -71,15 +71,15 @@ pub trait Store: Send + Sync + 'static {
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Writes the spray, its shares and the sprayer's DEBIT in one transaction.
-    /// `StoreError::TokenTaken` when a live spray of the room or of the sprayer holds the
+    /// Writes the spray, its shares and the sprayer's DEBIT in one transaction, and
+    /// returns the new spray's id. `StoreError::TokenTaken` when a live spray of the room or of the sprayer holds the
     /// token; nothing is written then. With `idempotency`, the same transaction completes
     /// that pending row with the answer (rendered with the spray's amount).
     async fn insert_spray(
         &self,
         spray: &NewSpray,
         idempotency: Option<&IdempotencyWrite<'_>>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<i64, StoreError>;
 
     /// Applies the receive rules and, if they allow it, gives the caller one free share
     /// and records the CREDIT, all in one transaction. A settled spray counts as closed

@@ -22,10 +22,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{Executor, MySql, MySqlPool, QueryBuilder};
+use sqlx::{Executor, MySql, MySqlPool};
 
 use super::convert::{
-    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, sum_amounts, time_from,
+    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored, sum_amounts, time_from,
 };
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
@@ -39,8 +39,6 @@ use crate::gate::GateSnapshot;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/mysql");
 
-/// Rows per multi-row INSERT of shares.
-const SHARES_PER_INSERT: usize = 500;
 /// How long an instance waits for another one's migrations at start-up.
 const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 /// A transaction that loses a deadlock or a lock wait is run this many times in all.
@@ -76,16 +74,21 @@ impl MySqlStore {
         &self,
         spray: &NewSpray,
         idempotency: Option<&IdempotencyWrite<'_>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Committed only if every write succeeded; rolled back explicitly otherwise, so
         // no transaction stays open on a pooled connection.
         let written = match insert_in(&mut tx, spray).await {
-            Ok(()) => portable::complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at).await,
+            Ok(spray_id) => portable::complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at)
+                .await
+                .map(|()| spray_id),
             Err(e) => Err(e),
         };
         match written {
-            Ok(()) => Ok(tx.commit().await?),
+            Ok(spray_id) => {
+                tx.commit().await?;
+                Ok(spray_id)
+            }
             Err(e) => {
                 tx.rollback().await?;
                 Err(e)
@@ -282,7 +285,7 @@ impl Store for MySqlStore {
         &self,
         spray: &NewSpray,
         idempotency: Option<&IdempotencyWrite<'_>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         retrying!(self.try_insert_spray(spray, idempotency))
     }
 
@@ -469,7 +472,7 @@ impl MySqlStore {
 }
 
 /// The spray, its shares and the DEBIT, inside the caller's transaction.
-async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray) -> Result<(), StoreError> {
+async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray) -> Result<i64, StoreError> {
     let now = millis(spray.created_at);
 
     // Sprays past their lookup window give up the token (see the migration). Two
@@ -515,23 +518,8 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray)
         Err(e) => return Err(e.into()),
     };
 
-    for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
-        let mut insert = QueryBuilder::<MySql>::new("INSERT INTO shares (spray_id, slot, amount) ");
-        insert.push_values(chunk, |mut row, (slot, amount)| {
-            row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
-        });
-        insert.build().execute(&mut **tx).await?;
-    }
-
-    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)")
-        .bind(spray_id)
-        .bind(spray.owner.get())
-        .bind(stored(spray.total_amount)?)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-
-    Ok(())
+    portable::insert_shares_and_debit_in(tx, spray_id, spray).await?;
+    Ok(spray_id)
 }
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).

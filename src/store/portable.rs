@@ -240,6 +240,36 @@ macro_rules! portable_sql_functions {
                     .map(|()| (spray_id, recipient_count)),
             )
         }
+
+        /// A new spray's shares, in the order they will be received, and the sprayer's
+        /// DEBIT, inside the caller's transaction (after the spray row `spray_id`).
+        pub async fn insert_shares_and_debit_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray_id: i64,
+            spray: &crate::store::NewSpray,
+        ) -> Result<(), StoreError> {
+            use crate::store::convert::{millis, share_rows, stored};
+            // Rows per multi-row INSERT, well under either database's bound-variable limit.
+            const SHARES_PER_INSERT: usize = 500;
+            for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
+                let mut insert =
+                    sqlx::QueryBuilder::<$db>::new("INSERT INTO shares (spray_id, slot, amount) ");
+                insert.push_values(chunk, |mut row, (slot, amount)| {
+                    row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
+                });
+                insert.build().execute(&mut **tx).await?;
+            }
+            sqlx::query(
+                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)",
+            )
+            .bind(spray_id)
+            .bind(spray.owner.get())
+            .bind(stored(spray.total_amount)?)
+            .bind(millis(spray.created_at))
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
     };
 }
 

@@ -11,10 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{Sqlite, SqlitePool};
 
 use super::convert::{
-    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, share_rows, stored, sum_amounts, time_from,
+    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored, sum_amounts, time_from,
 };
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
@@ -30,8 +30,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// How long a connection waits for SQLite's file lock (another process, a checkpoint).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Rows per multi-row INSERT of shares, well under SQLite's bound-variable limit.
-const SHARES_PER_INSERT: usize = 500;
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -78,18 +76,23 @@ impl Store for SqliteStore {
         &self,
         spray: &NewSpray,
         idempotency: Option<&IdempotencyWrite<'_>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         // IMMEDIATE takes the write lock up front, so the transaction never has to
         // upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         // Committed only if every write succeeded; rolled back explicitly otherwise, so
         // no transaction stays open on a pooled connection.
         let written = match insert_in(&mut tx, spray).await {
-            Ok(()) => portable::complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at).await,
+            Ok(spray_id) => portable::complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at)
+                .await
+                .map(|()| spray_id),
             Err(e) => Err(e),
         };
         match written {
-            Ok(()) => Ok(tx.commit().await?),
+            Ok(spray_id) => {
+                tx.commit().await?;
+                Ok(spray_id)
+            }
             Err(e) => {
                 tx.rollback().await?;
                 Err(e)
@@ -299,7 +302,7 @@ async fn claim_in(
 }
 
 /// The spray, its shares and the DEBIT, inside the caller's transaction.
-async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray) -> Result<(), StoreError> {
+async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray) -> Result<i64, StoreError> {
     let now = millis(spray.created_at);
 
     // Sprays past their lookup window give up the token (see the migration).
@@ -343,23 +346,8 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray
         Err(e) => return Err(e.into()),
     };
 
-    for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
-        let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO shares (spray_id, slot, amount) ");
-        insert.push_values(chunk, |mut row, (slot, amount)| {
-            row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
-        });
-        insert.build().execute(&mut **tx).await?;
-    }
-
-    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)")
-        .bind(spray_id)
-        .bind(spray.owner.get())
-        .bind(stored(spray.total_amount)?)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-
-    Ok(())
+    portable::insert_shares_and_debit_in(tx, spray_id, spray).await?;
+    Ok(spray_id)
 }
 
 /// The newest spray under `key` and its receipts, inside the caller's transaction.
