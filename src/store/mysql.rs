@@ -24,16 +24,13 @@ use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySql, MySqlPool};
 
-use super::convert::{
-    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored, sum_amounts, time_from,
-};
+use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
     Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
-use crate::domain::rules::window_open;
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 use crate::gate::GateSnapshot;
 
@@ -462,7 +459,7 @@ impl MySqlStore {
     /// explicitly otherwise (see try_claim_share).
     async fn try_settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let outcome = settle_in(&mut tx, spray_id, now).await;
+        let outcome = portable::settle_in(&mut tx, spray_id, now).await;
         match outcome {
             Ok(SettleOutcome::Refunded(_) | SettleOutcome::Completed) => tx.commit().await?,
             _ => tx.rollback().await?,
@@ -524,7 +521,7 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray)
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).
 mod portable {
-    super::super::portable::portable_sql_functions!(db = sqlx::MySql);
+    super::super::portable::portable_sql_functions!(db = sqlx::MySql, lock = " FOR UPDATE");
 }
 
 /// Locks the spray row in share mode and reads whether it is settled (see the module
@@ -543,62 +540,4 @@ pub(crate) async fn lock_unsettled(
             .fetch_optional(&mut **tx)
             .await?;
     Ok(matches!(settled_at, Some(None)).then_some(()))
-}
-
-/// Settles one spray inside the caller's transaction; see `Store::settle_spray`.
-async fn settle_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    spray_id: i64,
-    now: DateTime<Utc>,
-) -> Result<SettleOutcome, StoreError> {
-    // The spray row exclusively: waits for the claims that hold it in share mode to end,
-    // and holds off every later claim until this transaction ends (see the module doc).
-    // A second sweeper settling the same spray waits here, then finds it settled.
-    let spray = sqlx::query_as::<_, (i64, i64, Option<i64>)>(
-        "SELECT owner_id, receive_until, settled_at FROM sprays WHERE id = ? FOR UPDATE",
-    )
-    .bind(spray_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((owner_id, receive_until, settled_at)) = spray else {
-        return Ok(SettleOutcome::Gone);
-    };
-    if settled_at.is_some() {
-        return Ok(SettleOutcome::AlreadySettled);
-    }
-    if window_open(now, time_from(receive_until)?) {
-        return Ok(SettleOutcome::StillOpen);
-    }
-    // What nobody received. The spray lock already keeps claims out; locking the free
-    // shares as well makes this a locking read of exactly the rows being refunded.
-    let free = sqlx::query_scalar::<_, i64>(
-        "SELECT amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL FOR UPDATE",
-    )
-    .bind(spray_id)
-    .fetch_all(&mut **tx)
-    .await?;
-    let refund = sum_amounts(spray_id, free)?;
-    // Conditional: only one settlement of a spray can ever match `settled_at IS NULL`.
-    let marked = sqlx::query(
-        "UPDATE sprays SET settled_at = ?, refunded_amount = ? WHERE id = ? AND settled_at IS NULL",
-    )
-    .bind(millis(now))
-    .bind(stored(refund)?)
-    .bind(spray_id)
-    .execute(&mut **tx)
-    .await?;
-    if marked.rows_affected() != 1 {
-        return Ok(SettleOutcome::AlreadySettled);
-    }
-    if refund == Amount::ZERO {
-        return Ok(SettleOutcome::Completed);
-    }
-    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'REFUND', ?, ?, ?)")
-        .bind(spray_id)
-        .bind(owner_id)
-        .bind(stored(refund)?)
-        .bind(millis(now))
-        .execute(&mut **tx)
-        .await?;
-    Ok(SettleOutcome::Refunded(refund))
 }

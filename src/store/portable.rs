@@ -1,13 +1,16 @@
-//! SQL that is the same text for every backend: the Redis gate's side of the claim, and
-//! the idempotency rows' completion and release, and the sweep's query.
+//! SQL that is the same text for every backend: the receive rules, the Redis gate's
+//! point update, the new spray's shares and DEBIT, settlement, the idempotency rows'
+//! completion and release, and the sweep's query.
 //!
 //! The statements are portable, so rather than write them twice the functions are
 //! generated once per backend by this macro (sqlx's types differ per database); each
-//! backend's `impl Store` delegates to them, and wraps the point update in a transaction
-//! of its own that first makes sure the spray is not settled.
+//! backend's `impl Store` delegates to them inside transactions of its own. Where the
+//! backends differ only in row locking, `lock` is the clause that locks the rows read
+//! (`" FOR UPDATE"` on MySQL; empty on SQLite, whose single writer serializes every write
+//! transaction anyway).
 
 macro_rules! portable_sql_functions {
-    (db = $db:ty) => {
+    (db = $db:ty, lock = $lock:literal) => {
         use crate::store::StoreError;
 
         pub async fn gate_snapshot(
@@ -269,6 +272,73 @@ macro_rules! portable_sql_functions {
             .execute(&mut **tx)
             .await?;
             Ok(())
+        }
+
+        /// Settles the spray at `now` inside the caller's transaction: marks it settled
+        /// and, if shares are left, writes one REFUND of their sum to the sprayer. The
+        /// spray row is read first and locked (`lock`): the settlement waits for the claims
+        /// that hold it in share mode, and holds off every later claim until it ends, and
+        /// a second sweeper settling the same spray waits, then finds it settled.
+        pub async fn settle_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray_id: i64,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<crate::store::SettleOutcome, StoreError> {
+            use crate::domain::Amount;
+            use crate::store::SettleOutcome;
+            use crate::store::convert::{millis, stored, sum_amounts, time_from};
+            let spray = sqlx::query_as::<_, (i64, i64, Option<i64>)>(concat!(
+                "SELECT owner_id, receive_until, settled_at FROM sprays WHERE id = ?",
+                $lock
+            ))
+            .bind(spray_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let Some((owner_id, receive_until, settled_at)) = spray else {
+                return Ok(SettleOutcome::Gone);
+            };
+            if settled_at.is_some() {
+                return Ok(SettleOutcome::AlreadySettled);
+            }
+            if crate::domain::rules::window_open(now, time_from(receive_until)?) {
+                return Ok(SettleOutcome::StillOpen);
+            }
+            // What nobody received, share by share, summed with overflow checked. The
+            // spray lock already keeps claims out; locking the free shares as well makes
+            // this a locking read of exactly the rows being refunded.
+            let free = sqlx::query_scalar::<_, i64>(concat!(
+                "SELECT amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
+                $lock
+            ))
+            .bind(spray_id)
+            .fetch_all(&mut **tx)
+            .await?;
+            let refund = sum_amounts(spray_id, free)?;
+            // Conditional: only one settlement of a spray can ever match `settled_at IS NULL`.
+            let marked = sqlx::query(
+                "UPDATE sprays SET settled_at = ?, refunded_amount = ? WHERE id = ? AND settled_at IS NULL",
+            )
+            .bind(millis(now))
+            .bind(stored(refund)?)
+            .bind(spray_id)
+            .execute(&mut **tx)
+            .await?;
+            if marked.rows_affected() != 1 {
+                return Ok(SettleOutcome::AlreadySettled);
+            }
+            if refund == Amount::ZERO {
+                return Ok(SettleOutcome::Completed);
+            }
+            sqlx::query(
+                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'REFUND', ?, ?, ?)",
+            )
+            .bind(spray_id)
+            .bind(owner_id)
+            .bind(stored(refund)?)
+            .bind(millis(now))
+            .execute(&mut **tx)
+            .await?;
+            Ok(SettleOutcome::Refunded(refund))
         }
     };
 }

@@ -13,16 +13,13 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool};
 
-use super::convert::{
-    ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored, sum_amounts, time_from,
-};
+use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
     Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
-use crate::domain::rules::window_open;
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 use crate::gate::GateSnapshot;
 
@@ -186,7 +183,7 @@ impl Store for SqliteStore {
         // One writer at a time: no claim runs while this transaction does, and every claim
         // after it sees `settled_at` (see claim_in).
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcome = settle_in(&mut tx, spray_id, now).await;
+        let outcome = portable::settle_in(&mut tx, spray_id, now).await;
         match outcome {
             Ok(SettleOutcome::Refunded(_) | SettleOutcome::Completed) => tx.commit().await?,
             _ => tx.rollback().await?,
@@ -385,7 +382,7 @@ async fn find_in(
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).
 mod portable {
-    super::super::portable::portable_sql_functions!(db = sqlx::Sqlite);
+    super::super::portable::portable_sql_functions!(db = sqlx::Sqlite, lock = "");
 }
 
 /// Whether the spray has been settled, inside the caller's transaction. A spray that is
@@ -396,59 +393,6 @@ async fn is_settled(tx: &mut sqlx::Transaction<'static, Sqlite>, spray_id: i64) 
         .fetch_optional(&mut **tx)
         .await?;
     Ok(!matches!(settled_at, Some(None)))
-}
-
-/// Settles one spray inside the caller's transaction; see `Store::settle_spray`.
-async fn settle_in(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
-    spray_id: i64,
-    now: DateTime<Utc>,
-) -> Result<SettleOutcome, StoreError> {
-    let spray = sqlx::query_as::<_, (i64, i64, Option<i64>)>(
-        "SELECT owner_id, receive_until, settled_at FROM sprays WHERE id = ?",
-    )
-    .bind(spray_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((owner_id, receive_until, settled_at)) = spray else {
-        return Ok(SettleOutcome::Gone);
-    };
-    if settled_at.is_some() {
-        return Ok(SettleOutcome::AlreadySettled);
-    }
-    if window_open(now, time_from(receive_until)?) {
-        return Ok(SettleOutcome::StillOpen);
-    }
-    // What nobody received, share by share, summed with overflow checked.
-    let free =
-        sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL")
-            .bind(spray_id)
-            .fetch_all(&mut **tx)
-            .await?;
-    let refund = sum_amounts(spray_id, free)?;
-    // Conditional: only one settlement of a spray can ever match `settled_at IS NULL`.
-    let marked = sqlx::query(
-        "UPDATE sprays SET settled_at = ?, refunded_amount = ? WHERE id = ? AND settled_at IS NULL",
-    )
-    .bind(millis(now))
-    .bind(stored(refund)?)
-    .bind(spray_id)
-    .execute(&mut **tx)
-    .await?;
-    if marked.rows_affected() != 1 {
-        return Ok(SettleOutcome::AlreadySettled);
-    }
-    if refund == Amount::ZERO {
-        return Ok(SettleOutcome::Completed);
-    }
-    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'REFUND', ?, ?, ?)")
-        .bind(spray_id)
-        .bind(owner_id)
-        .bind(stored(refund)?)
-        .bind(millis(now))
-        .execute(&mut **tx)
-        .await?;
-    Ok(SettleOutcome::Refunded(refund))
 }
 
 /// Begins an idempotent request inside the caller's transaction; see `Store::begin_idempotent`.
