@@ -22,6 +22,17 @@ pub async fn purge_expired_once(
     batch: u32,
 ) -> Result<usize, StoreError> {
     settle_expired_once(store, now, batch).await?;
+    purge_settled_once(store, now, grace, batch).await
+}
+
+/// Like [`purge_expired_once`], without settling first: for a caller that has just run
+/// the settlement sweep itself (the sweeper loop), so the same query does not run twice.
+pub async fn purge_settled_once(
+    store: &dyn Store,
+    now: DateTime<Utc>,
+    grace: TimeDelta,
+    batch: u32,
+) -> Result<usize, StoreError> {
     let Some(closed_by) = now.checked_sub_signed(grace) else {
         return Ok(0);
     };
