@@ -593,3 +593,28 @@ async fn a_request_in_flight_at_sigterm_is_finished_before_the_exit() {
     .await
     .expect("the test finished in time");
 }
+
+#[tokio::test]
+async fn serve_starts_and_answers_with_redis_unreachable() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = database_url(dir.path());
+        let client = client();
+        // Nothing listens on port 1: Redis is unreachable from the very start.
+        let mut server = Server::start(dir.path(), &url, &["--redis-url", "redis://127.0.0.1:1"], &[]).await;
+        let token = spray(&client, &server, &json!({ "amount": 10, "recipient_count": 2 })).await;
+        receive(&client, &server, &token, 2).await;
+        let (status, answer) = post(&client, &server, "/api/v1/receive", 2, &json!({ "token": token })).await;
+        assert_eq!((status, answer["code"].as_str()), (409, Some("ALREADY_RECEIVED")));
+        let ready = client.get(server.url("/readyz")).send().await.expect("readyz");
+        assert_eq!(ready.status(), 200);
+        let ready: Value = ready.json().await.expect("a JSON body");
+        assert_eq!(
+            (ready["sql"].as_str(), ready["redis"].as_str()),
+            (Some("up"), Some("down"))
+        );
+        assert_eq!(server.terminate().await.code(), Some(0));
+    })
+    .await
+    .expect("the test finished in time");
+}
