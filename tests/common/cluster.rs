@@ -173,10 +173,6 @@ impl OwnRedis {
         }
         wait_for("redis to stop", || port_is_free(self.port));
     }
-
-    pub fn flushall(&self) {
-        redis_cli(self.port, &["flushall"]);
-    }
 }
 
 impl Drop for OwnRedis {

@@ -63,10 +63,6 @@ impl Backend {
             Backend::Sqlite
         }
     }
-
-    pub fn has_redis(self) -> bool {
-        matches!(self, Backend::MySqlRedis | Backend::MySqlRedisCluster)
-    }
 }
 
 /// The Redis server the gate tests use: `SPRAY_TEST_REDIS_URL`, or the local Redis.
