@@ -73,6 +73,11 @@ pub struct Settings {
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, env = "SPRAY_REDIS_KEY_PREFIX", default_value = "spray", global = true)]
     pub redis_key_prefix: String,
+    /// How long a share the Redis gate handed to a claim may stay unrecorded before
+    /// another claim takes it over (the claim died: its instance was killed). Shorter
+    /// than --request-timeout.
+    #[arg(long, env = "SPRAY_CLAIM_LEASE", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub claim_lease: Duration,
     /// How long members may receive after a spray, e.g. `10m`.
     #[arg(long, env = "SPRAY_RECEIVE_WINDOW", default_value = "10m", value_parser = parse_duration, global = true)]
     pub receive_window: Duration,
@@ -119,6 +124,7 @@ impl Default for Settings {
             database_max_connections: 16,
             redis_url: None,
             redis_key_prefix: "spray".to_owned(),
+            claim_lease: Duration::from_secs(5),
             receive_window: Duration::from_secs(10 * 60),
             lookup_window: Duration::from_secs(7 * 24 * 60 * 60),
             max_amount: DEFAULT_MAX_AMOUNT,
@@ -186,6 +192,17 @@ impl Settings {
 }
 
 impl Settings {
+    /// Checks the claim lease: long enough for a claim to record its share (a few
+    /// round trips), and shorter than the request time-out, so that a share held by a
+    /// claim that died is back before its member's retry would time out.
+    pub fn claim_lease(&self) -> Result<chrono::TimeDelta, String> {
+        chrono::TimeDelta::from_std(self.claim_lease)
+            .ok()
+            .filter(|lease| *lease >= chrono::TimeDelta::milliseconds(100))
+            .filter(|_| self.claim_lease < self.request_timeout)
+            .ok_or_else(|| "--claim-lease must be at least 100ms and shorter than --request-timeout".into())
+    }
+
     /// Checks the sweepers' settings and turns them into [`SweepSettings`].
     pub fn sweep(&self) -> Result<SweepSettings, String> {
         if !(Duration::from_millis(1)..=Duration::from_secs(24 * 60 * 60)).contains(&self.sweep_interval) {
@@ -211,6 +228,7 @@ impl fmt::Debug for Settings {
             .field("database_max_connections", &self.database_max_connections)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("claim_lease", &self.claim_lease)
             .field("receive_window", &self.receive_window)
             .field("lookup_window", &self.lookup_window)
             .field("max_amount", &self.max_amount)

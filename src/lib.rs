@@ -5,6 +5,7 @@
 //! [`domain`] holds the types and rules, with no I/O.
 
 pub mod audit;
+pub mod claim;
 pub mod cli;
 pub mod clock;
 pub mod config;

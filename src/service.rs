@@ -10,17 +10,15 @@ use rand::rngs::{StdRng, SysRng};
 use crate::clock::Clock;
 use crate::config::Policy;
 use crate::domain::rules::check_lookup;
-use crate::domain::rules::window_open;
 use crate::domain::{
     Amount, LookupRefusal, LookupScope, ReceiveRefusal, RoomId, SplitMode, SprayRecord, SprayState, Token,
     TokenSource, UserId, split,
 };
-use crate::gate::{GateSnapshot, GateVerdict, RedisGate, SprayKeys};
+use crate::claim::ClaimPath;
 use crate::store::{
-    Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SlotClaim, SprayKey, Store, StoreError,
-    StoredAnswer,
+    Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SprayKey, Store, StoreError, StoredAnswer,
 };
-use crate::telemetry::{self, time_store};
+use crate::telemetry::time_store;
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
 /// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
@@ -48,7 +46,7 @@ pub struct CreatedSpray {
 
 /// Renders the answer to a spray, to be kept with it for idempotent retries. The token is
 /// only known once drawn, so the answer is rendered for each attempt.
-pub type RenderSpray<'a> = &'a (dyn Fn(&CreatedSpray) -> StoredAnswer + Send + Sync);
+pub type RenderSpray = fn(&CreatedSpray) -> StoredAnswer;
 
 /// Everything that can go wrong in the service, before it becomes problem+json.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +62,9 @@ pub enum ServiceError {
     NoToken(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The task that ran an effect to its end failed (a bug: it panicked).
+    #[error("an effect's task failed: {0}")]
+    Task(String),
 }
 
 pub struct SprayService {
@@ -71,8 +72,8 @@ pub struct SprayService {
     clock: Arc<dyn Clock>,
     tokens: Arc<dyn TokenSource>,
     policy: Policy,
-    /// The Redis gate in front of the claim, when Redis is configured.
-    gate: Option<Arc<RedisGate>>,
+    /// How a receive gets its share: SQL alone, or the Redis gate in front of it.
+    claims: Arc<dyn ClaimPath>,
 }
 
 impl SprayService {
@@ -81,24 +82,19 @@ impl SprayService {
         clock: Arc<dyn Clock>,
         tokens: Arc<dyn TokenSource>,
         policy: Policy,
+        claims: Arc<dyn ClaimPath>,
     ) -> Self {
         SprayService {
             store,
             clock,
             tokens,
             policy,
-            gate: None,
+            claims,
         }
     }
 
-    /// Puts the Redis gate in front of the claim.
-    pub fn with_gate(mut self, gate: Arc<RedisGate>) -> Self {
-        self.gate = Some(gate);
-        self
-    }
-
-    pub fn gate(&self) -> Option<&Arc<RedisGate>> {
-        self.gate.as_ref()
+    pub fn claims(&self) -> &Arc<dyn ClaimPath> {
+        &self.claims
     }
 
     pub fn policy(&self) -> &Policy {
@@ -115,7 +111,7 @@ impl SprayService {
     pub async fn spray(
         &self,
         command: SprayCommand,
-        idempotency: Option<(&IdempotencySlot, RenderSpray<'_>)>,
+        idempotency: Option<(IdempotencySlot, RenderSpray)>,
     ) -> Result<CreatedSpray, ServiceError> {
         if command.amount.units() < 1 || command.amount > self.policy.max_amount {
             return Err(ServiceError::Invalid(format!(
@@ -147,62 +143,37 @@ impl SprayService {
         let lookup_until = created_at
             .checked_add_signed(self.policy.lookup_window)
             .ok_or_else(overflow)?;
-        for _ in 0..TOKEN_ATTEMPTS {
-            let token = self
-                .tokens
-                .draw()
-                .map_err(|e| ServiceError::NoToken(e.to_string()))?;
-            let spray = NewSpray {
-                token: token.clone(),
-                room: command.room.clone(),
-                owner: command.owner,
-                mode: command.mode,
-                total_amount: command.amount,
-                shares: shares.clone(),
-                created_at,
-                receive_until,
-                lookup_until,
-            };
-            let created = CreatedSpray {
-                token,
-                created_at,
-                receive_until,
-                lookup_until,
-            };
-            let inserted = match idempotency {
-                None => time_store("insert_spray", self.store.insert_spray(&spray, None)).await,
-                Some((slot, render)) => {
-                    let answer = render(&created);
-                    let keep = move |_| answer.clone();
-                    let write = IdempotencyWrite { slot, render: &keep };
-                    time_store("insert_spray", self.store.insert_spray(&spray, Some(&write))).await
-                }
-            };
-            match inserted {
-                Ok(spray_id) => {
-                    self.prime_gate(spray_id, &spray).await;
-                    return Ok(created);
-                }
-                Err(StoreError::TokenTaken) => {
-                    tracing::debug!("token collision, drawing another");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(ServiceError::NoToken(format!(
-            "{TOKEN_ATTEMPTS} tokens in a row were already in use in this room or by this sprayer"
-        )))
+        let draft = SprayDraft {
+            room: command.room,
+            owner: command.owner,
+            mode: command.mode,
+            total_amount: command.amount,
+            shares,
+            created_at,
+            receive_until,
+            lookup_until,
+        };
+        // Once begun, the write runs to its end in a task of its own: a client that goes
+        // away cannot cut it between the commit and telling the gate (see `crate::claim`).
+        let writer = SprayWriter {
+            store: self.store.clone(),
+            tokens: self.tokens.clone(),
+            claims: self.claims.clone(),
+        };
+        tokio::spawn(async move { writer.write(draft, idempotency).await })
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?
     }
 
     /// Gives the caller one share of the spray `token` in `room`. With `idempotency`, the
-    /// answer is kept in the same transaction as the claim.
+    /// answer is kept in the same transaction as the claim. The claim runs to its end in a
+    /// task of its own, whatever becomes of the request (see `crate::claim`).
     pub async fn receive(
         &self,
         user: UserId,
         room: RoomId,
         token: Token,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<IdempotencyWrite>,
     ) -> Result<Amount, ServiceError> {
         let claim = Claim {
             room,
@@ -210,10 +181,10 @@ impl SprayService {
             user,
             now: self.clock.now(),
         };
-        let outcome = match &self.gate {
-            Some(gate) => self.claim_through_gate(gate, &claim, idempotency).await?,
-            None => time_store("claim_share", self.store.claim_share(&claim, idempotency)).await?,
-        };
+        let claims = self.claims.clone();
+        let outcome = tokio::spawn(async move { claims.claim(&claim, idempotency.as_ref()).await })
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))??;
         match outcome {
             ClaimOutcome::Received(amount) => Ok(amount),
             ClaimOutcome::Refused(refusal) => Err(ServiceError::Receive(refusal)),
@@ -243,137 +214,81 @@ impl SprayService {
         Ok((record, state))
     }
 
-    /// Loads a new spray into the gate, so the first receivers do not all rebuild it. The
-    /// keys come from what was just written (every share free, nobody received), so no
-    /// read of it is needed. Best effort: if Redis is down, the first claim rebuilds it.
-    async fn prime_gate(&self, spray_id: i64, spray: &NewSpray) {
-        let Some(gate) = &self.gate else { return };
-        let Ok(recipient_count) = u32::try_from(spray.shares.len()) else {
-            return;
-        };
-        let snapshot = GateSnapshot {
-            spray_id,
-            owner: spray.owner,
-            receive_until: spray.receive_until,
-            lookup_until: spray.lookup_until,
-            recipient_count,
-            free_slots: (0..i64::from(recipient_count)).collect(),
-            receivers: Vec::new(),
-        };
-        let keys = gate.keys(&spray.room, &spray.token);
-        let _ = gate.rebuild(&keys, &snapshot, spray.created_at).await;
-    }
-
-    /// The claim with the Redis gate in front (`../shared/DESIGN.md` section 2). Redis
-    /// answers the refusals it can prove and hands out a slot; SQL records the slot with a
-    /// point update. Whenever Redis cannot answer, or its view proves stale, the claim
-    /// takes the SQL-only path, which decides on its own.
-    async fn claim_through_gate(
-        &self,
-        gate: &RedisGate,
-        claim: &Claim,
-        idempotency: Option<&IdempotencyWrite<'_>>,
-    ) -> Result<ClaimOutcome, StoreError> {
-        let keys = gate.keys(&claim.room, &claim.token);
-        // One rebuild per request at most: if the keys vanish again at once (Redis being
-        // flushed over and over), SQL alone answers.
-        for _ in 0..2 {
-            let Ok(verdict) = gate.claim(&keys, claim.user, claim.now).await else {
-                return self.sql_claim(claim, idempotency).await;
-            };
-            let refused = |refusal| {
-                telemetry::record_gate_hit();
-                Ok(ClaimOutcome::Refused(refusal))
-            };
-            match verdict {
-                GateVerdict::Missing => {
-                    telemetry::record_gate_miss();
-                    let Some(snapshot) = self.store.gate_snapshot(&claim.room, &claim.token).await? else {
-                        return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
-                    };
-                    // A closed spray is not worth loading: SQL answers its few late callers.
-                    if !window_open(claim.now, snapshot.receive_until)
-                        || gate.rebuild(&keys, &snapshot, claim.now).await.is_err()
-                    {
-                        return self.sql_claim(claim, idempotency).await;
-                    }
-                    telemetry::record_gate_rebuild();
-                }
-                GateVerdict::OwnSpray { .. } => return refused(ReceiveRefusal::OwnSpray),
-                GateVerdict::Expired { .. } => return refused(ReceiveRefusal::Expired),
-                GateVerdict::Exhausted { shares, .. } => {
-                    return refused(ReceiveRefusal::Exhausted { shares });
-                }
-                GateVerdict::AlreadyHeld { spray_id, slot } => {
-                    // Only SQL can say someone received: confirm before refusing.
-                    if self.store.share_of(spray_id, claim.user).await?.is_some() {
-                        return refused(ReceiveRefusal::AlreadyReceived);
-                    }
-                    // The gate handed this user a slot that SQL never recorded (a crash
-                    // between the two steps): this retry completes that claim.
-                    return self
-                        .record_slot(gate, &keys, claim, spray_id, slot, idempotency)
-                        .await;
-                }
-                GateVerdict::Slot { spray_id, slot } => {
-                    telemetry::record_gate_hit();
-                    return self
-                        .record_slot(gate, &keys, claim, spray_id, slot, idempotency)
-                        .await;
-                }
-            }
-        }
-        self.sql_claim(claim, idempotency).await
-    }
-
-    /// The SQL-only claim, when the gate cannot help.
-    async fn sql_claim(
-        &self,
-        claim: &Claim,
-        idempotency: Option<&IdempotencyWrite<'_>>,
-    ) -> Result<ClaimOutcome, StoreError> {
-        telemetry::record_gate_fallback();
-        time_store("claim_share", self.store.claim_share(claim, idempotency)).await
-    }
-
-    /// Records in SQL the slot the gate handed out, and repairs the gate when SQL disagrees.
-    async fn record_slot(
-        &self,
-        gate: &RedisGate,
-        keys: &SprayKeys,
-        claim: &Claim,
-        spray_id: i64,
-        slot: i64,
-        idempotency: Option<&IdempotencyWrite<'_>>,
-    ) -> Result<ClaimOutcome, StoreError> {
-        match time_store(
-            "claim_slot",
-            self.store.claim_slot(claim, spray_id, slot, idempotency),
-        )
-        .await
-        {
-            Ok(SlotClaim::Received(amount)) => Ok(ClaimOutcome::Received(amount)),
-            Ok(SlotClaim::Taken) => {
-                // The gate's view was stale (rebuilt from an older read, or a claim went
-                // through SQL alone): drop our hold and let SQL find a free share.
-                let _ = gate.forget(keys, claim.user, slot).await;
-                self.sql_claim(claim, idempotency).await
-            }
-            Ok(SlotClaim::AlreadyReceived) => {
-                // The user got a share through SQL alone; this slot is still free.
-                let _ = gate.release(keys, claim.user, slot).await;
-                Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived))
-            }
-            Ok(SlotClaim::Closed) => Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired)),
-            Err(error) => {
-                // SQL could not record it: give the slot back, answer 503, let them retry.
-                let _ = gate.release(keys, claim.user, slot).await;
-                Err(error)
-            }
-        }
-    }
-
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+}
+
+/// A spray whose shares are drawn, waiting for its token.
+struct SprayDraft {
+    room: RoomId,
+    owner: UserId,
+    mode: SplitMode,
+    total_amount: Amount,
+    shares: Vec<Amount>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    receive_until: chrono::DateTime<chrono::Utc>,
+    lookup_until: chrono::DateTime<chrono::Utc>,
+}
+
+/// What writing a spray needs, owned, so that it can run in a task of its own.
+struct SprayWriter {
+    store: Arc<dyn Store>,
+    tokens: Arc<dyn TokenSource>,
+    claims: Arc<dyn ClaimPath>,
+}
+
+impl SprayWriter {
+    /// Writes the spray under a fresh token, retrying a bounded number of times when the
+    /// token is taken in the room or by the sprayer, then readies the claim path for it.
+    async fn write(
+        self,
+        draft: SprayDraft,
+        idempotency: Option<(IdempotencySlot, RenderSpray)>,
+    ) -> Result<CreatedSpray, ServiceError> {
+        for _ in 0..TOKEN_ATTEMPTS {
+            let token = self
+                .tokens
+                .draw()
+                .map_err(|e| ServiceError::NoToken(e.to_string()))?;
+            let spray = NewSpray {
+                token: token.clone(),
+                room: draft.room.clone(),
+                owner: draft.owner,
+                mode: draft.mode,
+                total_amount: draft.total_amount,
+                shares: draft.shares.clone(),
+                created_at: draft.created_at,
+                receive_until: draft.receive_until,
+                lookup_until: draft.lookup_until,
+            };
+            let created = CreatedSpray {
+                token,
+                created_at: draft.created_at,
+                receive_until: draft.receive_until,
+                lookup_until: draft.lookup_until,
+            };
+            let write = idempotency.as_ref().map(|(slot, render)| {
+                let answer = render(&created);
+                IdempotencyWrite {
+                    slot: slot.clone(),
+                    render: Arc::new(move |_| answer.clone()),
+                }
+            });
+            match time_store("insert_spray", self.store.insert_spray(&spray, write.as_ref())).await {
+                Ok(spray_id) => {
+                    self.claims.sprayed(spray_id, &spray).await;
+                    return Ok(created);
+                }
+                Err(StoreError::TokenTaken) => {
+                    tracing::debug!("token collision, drawing another");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::NoToken(format!(
+            "{TOKEN_ATTEMPTS} tokens in a row were already in use in this room or by this sprayer"
+        )))
     }
 }

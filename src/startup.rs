@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::domain::{OsTokens, TokenSource};
-use crate::gate::RedisGate;
+use crate::claim;
 use crate::http::{AppState, Limits, router_with};
 use crate::jobs::{self, SweepSettings};
 use crate::service::SprayService;
@@ -43,14 +43,15 @@ pub fn build_router(
     tokens: Arc<dyn TokenSource>,
 ) -> Result<Router, StartupError> {
     let policy = settings.policy().map_err(StartupError::Settings)?;
-    let mut service = SprayService::new(store, clock, tokens, policy);
-    if let Some(url) = &settings.redis_url {
-        // Does not connect yet: the service serves on the SQL path until Redis answers.
-        let gate = RedisGate::new(url, &settings.redis_key_prefix)
-            .map_err(|e| StartupError::Settings(format!("--redis-url: {e}")))?;
-        service = service.with_gate(Arc::new(gate));
-    }
-    let service = Arc::new(service);
+    let lease = settings.claim_lease().map_err(StartupError::Settings)?;
+    let claims = claim::for_settings(
+        store.clone(),
+        settings.redis_url.as_deref(),
+        &settings.redis_key_prefix,
+        lease,
+    )
+    .map_err(|e| StartupError::Settings(format!("--redis-url: {e}")))?;
+    let service = Arc::new(SprayService::new(store, clock, tokens, policy, claims));
     let gateway_secret = settings.gateway_secret.as_deref().map(Arc::from);
     let limits = Limits::new(settings.max_concurrent_requests, settings.request_timeout);
     Ok(router_with(
@@ -84,6 +85,7 @@ impl Application {
         tokens: Arc<dyn TokenSource>,
     ) -> Result<Application, StartupError> {
         settings.policy().map_err(StartupError::Settings)?;
+        settings.claim_lease().map_err(StartupError::Settings)?;
         let sweep = settings.sweep().map_err(StartupError::Settings)?;
         let store = open_store(settings).await?;
         let router = build_router(settings, store.clone(), clock.clone(), tokens)?;

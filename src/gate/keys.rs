@@ -8,6 +8,9 @@ pub struct SprayKeys {
     pub meta: String,
     pub free: String,
     pub receivers: String,
+    /// The holds not yet confirmed as recorded in SQL: a sorted set of `slot:user`,
+    /// scored by the time (ms, service clock) the slot was handed out.
+    pub holds: String,
 }
 
 impl SprayKeys {
@@ -24,11 +27,12 @@ impl SprayKeys {
             meta: format!("{tag}:meta"),
             free: format!("{tag}:free"),
             receivers: format!("{tag}:recv"),
+            holds: format!("{tag}:held"),
         }
     }
 
-    pub fn all(&self) -> [&str; 3] {
-        [&self.meta, &self.free, &self.receivers]
+    pub fn all(&self) -> [&str; 4] {
+        [&self.meta, &self.free, &self.receivers, &self.holds]
     }
 }
 

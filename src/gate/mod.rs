@@ -10,6 +10,10 @@
 //! key is rebuilt from SQL, an "already received" is confirmed by SQL, and any Redis
 //! error sends the request down the SQL-only path. After an error the gate stays out of
 //! the way for a short while ([`BACKOFF`]) and then tries Redis again by itself.
+//!
+//! A slot handed out is a hold with a time: confirmed once SQL recorded it, given back
+//! when SQL could not, and taken over by another claim once older than the claim lease
+//! when its claim died without either (see `scripts.rs`).
 
 mod keys;
 mod scripts;
@@ -69,10 +73,12 @@ pub enum GateVerdict {
         spray_id: i64,
         shares: u32,
     },
-    /// This request, and no other, now holds `slot`.
+    /// This request, and no other, now holds `slot`. `taken_over`: the slot was held by
+    /// a claim older than the lease, which may yet record it; SQL decides.
     Slot {
         spray_id: i64,
         slot: i64,
+        taken_over: bool,
     },
 }
 
@@ -105,6 +111,7 @@ pub struct RedisGate {
     rebuild: Script,
     release: Script,
     forget: Script,
+    confirm: Script,
     started: Instant,
     /// Milliseconds since `started` before which Redis is not tried (the back-off).
     resume_at: AtomicU64,
@@ -141,6 +148,7 @@ impl RedisGate {
             rebuild: Script::new(scripts::REBUILD),
             release: Script::new(scripts::RELEASE),
             forget: Script::new(scripts::FORGET),
+            confirm: Script::new(scripts::CONFIRM),
             started: Instant::now(),
             resume_at: AtomicU64::new(0),
         })
@@ -217,12 +225,14 @@ impl RedisGate {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The atomic receive step: see [`GateVerdict`].
+    /// The atomic receive step: see [`GateVerdict`]. A hold older than `lease` at `now`
+    /// is taken over when no slot is free.
     pub async fn claim(
         &self,
         keys: &SprayKeys,
         user: UserId,
         now: DateTime<Utc>,
+        lease: TimeDelta,
     ) -> Result<GateVerdict, GateUnavailable> {
         let answer = self
             .run(
@@ -232,6 +242,7 @@ impl RedisGate {
                     user.to_string(),
                     now.timestamp_millis().to_string(),
                     KEEP_AFTER_WINDOW.num_milliseconds().to_string(),
+                    lease.num_milliseconds().to_string(),
                 ],
             )
             .await?;
@@ -271,6 +282,13 @@ impl RedisGate {
     /// Gives a slot back after SQL failed to record it.
     pub async fn release(&self, keys: &SprayKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
         self.run(&self.release, keys, vec![user.to_string(), slot.to_string()])
+            .await
+            .map(drop)
+    }
+
+    /// Marks the user's hold of `slot` as recorded in SQL, so it is never taken over.
+    pub async fn confirm(&self, keys: &SprayKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
+        self.run(&self.confirm, keys, vec![user.to_string(), slot.to_string()])
             .await
             .map(drop)
     }
@@ -328,6 +346,7 @@ fn parse_verdict(value: &Value) -> Option<GateVerdict> {
         "SLOT" => GateVerdict::Slot {
             spray_id: number(1)?,
             slot: number(2)?,
+            taken_over: number(3)? == 1,
         },
         _ => return None,
     })

@@ -1,30 +1,56 @@
 //! The gate's Lua scripts. Each runs atomically on the one Redis (Cluster) slot that holds
 //! a spray's keys: KEYS[1] the spray's meta hash, KEYS[2] its list of free share slots,
-//! KEYS[3] the hash of receivers (user id -> slot). Share amounts are never computed here:
-//! the gate only hands out slot numbers; SQL holds the money.
+//! KEYS[3] the hash of receivers (user id -> slot), KEYS[4] the holds not yet confirmed
+//! as recorded in SQL (a sorted set of `slot:user` scored by when the slot was handed
+//! out, in ms of the service's clock). Share amounts are never computed here: the gate
+//! only hands out slot numbers; SQL holds the money.
+//!
+//! The life of a slot: free (KEYS[2]) -> held (KEYS[3] and KEYS[4], by CLAIM) -> recorded
+//! (KEYS[3] only, by CONFIRM once SQL committed it), or back to free (RELEASE, when SQL
+//! could not record it). A hold whose claim died without either (its instance was killed)
+//! is taken over by CLAIM once it is older than the claim lease: SQL's conditional update
+//! then decides between the new holder and a late original one.
 
-/// ARGV: user id, now (ms), how long after the window the keys are trusted (ms).
+/// ARGV: user id, now (ms), how long after the window the keys are trusted (ms), the
+/// claim lease (ms).
 /// Answers, in the contract's rule order: `{"MISSING"}` (rebuild from SQL),
 /// `{"OWN", id}`, `{"ALREADY", id, slot}`, `{"EXPIRED", id}`,
-/// `{"EXHAUSTED", id, shares}`, `{"SLOT", id, slot}`. Keys past their time by the
-/// service's clock are dropped and answered as missing, whatever Redis's own TTL says:
-/// SQL then answers for a spray that is long closed, purged or replaced.
+/// `{"EXHAUSTED", id, shares}`, `{"SLOT", id, slot, taken_over}`. Keys past their time by
+/// the service's clock are dropped and answered as missing, whatever Redis's own TTL
+/// says: SQL then answers for a spray that is long closed, purged or replaced.
+///
+/// With no free slot left, the oldest hold past its lease is taken over before the spray
+/// is called exhausted; so "exhausted" means every share is recorded or held by a claim
+/// younger than the lease. The previous holder keeps its entry in KEYS[3]: if it did
+/// record the share (only its confirmation was lost), its retries are still answered
+/// "already received" after SQL confirms it.
 pub const CLAIM: &str = r#"
 local id = redis.call('HGET', KEYS[1], 'id')
 if not id then return {'MISSING'} end
-if tonumber(ARGV[2]) >= tonumber(redis.call('HGET', KEYS[1], 'until')) + tonumber(ARGV[3]) then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+local now = tonumber(ARGV[2])
+if now >= tonumber(redis.call('HGET', KEYS[1], 'until')) + tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
   return {'MISSING'}
 end
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return {'OWN', id} end
 local held = redis.call('HGET', KEYS[3], ARGV[1])
 if held then return {'ALREADY', id, held} end
-if tonumber(ARGV[2]) >= tonumber(redis.call('HGET', KEYS[1], 'until')) then return {'EXPIRED', id} end
+if now >= tonumber(redis.call('HGET', KEYS[1], 'until')) then return {'EXPIRED', id} end
+local taken_over = 0
 local slot = redis.call('LPOP', KEYS[2])
-if not slot then return {'EXHAUSTED', id, redis.call('HGET', KEYS[1], 'shares')} end
+if not slot then
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, 1)
+  if #stale == 0 then return {'EXHAUSTED', id, redis.call('HGET', KEYS[1], 'shares')} end
+  redis.call('ZREM', KEYS[4], stale[1])
+  slot = string.match(stale[1], '^(%d+):')
+  taken_over = 1
+end
 redis.call('HSET', KEYS[3], ARGV[1], slot)
-redis.call('PEXPIRE', KEYS[3], math.max(redis.call('PTTL', KEYS[1]), 1))
-return {'SLOT', id, slot}
+redis.call('ZADD', KEYS[4], now, slot .. ':' .. ARGV[1])
+local ttl = math.max(redis.call('PTTL', KEYS[1]), 1)
+redis.call('PEXPIRE', KEYS[3], ttl)
+redis.call('PEXPIRE', KEYS[4], ttl)
+return {'SLOT', id, slot, taken_over}
 "#;
 
 /// Load-if-absent. ARGV: spray id, owner, receive_until (ms), shares, time to live (ms),
@@ -32,11 +58,12 @@ return {'SLOT', id, slot}
 /// Does nothing (returns 0) if the keys already hold this spray (another request rebuilt
 /// it first). Keys that hold an older spray under the same room and token are replaced.
 /// The time to live is relative, so the keys' lifetime does not depend on Redis's clock
-/// agreeing with ours.
+/// agreeing with ours. A rebuilt spray has no holds: SQL lists every share it has not
+/// recorded as free.
 pub const REBUILD: &str = r#"
 local held = redis.call('HGET', KEYS[1], 'id')
 if held == ARGV[1] then return 0 end
-if held then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) end
+if held then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4]) end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'until', ARGV[3], 'shares', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local free = tonumber(ARGV[6])
@@ -57,11 +84,19 @@ if receivers then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
 return 1
 "#;
 
+/// SQL recorded the slot for the user: the hold becomes a plain receipt and can no
+/// longer be taken over. ARGV: user id, slot.
+pub const CONFIRM: &str = r#"
+return redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
+"#;
+
 /// Gives a slot back after SQL could not record it (a transient failure), if the user
-/// still holds it. ARGV: user id, slot.
+/// still holds it. A hold taken over meanwhile belongs to its new holder: the user's
+/// entry is dropped, but the slot is not put back. ARGV: user id, slot.
 pub const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
@@ -70,6 +105,7 @@ return 1
 
 /// Forgets that the user holds a slot that SQL says someone else has. ARGV: user, slot.
 pub const FORGET: &str = r#"
+redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 return 1

@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 use super::error::ApiError;
 use super::extract::{Caller, JsonRequest, LookupQuery, present};
 use super::idempotency::respond;
+use super::middleware::EffectStarted;
 use super::openapi::{IdempotencyHeader, IdentityHeaders};
 use crate::domain::{Amount, SplitMode, SprayStatus, Token, UserId};
 use crate::service::{CreatedSpray, RenderSpray, SprayCommand, SprayService};
@@ -198,6 +199,7 @@ fn received_answer(received_amount: Amount) -> StoredAnswer {
 pub async fn create_spray(
     State(service): State<Arc<SprayService>>,
     idempotency: Option<Extension<IdempotencySlot>>,
+    effect: Option<Extension<EffectStarted>>,
     request: JsonRequest<SprayRequest>,
 ) -> Result<Response, ApiError> {
     let JsonRequest { caller, body, .. } = request;
@@ -211,8 +213,11 @@ pub async fn create_spray(
         mode: body.mode.unwrap_or_default(),
     };
     let mode = command.mode;
-    let render: RenderSpray<'_> = &spray_answer;
-    let kept = idempotency.as_ref().map(|Extension(slot)| (slot, render));
+    let render: RenderSpray = spray_answer;
+    let kept = idempotency.map(|Extension(slot)| (slot, render));
+    if let Some(Extension(effect)) = effect {
+        effect.mark();
+    }
     let created = service.spray(command, kept).await?;
     tracing::Span::current().record("token", created.token.as_str());
     crate::telemetry::record_spray_created(mode);
@@ -241,17 +246,21 @@ pub async fn create_spray(
 pub async fn receive(
     State(service): State<Arc<SprayService>>,
     idempotency: Option<Extension<IdempotencySlot>>,
+    effect: Option<Extension<EffectStarted>>,
     request: JsonRequest<ReceiveRequest>,
 ) -> Result<Response, ApiError> {
     let JsonRequest { caller, body, .. } = request;
     let room = caller.required_room(body.room_id.as_deref(), "room_id")?;
     let token = parse_token(&body.token)?;
     tracing::Span::current().record("token", token.as_str());
-    let kept = idempotency.as_ref().map(|Extension(slot)| IdempotencyWrite {
+    let kept = idempotency.map(|Extension(slot)| IdempotencyWrite {
         slot,
-        render: &received_answer,
+        render: Arc::new(received_answer),
     });
-    let received_amount = service.receive(caller.user, room, token, kept.as_ref()).await?;
+    if let Some(Extension(effect)) = effect {
+        effect.mark();
+    }
+    let received_amount = service.receive(caller.user, room, token, kept).await?;
     crate::telemetry::record_claim();
     respond(received_answer(received_amount), false)
 }

@@ -196,6 +196,10 @@ impl From<ServiceError> for ApiError {
                 LookupRefusal::NotOwner => ApiError::NotOwner,
                 LookupRefusal::Expired => ApiError::LookupExpired,
             },
+            ServiceError::Task(cause) => {
+                tracing::error!(%cause, "an effect's task failed");
+                ApiError::Internal
+            }
             ServiceError::NoToken(cause) => {
                 tracing::warn!(%cause, "no free token");
                 ApiError::Unavailable("could not find a free token for this room and sprayer; try again")

@@ -2,6 +2,7 @@
 //! protection from slow and flooding clients ([`protect`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -134,17 +135,34 @@ impl Limits {
     }
 }
 
+/// Put in every request's extensions by [`protect`]; a handler marks it when its effect
+/// (a spray's or a claim's write) begins. From then on the request's outcome is the
+/// store's to tell, and the time-out waits for it instead of answering 503 for work that
+/// may have been done: a 5xx must mean nothing changed. The effect itself is bounded by
+/// the store's own limits (pool wait, Redis call time-out, the commit check).
+#[derive(Debug, Clone, Default)]
+pub struct EffectStarted(Arc<AtomicBool>);
+
+impl EffectStarted {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_marked(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Sheds API requests past the concurrency bound at once (a client that is told
 /// "503, retry after 1 s" does better than one that waits in an unbounded queue), and
-/// answers any request that runs past the timeout with a clean 503.
+/// answers a request that runs past the timeout before its effect began with a clean 503.
 ///
 /// Only `/api/` requests take a permit: the operations endpoints must keep answering
 /// when the API is saturated, or an orchestrator would kill a busy but healthy instance.
 ///
-/// A request cut by the timeout is dropped where it stands; a store transaction in
-/// flight then rolls back, or has already committed: the client cannot tell which, so
-/// it should retry with the same `Idempotency-Key`.
-pub async fn protect(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+/// A request whose effect has begun is never cut (see [`EffectStarted`]): it is answered
+/// with what really happened, however long the store takes to say.
+pub async fn protect(State(limits): State<Limits>, mut request: Request, next: Next) -> Response {
     let _permit = if request.uri().path().starts_with("/api/") {
         match limits.permits.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
@@ -158,8 +176,15 @@ pub async fn protect(State(limits): State<Limits>, request: Request, next: Next)
     } else {
         None
     };
-    match tokio::time::timeout(limits.timeout, next.run(request)).await {
+    let effect = EffectStarted::default();
+    request.extensions_mut().insert(effect.clone());
+    let mut served = std::pin::pin!(next.run(request));
+    match tokio::time::timeout(limits.timeout, served.as_mut()).await {
         Ok(response) => response,
+        Err(_) if effect.is_marked() => {
+            tracing::warn!(timeout = ?limits.timeout, "past --request-timeout with its effect under way: waiting for its outcome");
+            served.await
+        }
         Err(_) => {
             measure::record_timeout();
             tracing::warn!(timeout = ?limits.timeout, "the request ran past --request-timeout");

@@ -39,11 +39,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         .await
         .is_ok();
     // Redis down degrades speed, not correctness: it does not make the instance unready.
-    let redis = match state.service.gate() {
-        None => "disabled",
-        Some(gate) if gate.ping().await => "up",
-        Some(_) => "down",
-    };
+    let redis = state.service.claims().redis_status().await.as_str();
     let status = if sql_up {
         StatusCode::OK
     } else {

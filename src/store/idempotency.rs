@@ -69,20 +69,21 @@ pub enum Begin {
 
 /// Renders the answer to keep from what the effect moved (the amount of the share a claim
 /// took; a spray's answer is known before its transaction and ignores it).
-pub type RenderAnswer<'a> = &'a (dyn Fn(Amount) -> StoredAnswer + Send + Sync);
+pub type RenderAnswer = std::sync::Arc<dyn Fn(Amount) -> StoredAnswer + Send + Sync>;
 
 /// The idempotency row an effect completes inside its own transaction. The effect is
-/// rolled back if the row is no longer pending under this slot's lease.
-#[derive(Clone, Copy)]
-pub struct IdempotencyWrite<'a> {
-    pub slot: &'a IdempotencySlot,
-    pub render: RenderAnswer<'a>,
+/// rolled back if the row is no longer pending under this slot's lease. Owned, so that an
+/// effect can run to its end in a task of its own after its request is gone.
+#[derive(Clone)]
+pub struct IdempotencyWrite {
+    pub slot: IdempotencySlot,
+    pub render: RenderAnswer,
 }
 
-impl std::fmt::Debug for IdempotencyWrite<'_> {
+impl std::fmt::Debug for IdempotencyWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyWrite")
-            .field("slot", self.slot)
+            .field("slot", &self.slot)
             .finish_non_exhaustive()
     }
 }

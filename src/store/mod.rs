@@ -78,7 +78,7 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<i64, StoreError>;
 
     /// Applies the receive rules and, if they allow it, gives the caller one free share
@@ -89,7 +89,7 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError>;
 
     /// The newest spray under this key, with its receipts in order of receipt.
@@ -116,7 +116,7 @@ pub trait Store: Send + Sync + 'static {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<SlotClaim, StoreError>;
 
     /// The share `user` holds in the spray, if any (one indexed read).

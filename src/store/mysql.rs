@@ -70,7 +70,7 @@ impl MySqlStore {
     async fn try_insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Committed only if every write succeeded; rolled back explicitly otherwise, so
@@ -99,7 +99,7 @@ impl MySqlStore {
     async fn try_claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = match Self::claim_in(&mut tx, claim).await {
@@ -124,7 +124,7 @@ impl MySqlStore {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<SlotClaim, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = async {
@@ -281,7 +281,7 @@ impl Store for MySqlStore {
     async fn insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<i64, StoreError> {
         retrying!(self.try_insert_spray(spray, idempotency))
     }
@@ -289,7 +289,7 @@ impl Store for MySqlStore {
     async fn claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
         retrying!(self.try_claim_share(claim, idempotency))
     }
@@ -345,7 +345,7 @@ impl Store for MySqlStore {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<SlotClaim, StoreError> {
         retrying!(self.try_claim_slot(claim, spray_id, slot, idempotency))
     }

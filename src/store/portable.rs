@@ -156,7 +156,7 @@ macro_rules! portable_sql_functions {
         /// A lost lease (the row was taken over) fails the whole transaction.
         pub async fn complete_in(
             tx: &mut sqlx::Transaction<'static, $db>,
-            idempotency: Option<&crate::store::IdempotencyWrite<'_>>,
+            idempotency: Option<&crate::store::IdempotencyWrite>,
             amount: crate::domain::Amount,
             now: chrono::DateTime<chrono::Utc>,
         ) -> Result<(), StoreError> {
@@ -164,7 +164,7 @@ macro_rules! portable_sql_functions {
                 return Ok(());
             };
             let answer = (write.render)(amount);
-            if complete_row(&mut **tx, write.slot, &answer, now).await? == 1 {
+            if complete_row(&mut **tx, &write.slot, &answer, now).await? == 1 {
                 Ok(())
             } else {
                 Err(crate::store::idempotency::lease_lost())

@@ -72,7 +72,7 @@ impl Store for SqliteStore {
     async fn insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<i64, StoreError> {
         // IMMEDIATE takes the write lock up front, so the transaction never has to
         // upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
@@ -100,7 +100,7 @@ impl Store for SqliteStore {
     async fn claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
         // IMMEDIATE takes the write lock up front (see insert_spray). The transaction is
         // committed when a share was taken and rolled back explicitly otherwise.
@@ -147,7 +147,7 @@ impl Store for SqliteStore {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite<'_>>,
+        idempotency: Option<&IdempotencyWrite>,
     ) -> Result<SlotClaim, StoreError> {
         // The single writer orders this after any settlement, which it then sees.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;

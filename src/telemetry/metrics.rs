@@ -102,7 +102,7 @@ fn describe() {
     );
     describe_counter!(
         "spray_gate_events_total",
-        "Redis gate events: hit, miss, rebuild (key reloaded from SQL), fallback (SQL-only claim)."
+        "Redis gate events: hit, miss, rebuild (key reloaded from SQL), takeover (a hold past the claim lease handed to another claim), fallback (SQL-only claim)."
     );
     describe_histogram!(
         "spray_store_duration_seconds",
@@ -196,6 +196,11 @@ pub fn record_gate_miss() {
 /// The Redis gate's key was rebuilt from SQL.
 pub fn record_gate_rebuild() {
     counter!("spray_gate_events_total", "event" => "rebuild").increment(1);
+}
+
+/// The gate handed out a slot whose earlier hold had outlived the claim lease.
+pub fn record_gate_takeover() {
+    counter!("spray_gate_events_total", "event" => "takeover").increment(1);
 }
 
 /// A claim fell back to the SQL-only path (gate down, slot taken, SQL refused).

@@ -1,0 +1,36 @@
+//! The claim without Redis: SQL finds a free share and records it in one transaction.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{ClaimPath, RedisStatus};
+use crate::store::{Claim, ClaimOutcome, IdempotencyWrite, NewSpray, Store, StoreError};
+use crate::telemetry::time_store;
+
+pub struct SqlClaim {
+    store: Arc<dyn Store>,
+}
+
+impl SqlClaim {
+    pub fn new(store: Arc<dyn Store>) -> SqlClaim {
+        SqlClaim { store }
+    }
+}
+
+#[async_trait]
+impl ClaimPath for SqlClaim {
+    async fn claim(
+        &self,
+        claim: &Claim,
+        idempotency: Option<&IdempotencyWrite>,
+    ) -> Result<ClaimOutcome, StoreError> {
+        time_store("claim_share", self.store.claim_share(claim, idempotency)).await
+    }
+
+    async fn sprayed(&self, _spray_id: i64, _spray: &NewSpray) {}
+
+    async fn redis_status(&self) -> RedisStatus {
+        RedisStatus::Disabled
+    }
+}
