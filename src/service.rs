@@ -7,6 +7,7 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand::rngs::{StdRng, SysRng};
 
+use crate::claim::ClaimPath;
 use crate::clock::Clock;
 use crate::config::Policy;
 use crate::domain::rules::check_lookup;
@@ -14,9 +15,9 @@ use crate::domain::{
     Amount, LookupRefusal, LookupScope, ReceiveRefusal, RoomId, SplitMode, SprayRecord, SprayState, Token,
     TokenSource, UserId, split,
 };
-use crate::claim::ClaimPath;
 use crate::store::{
-    Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SprayKey, Store, StoreError, StoredAnswer,
+    Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SprayKey, Store, StoreError,
+    StoredAnswer,
 };
 use crate::telemetry::time_store;
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 use axum::Router;
 use tokio::net::TcpListener;
 
+use crate::claim;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::domain::{OsTokens, TokenSource};
-use crate::claim;
 use crate::http::{AppState, Limits, router_with};
 use crate::jobs::{self, SweepSettings};
 use crate::service::SprayService;

@@ -14,8 +14,8 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub use self::metrics::{
-    record_claim, record_gate_fallback, record_gate_hit, record_gate_miss, record_gate_rebuild, record_gate_takeover,
-    record_pool_use, record_refund, record_rejection, record_spray_created, time_store,
+    record_claim, record_gate_fallback, record_gate_hit, record_gate_miss, record_gate_rebuild,
+    record_gate_takeover, record_pool_use, record_refund, record_rejection, record_spray_created, time_store,
 };
 
 /// The filter when `RUST_LOG` is not set: our own lines at info, sqlx's only when they

@@ -19,6 +19,8 @@ mod concurrency;
 mod gate;
 #[path = "contract/idempotency.rs"]
 mod idempotency;
+#[path = "gate/leases.rs"]
+mod leases;
 #[path = "contract/life_races.rs"]
 mod life_races;
 #[path = "contract/mysql_cancellation.rs"]

@@ -195,7 +195,70 @@ pub async fn protect(State(limits): State<Limits>, mut request: Request, next: N
 
 #[cfg(test)]
 mod tests {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::extract::Extension;
+    use axum::routing::post;
+    use tokio::sync::{Mutex, oneshot};
+    use tower::ServiceExt;
+
     use super::*;
+
+    /// A router whose one API route waits for `finish`, after marking its effect begun
+    /// when `marks` is set; the time-out is one second.
+    fn waiting_app(marks: bool) -> (Router, oneshot::Sender<()>) {
+        let (finish, finished) = oneshot::channel::<()>();
+        let finished = Arc::new(Mutex::new(Some(finished)));
+        let handler = move |Extension(effect): Extension<EffectStarted>| {
+            let finished = finished.clone();
+            async move {
+                if marks {
+                    effect.mark();
+                }
+                if let Some(finished) = finished.lock().await.take() {
+                    let _ = finished.await;
+                }
+                "done"
+            }
+        };
+        let limits = Limits::new(8, Duration::from_secs(1));
+        let app = Router::new()
+            .route("/api/effect", post(handler))
+            .layer(axum::middleware::from_fn_with_state(limits, protect));
+        (app, finish)
+    }
+
+    fn request() -> Request {
+        Request::builder()
+            .method("POST")
+            .uri("/api/effect")
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_effect_began_is_answered_with_its_outcome_past_the_timeout() {
+        let (app, finish) = waiting_app(true);
+        let answer = tokio::spawn(app.oneshot(request()));
+        // Paused time: this jumps far past the one-second time-out at once.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            !answer.is_finished(),
+            "the time-out cut a request whose effect had begun"
+        );
+        finish.send(()).unwrap();
+        let answer = answer.await.unwrap().unwrap();
+        assert_eq!(answer.status(), axum::http::StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_effect_has_not_begun_is_cut_at_the_timeout() {
+        let (app, _finish) = waiting_app(false);
+        let begun = tokio::time::Instant::now();
+        let answer = app.oneshot(request()).await.unwrap();
+        assert_eq!(answer.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(begun.elapsed(), Duration::from_secs(1));
+    }
 
     #[test]
     fn request_ids_are_visible_ascii_of_sane_length() {

@@ -1,0 +1,249 @@
+//! Fair under failure: a share the gate handed to a claim that then died goes back to the
+//! other members after the claim lease, and a claim whose request went away still runs to
+//! its end. Runs on one Redis and on a Redis Cluster.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Request;
+use chrono::TimeDelta;
+use spray::domain::{Amount, RoomId, Token, UserId};
+use spray::gate::{GateVerdict, RedisGate, SprayKeys};
+use spray::store::{Claim, SlotClaim};
+use sqlx::Connection;
+use tower::ServiceExt;
+
+use crate::common::{OWNER, ROOM, RawRedis, TestApp};
+
+/// How long the tests wait for something that should happen at once.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn gate(app: &TestApp) -> RedisGate {
+    RedisGate::new(
+        app.settings.redis_url.as_deref().unwrap(),
+        &app.settings.redis_key_prefix,
+    )
+    .unwrap()
+}
+
+fn lease(app: &TestApp) -> TimeDelta {
+    app.settings.claim_lease().unwrap()
+}
+
+fn user(id: i64) -> UserId {
+    UserId::from_stored(id).unwrap()
+}
+
+fn claim_of(app: &TestApp, token: &str, id: i64) -> Claim {
+    Claim {
+        room: RoomId::parse(ROOM).unwrap(),
+        token: Token::parse(token).unwrap(),
+        user: user(id),
+        now: app.now(),
+    }
+}
+
+/// The gate hands `id` a slot, and nothing records it: the claim's instance was killed
+/// right after the gate's answer. Returns the spray id and the slot.
+async fn dead_claim(app: &TestApp, keys: &SprayKeys, id: i64) -> (i64, i64) {
+    match gate(app)
+        .claim(keys, user(id), app.now(), lease(app))
+        .await
+        .unwrap()
+    {
+        GateVerdict::Slot { spray_id, slot, .. } => (spray_id, slot),
+        other => panic!("the gate gave no slot: {other:?}"),
+    }
+}
+
+async fn recipients(app: &TestApp, token: &str) -> (u64, HashSet<i64>) {
+    let details = app.lookup(OWNER, token).await.body;
+    let users = details["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["user_id"].as_i64().unwrap())
+        .collect();
+    (details["received_amount"].as_u64().unwrap(), users)
+}
+
+async fn holds(redis: &mut RawRedis, keys: &SprayKeys) -> i64 {
+    redis.query(redis::cmd("ZCARD").arg(&keys.holds)).await
+}
+
+/// Polls the condition (an expression with `.await`s) until it holds, for at most
+/// [`PATIENCE`].
+macro_rules! eventually {
+    ($what:expr, $condition:expr) => {{
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !$condition {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never happened: {}",
+                $what
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }};
+}
+
+#[tokio::test]
+async fn a_share_held_by_a_dead_claim_is_exhausted_only_within_the_lease() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 1).await;
+    let keys = app.gate_keys(&token);
+    dead_claim(&app, &keys, 2).await;
+
+    // While the hold is younger than the lease, the share may still be recorded.
+    app.receive(3, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.advance(lease(&app) - TimeDelta::milliseconds(1));
+    app.receive(4, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+
+    // Past the lease, the next member gets the share instead of SPRAY_EXHAUSTED...
+    app.advance(TimeDelta::milliseconds(1));
+    let answer = app.receive(5, &token).await;
+    answer.assert_status(200);
+    assert_eq!(answer.body["received_amount"], 100);
+    // ...and the dead claim's member, coming back, is refused by SQL, not paid twice.
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.receive(6, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    assert_eq!(recipients(&app, &token).await, (100, HashSet::from([5])));
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn a_late_original_holder_and_the_taker_cannot_both_record_the_share() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 1).await;
+    let keys = app.gate_keys(&token);
+    let (spray_id, slot) = dead_claim(&app, &keys, 2).await;
+    app.advance(lease(&app));
+
+    // User 3's claim takes the hold over...
+    let verdict = gate(&app)
+        .claim(&keys, user(3), app.now(), lease(&app))
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict,
+        GateVerdict::Slot {
+            spray_id,
+            slot,
+            taken_over: true
+        }
+    );
+    // ...but the original holder was only slow, and records it first.
+    let late = app
+        .store
+        .claim_slot(&claim_of(&app, &token, 2), spray_id, slot, None)
+        .await;
+    assert_eq!(late.unwrap(), SlotClaim::Received(Amount::new(100)));
+    let taker = app
+        .store
+        .claim_slot(&claim_of(&app, &token, 3), spray_id, slot, None)
+        .await;
+    assert_eq!(taker.unwrap(), SlotClaim::Taken);
+
+    // Through the API: the taker finds the spray exhausted, the late holder received.
+    app.receive(3, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    assert_eq!(recipients(&app, &token).await, (100, HashSet::from([2])));
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn a_recorded_share_is_confirmed_and_never_taken_over() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 1).await;
+    let keys = app.gate_keys(&token);
+    let mut redis = RawRedis::connect(app.backend).await;
+    app.receive(2, &token).await.assert_status(200);
+    assert_eq!(holds(&mut redis, &keys).await, 0, "the hold was not confirmed");
+    app.advance(lease(&app) * 3);
+    app.receive(3, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+}
+
+#[tokio::test]
+async fn a_claim_whose_client_went_away_after_the_gate_step_still_records_its_share() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 1).await;
+    let keys = app.gate_keys(&token);
+    let mut redis = RawRedis::connect(app.backend).await;
+
+    // Another transaction holds the spray row, so the claim waits in SQL right after the
+    // gate handed it the slot.
+    let mut blocker = sqlx::MySqlConnection::connect(&app.settings.database_url)
+        .await
+        .unwrap();
+    let mut lock = blocker.begin().await.unwrap();
+    sqlx::query("SELECT id FROM sprays WHERE token = ? FOR UPDATE")
+        .bind(&token)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let request = Request::builder()
+        .method("POST")
+        .uri("/api/v1/receive")
+        .header("content-type", "application/json")
+        .header("x-user-id", "2")
+        .header("x-room-id", ROOM)
+        .body(Body::from(format!(r#"{{"token":"{token}"}}"#)))
+        .unwrap();
+    let client = tokio::spawn(app.router.clone().oneshot(request));
+    let mut probe = RawRedis::connect(app.backend).await;
+    eventually!("the gate hands out the slot", holds(&mut probe, &keys).await == 1);
+
+    // The client goes away: its request is dropped mid-claim.
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+    lock.commit().await.unwrap();
+
+    // The claim ran to its end anyway: the share is recorded and the hold confirmed.
+    let recorded = format!(
+        "SELECT COUNT(*) FROM shares WHERE receiver_id = 2 AND amount = 100 AND spray_id = \
+         (SELECT id FROM sprays WHERE token = '{token}')"
+    );
+    eventually!(
+        "the share is recorded",
+        app.count_where(recorded.clone()).await == 1
+    );
+    eventually!("the hold is confirmed", holds(&mut redis, &keys).await == 0);
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    app.receive(3, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn the_claim_lease_is_checked_against_the_request_timeout() {
+    let mut settings = spray::config::Settings::default();
+    assert!(settings.claim_lease().is_ok());
+    settings.claim_lease = settings.request_timeout;
+    assert!(settings.claim_lease().is_err(), "a lease as long as the time-out");
+    settings.claim_lease = Duration::from_millis(10);
+    assert!(
+        settings.claim_lease().is_err(),
+        "a lease too short to record a share"
+    );
+}
