@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use tokio::sync::Semaphore;
 
-use crate::domain::Amount;
+use crate::domain::{Amount, Policy};
 use crate::jobs::SweepSettings;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -139,15 +139,6 @@ impl Default for Settings {
             retention_grace: Duration::from_secs(24 * 60 * 60),
         }
     }
-}
-
-/// The business limits the service applies, checked once at start-up.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    pub receive_window: chrono::TimeDelta,
-    pub lookup_window: chrono::TimeDelta,
-    pub max_amount: Amount,
-    pub max_recipients: u32,
 }
 
 impl Settings {

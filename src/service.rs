@@ -1,19 +1,16 @@
-//! The service: the contract's operations, given a clock, a token source and a store.
+//! The service: the contract's operations, given the outside world's inputs (a clock, a
+//! token source, the split's random source), a store and a claim path.
 //!
 //! Inputs arrive here already parsed into domain types; the HTTP layer only translates.
 
 use std::sync::Arc;
 
-use rand::SeedableRng;
-use rand::rngs::{StdRng, SysRng};
-
 use crate::claim::ClaimPath;
 use crate::clock::Clock;
-use crate::config::Policy;
 use crate::domain::rules::check_lookup;
 use crate::domain::{
-    Amount, LookupRefusal, LookupScope, ReceiveRefusal, RoomId, SplitMode, SprayRecord, SprayState, Token,
-    TokenSource, UserId, split,
+    Amount, LookupRefusal, LookupScope, Policy, ReceiveRefusal, RoomId, SplitMode, SplitRandomness,
+    SprayCommand, SprayRecord, SprayState, Token, TokenSource, UserId, split,
 };
 use crate::store::{
     Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SprayKey, Store, StoreError,
@@ -26,14 +23,23 @@ use crate::telemetry::time_store;
 /// a row all collide with noticeable probability.
 pub const TOKEN_ATTEMPTS: usize = 8;
 
-/// A validated request to spray money.
-#[derive(Debug, Clone)]
-pub struct SprayCommand {
-    pub owner: UserId,
-    pub room: RoomId,
-    pub amount: Amount,
-    pub recipient_count: u32,
-    pub mode: SplitMode,
+/// What the service takes from the outside world, injected so that tests control it:
+/// production uses the system clock and the OS CSPRNG for tokens and splits.
+#[derive(Clone)]
+pub struct Sources {
+    pub clock: Arc<dyn Clock>,
+    pub tokens: Arc<dyn TokenSource>,
+    pub randomness: Arc<dyn SplitRandomness>,
+}
+
+impl Sources {
+    pub fn system() -> Sources {
+        Sources {
+            clock: Arc::new(crate::clock::SystemClock),
+            tokens: Arc::new(crate::domain::OsTokens),
+            randomness: Arc::new(crate::domain::OsRandomness),
+        }
+    }
 }
 
 /// The answer to a successful spray.
@@ -72,23 +78,19 @@ pub struct SprayService {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     tokens: Arc<dyn TokenSource>,
+    randomness: Arc<dyn SplitRandomness>,
     policy: Policy,
     /// How a receive gets its share: SQL alone, or the Redis gate in front of it.
     claims: Arc<dyn ClaimPath>,
 }
 
 impl SprayService {
-    pub fn new(
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        tokens: Arc<dyn TokenSource>,
-        policy: Policy,
-        claims: Arc<dyn ClaimPath>,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, sources: Sources, policy: Policy, claims: Arc<dyn ClaimPath>) -> Self {
         SprayService {
             store,
-            clock,
-            tokens,
+            clock: sources.clock,
+            tokens: sources.tokens,
+            randomness: sources.randomness,
             policy,
             claims,
         }
@@ -114,27 +116,11 @@ impl SprayService {
         command: SprayCommand,
         idempotency: Option<(IdempotencySlot, RenderSpray)>,
     ) -> Result<CreatedSpray, ServiceError> {
-        if command.amount.units() < 1 || command.amount > self.policy.max_amount {
-            return Err(ServiceError::Invalid(format!(
-                "amount must be between 1 and {}",
-                self.policy.max_amount
-            )));
-        }
-        if command.recipient_count < 1 || command.recipient_count > self.policy.max_recipients {
-            return Err(ServiceError::Invalid(format!(
-                "recipient_count must be between 1 and {}",
-                self.policy.max_recipients
-            )));
-        }
-        // One OS-seeded CSPRNG per spray: one system call, then fast draws.
-        let mut rng = StdRng::try_from_rng(&mut SysRng).map_err(|e| ServiceError::NoToken(e.to_string()))?;
-        let shares =
-            split(command.mode, command.amount, command.recipient_count, &mut rng).map_err(|_| {
-                ServiceError::Invalid(format!(
-                    "amount ({}) must be at least recipient_count ({}), so that every share is at least 1",
-                    command.amount, command.recipient_count
-                ))
-            })?;
+        let mut rng = self.randomness.generator().map_err(ServiceError::NoToken)?;
+        let (amount, count) = (command.amount(), command.recipient_count());
+        // Cannot fail: the command was checked against the policy when it was parsed.
+        let shares = split(command.mode(), amount, count.get(), &mut rng)
+            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
 
         let created_at = self.clock.now();
         let overflow = || ServiceError::Invalid("the clock is out of range".into());
@@ -145,10 +131,10 @@ impl SprayService {
             .checked_add_signed(self.policy.lookup_window)
             .ok_or_else(overflow)?;
         let draft = SprayDraft {
-            room: command.room,
-            owner: command.owner,
-            mode: command.mode,
-            total_amount: command.amount,
+            room: command.room().clone(),
+            owner: command.owner(),
+            mode: command.mode(),
+            total_amount: amount,
             shares,
             created_at,
             receive_until,

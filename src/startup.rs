@@ -10,12 +10,11 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::claim;
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use crate::config::Settings;
-use crate::domain::{OsTokens, TokenSource};
 use crate::http::{AppState, Limits, router_with};
 use crate::jobs::{self, SweepSettings};
-use crate::service::SprayService;
+use crate::service::{Sources, SprayService};
 use crate::store::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +34,11 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupEr
     Ok(store)
 }
 
-/// The router over a given store, clock and token source (tests build their own).
+/// The router over a given store and sources (tests bring their own clock and tokens).
 pub fn build_router(
     settings: &Settings,
     store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    tokens: Arc<dyn TokenSource>,
+    sources: Sources,
 ) -> Result<Router, StartupError> {
     let policy = settings.policy().map_err(StartupError::Settings)?;
     let lease = settings.claim_lease().map_err(StartupError::Settings)?;
@@ -51,7 +49,7 @@ pub fn build_router(
         lease,
     )
     .map_err(|e| StartupError::Settings(format!("--redis-url: {e}")))?;
-    let service = Arc::new(SprayService::new(store, clock, tokens, policy, claims));
+    let service = Arc::new(SprayService::new(store, sources, policy, claims));
     let gateway_secret = settings.gateway_secret.as_deref().map(Arc::from);
     let limits = Limits::new(settings.max_concurrent_requests, settings.request_timeout);
     Ok(router_with(
@@ -74,21 +72,18 @@ pub struct Application {
 }
 
 impl Application {
-    /// Production wiring: the system clock and OS tokens.
+    /// Production wiring: the system clock and the OS CSPRNG.
     pub async fn build(settings: &Settings) -> Result<Application, StartupError> {
-        Application::build_with(settings, Arc::new(SystemClock), Arc::new(OsTokens)).await
+        Application::build_with(settings, Sources::system()).await
     }
 
-    pub async fn build_with(
-        settings: &Settings,
-        clock: Arc<dyn Clock>,
-        tokens: Arc<dyn TokenSource>,
-    ) -> Result<Application, StartupError> {
+    pub async fn build_with(settings: &Settings, sources: Sources) -> Result<Application, StartupError> {
         settings.policy().map_err(StartupError::Settings)?;
         settings.claim_lease().map_err(StartupError::Settings)?;
         let sweep = settings.sweep().map_err(StartupError::Settings)?;
         let store = open_store(settings).await?;
-        let router = build_router(settings, store.clone(), clock.clone(), tokens)?;
+        let clock = sources.clock.clone();
+        let router = build_router(settings, store.clone(), sources)?;
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|source| StartupError::Listen {

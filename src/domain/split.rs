@@ -1,6 +1,9 @@
 //! Splitting an amount into shares, fixed at creation in the order they will be received.
 
-use rand::{Rng, RngExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::rngs::{StdRng, SysRng};
+use rand::{Rng, RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::amount::Amount;
@@ -31,6 +34,46 @@ impl SplitMode {
             "random" => Some(SplitMode::Random),
             _ => None,
         }
+    }
+}
+
+/// Where the random split draws from, injected like the clock and the token source: the
+/// operating system's CSPRNG in production ([`OsRandomness`]), a fixed seed in tests
+/// ([`SeededRandomness`]). One generator per spray.
+pub trait SplitRandomness: Send + Sync {
+    fn generator(&self) -> Result<StdRng, String>;
+}
+
+/// One OS-seeded CSPRNG per spray: one system call, then fast draws.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OsRandomness;
+
+impl SplitRandomness for OsRandomness {
+    fn generator(&self) -> Result<StdRng, String> {
+        StdRng::try_from_rng(&mut SysRng).map_err(|e| e.to_string())
+    }
+}
+
+/// Reproducible splits: the n-th spray draws from a generator seeded with `seed + n`.
+#[derive(Debug, Default)]
+pub struct SeededRandomness {
+    seed: u64,
+    sprays: AtomicU64,
+}
+
+impl SeededRandomness {
+    pub fn new(seed: u64) -> SeededRandomness {
+        SeededRandomness {
+            seed,
+            sprays: AtomicU64::new(0),
+        }
+    }
+}
+
+impl SplitRandomness for SeededRandomness {
+    fn generator(&self) -> Result<StdRng, String> {
+        let n = self.sprays.fetch_add(1, Ordering::Relaxed);
+        Ok(StdRng::seed_from_u64(self.seed.wrapping_add(n)))
     }
 }
 
@@ -101,8 +144,6 @@ fn split_double_mean<R: Rng + ?Sized>(total: u64, count: u32, rng: &mut R) -> Ve
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use rand::SeedableRng;
-    use rand::rngs::StdRng;
 
     use super::*;
 

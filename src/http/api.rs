@@ -17,8 +17,8 @@ use super::extract::{Caller, JsonRequest, LookupQuery, present};
 use super::idempotency::respond;
 use super::middleware::EffectStarted;
 use super::openapi::{IdempotencyHeader, IdentityHeaders};
-use crate::domain::{Amount, SplitMode, SprayStatus, Token, UserId};
-use crate::service::{CreatedSpray, RenderSpray, SprayCommand, SprayService};
+use crate::domain::{Amount, SplitMode, SprayCommand, SprayStatus, Token, UserId};
+use crate::service::{CreatedSpray, RenderSpray, SprayService};
 use crate::store::{IdempotencySlot, IdempotencyWrite, StoredAnswer};
 
 /// `POST /api/v1/spray`.
@@ -204,15 +204,16 @@ pub async fn create_spray(
 ) -> Result<Response, ApiError> {
     let JsonRequest { caller, body, .. } = request;
     let room = caller.required_room(body.room_id.as_deref(), "room_id")?;
-    // The service checks both against the limits; a count past u32 is past them too.
-    let command = SprayCommand {
-        owner: caller.user,
+    let command = SprayCommand::parse(
+        caller.user,
         room,
-        amount: Amount::new(body.amount),
-        recipient_count: u32::try_from(body.recipient_count).unwrap_or(u32::MAX),
-        mode: body.mode.unwrap_or_default(),
-    };
-    let mode = command.mode;
+        body.amount,
+        body.recipient_count,
+        body.mode.unwrap_or_default(),
+        service.policy(),
+    )
+    .map_err(ApiError::InvalidRequest)?;
+    let mode = command.mode();
     let render: RenderSpray = spray_answer;
     let kept = idempotency.map(|Extension(slot)| (slot, render));
     if let Some(Extension(effect)) = effect {

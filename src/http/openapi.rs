@@ -20,7 +20,7 @@ use utoipa::{IntoParams, OpenApi as _, PartialSchema, ToSchema};
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use super::error::ApiError;
-use crate::config::Policy;
+use crate::domain::Policy;
 
 pub const OPENAPI_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";

@@ -225,7 +225,14 @@ impl TestApp {
         let store = open_store(&settings).await.unwrap();
         let clock = Arc::new(ManualClock::new(start_time()));
         let tokens = Arc::new(ScriptedTokens::default());
-        let router = build_router(&settings, store.clone(), clock.clone(), tokens.clone()).unwrap();
+        let sources = spray::service::Sources {
+            clock: clock.clone(),
+            tokens: tokens.clone(),
+            randomness: Arc::new(spray::domain::SeededRandomness::new(
+                start_time().timestamp().unsigned_abs(),
+            )),
+        };
+        let router = build_router(&settings, store.clone(), sources).unwrap();
         TestApp {
             router,
             clock,

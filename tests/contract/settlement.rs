@@ -274,9 +274,12 @@ async fn the_server_runs_the_sweepers_on_its_clock_and_stops_them_on_shutdown() 
         sweep_interval: std::time::Duration::from_millis(20),
         ..app.settings.clone()
     };
-    let server = Application::build_with(&settings, clock.clone(), Arc::new(ScriptedTokens::default()))
-        .await
-        .unwrap();
+    let sources = spray::service::Sources {
+        clock: clock.clone(),
+        tokens: Arc::new(ScriptedTokens::default()),
+        randomness: Arc::new(spray::domain::SeededRandomness::new(1)),
+    };
+    let server = Application::build_with(&settings, sources).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(server.run_until(async {
         let _ = stopped.await;
