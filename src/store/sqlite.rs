@@ -500,3 +500,78 @@ async fn begin_in(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+    use crate::domain::SplitMode;
+
+    /// The read-back after a failed commit must find exactly what each transaction wrote,
+    /// and nothing else (on MySQL the fault tests show it through a proxy).
+    #[tokio::test]
+    async fn what_a_spray_and_a_claim_wrote_is_found_again_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("spray.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let now = DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let (room, token, owner) = (
+            RoomId::parse("ROOM").unwrap(),
+            Token::parse("ABC").unwrap(),
+            UserId::from_stored(1).unwrap(),
+        );
+        let spray = NewSpray {
+            token: token.clone(),
+            room: room.clone(),
+            owner,
+            mode: SplitMode::Even,
+            total_amount: Amount::new(10),
+            shares: vec![Amount::new(5), Amount::new(5)],
+            created_at: now,
+            receive_until: now + TimeDelta::minutes(10),
+            lookup_until: now + TimeDelta::days(7),
+        };
+        let id = store.insert_spray(&spray, None).await.unwrap();
+        let sprayed = |id, token: &str, created_at| Written::Spray {
+            id,
+            room: "ROOM".into(),
+            token: token.into(),
+            owner: 1,
+            created_at,
+        };
+        assert!(store.landed(&sprayed(id, "ABC", millis(now))).await.unwrap());
+        assert!(!store.landed(&sprayed(id + 1, "ABC", millis(now))).await.unwrap());
+        assert!(!store.landed(&sprayed(id, "XYZ", millis(now))).await.unwrap());
+        assert!(!store.landed(&sprayed(id, "ABC", millis(now) + 1)).await.unwrap());
+
+        let claim = Claim {
+            room,
+            token,
+            user: UserId::from_stored(2).unwrap(),
+            now,
+        };
+        let received = store.claim_share(&claim, None).await.unwrap();
+        assert_eq!(received, ClaimOutcome::Received(Amount::new(5)));
+        let share = |slot, user| Written::Share {
+            spray_id: id,
+            slot,
+            user,
+            received_at: millis(now),
+        };
+        assert!(store.landed(&share(0, 2)).await.unwrap());
+        assert!(!store.landed(&share(1, 2)).await.unwrap());
+        assert!(!store.landed(&share(0, 3)).await.unwrap());
+        let other = Claim {
+            user: UserId::from_stored(3).unwrap(),
+            ..claim.clone()
+        };
+        let through_gate = store.claim_slot(&other, id, 1, None).await.unwrap();
+        assert_eq!(through_gate, SlotClaim::Received(Amount::new(5)));
+        assert!(store.landed(&share(1, 3)).await.unwrap());
+        store.close().await;
+    }
+}
