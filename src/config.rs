@@ -17,6 +17,12 @@ pub const DEFAULT_MAX_RECIPIENTS: u32 = 1_000;
 /// The largest spray we will write in one transaction.
 pub const MAX_RECIPIENTS_LIMIT: u32 = 100_000;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1_024;
+/// A key's lease: seconds, not a minute (the contract), yet longer than a request
+/// normally runs, so that a retry rarely takes over a request that is merely slow (which
+/// is safe anyway: the slow one can then no longer commit, and answers 503).
+pub const DEFAULT_IDEMPOTENCY_LEASE: Duration = Duration::from_secs(10);
+/// The longest lease accepted: a key must never stay blocked for long.
+pub const MAX_IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60 * 60);
 
 /// The `spray` command line.
 #[derive(Debug, Parser)]
@@ -111,6 +117,10 @@ pub struct Settings {
     /// The pause between passes of the sweepers (settlement, retention), e.g. `10s`.
     #[arg(long, env = "SPRAY_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
     pub sweep_interval: Duration,
+    /// How long a pending `Idempotency-Key` whose request ended without an answer (a 5xx,
+    /// a crash) blocks a retry before the retry takes it over, e.g. `10s`.
+    #[arg(long, env = "SPRAY_IDEMPOTENCY_LEASE", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub idempotency_lease: Duration,
     /// How long a spray is kept after its lookup window before it is purged, e.g. `1d`.
     #[arg(long, env = "SPRAY_RETENTION_GRACE", default_value = "1d", value_parser = parse_duration, global = true)]
     pub retention_grace: Duration,
@@ -137,6 +147,7 @@ impl Default for Settings {
             config: None,
             sweep_interval: Duration::from_secs(10),
             retention_grace: Duration::from_secs(24 * 60 * 60),
+            idempotency_lease: DEFAULT_IDEMPOTENCY_LEASE,
         }
     }
 }
@@ -173,11 +184,17 @@ impl Settings {
                 "--max-recipients must be between 1 and {MAX_RECIPIENTS_LIMIT}"
             ));
         }
+        // Zero would let a retry take over a request that is still running, every time.
+        let idempotency_lease = chrono::TimeDelta::from_std(self.idempotency_lease)
+            .ok()
+            .filter(|_| (Duration::from_millis(1)..=MAX_IDEMPOTENCY_LEASE).contains(&self.idempotency_lease))
+            .ok_or("--idempotency-lease must be between 1ms and 1h (the default is 10s)")?;
         Ok(Policy {
             receive_window,
             lookup_window,
             max_amount: Amount::new(self.max_amount),
             max_recipients: self.max_recipients,
+            idempotency_lease,
         })
     }
 }
@@ -235,6 +252,7 @@ impl fmt::Debug for Settings {
             .field("config", &self.config)
             .field("sweep_interval", &self.sweep_interval)
             .field("retention_grace", &self.retention_grace)
+            .field("idempotency_lease", &self.idempotency_lease)
             .finish()
     }
 }
@@ -329,6 +347,25 @@ mod tests {
         };
         assert!(bad.policy().is_err());
         assert!(Settings::default().policy().is_ok());
+    }
+
+    #[test]
+    fn the_idempotency_lease_defaults_to_ten_seconds_and_zero_is_refused() {
+        let policy = Settings::default().policy().unwrap();
+        assert_eq!(policy.idempotency_lease, chrono::TimeDelta::seconds(10));
+        let cli = Cli::try_parse_from(["spray", "--idempotency-lease", "3s"]).unwrap();
+        assert_eq!(
+            cli.settings.policy().unwrap().idempotency_lease,
+            chrono::TimeDelta::seconds(3)
+        );
+        let zero = Cli::try_parse_from(["spray", "--idempotency-lease", "0s"]).unwrap();
+        let refused = zero.settings.policy().unwrap_err();
+        assert!(refused.contains("--idempotency-lease"), "{refused}");
+        let long = Settings {
+            idempotency_lease: Duration::from_secs(2 * 60 * 60),
+            ..Settings::default()
+        };
+        assert!(long.policy().is_err());
     }
 
     #[test]

@@ -151,6 +151,7 @@ mod tests {
             receive-window = "30s"
             max_recipients = 7
             log_format = "json"
+            idempotency-lease = "3s"
             "#,
         );
         let path = toml.path().to_str().unwrap();
@@ -160,6 +161,7 @@ mod tests {
         assert_eq!(cli.settings.receive_window, Duration::from_secs(30));
         assert_eq!(cli.settings.max_recipients, 7);
         assert_eq!(cli.settings.log_format, LogFormat::Json);
+        assert_eq!(cli.settings.idempotency_lease, Duration::from_secs(3));
         // What the file does not set keeps its default.
         assert_eq!(cli.settings.max_amount, crate::config::DEFAULT_MAX_AMOUNT);
     }

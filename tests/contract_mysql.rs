@@ -26,3 +26,6 @@ mod settlement;
 // MySQL only: see the file's doc.
 #[path = "contract/mysql_cancellation.rs"]
 mod mysql_cancellation;
+// MySQL only: network faults between the service and MariaDB.
+#[path = "contract/mysql_commit_outcome.rs"]
+mod mysql_commit_outcome;

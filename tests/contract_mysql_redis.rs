@@ -25,6 +25,9 @@ mod leases;
 mod life_races;
 #[path = "contract/mysql_cancellation.rs"]
 mod mysql_cancellation;
+// MySQL only: network faults between the service and MariaDB.
+#[path = "contract/mysql_commit_outcome.rs"]
+mod mysql_commit_outcome;
 #[path = "gate/outage.rs"]
 mod outage;
 #[path = "contract/retention.rs"]

@@ -16,6 +16,9 @@ pub struct Policy {
     pub lookup_window: chrono::TimeDelta,
     pub max_amount: Amount,
     pub max_recipients: u32,
+    /// A pending idempotency row untouched this long (by the service clock) may be taken
+    /// over by a retry of the same request.
+    pub idempotency_lease: chrono::TimeDelta,
 }
 
 /// How many shares a spray has: 1 to the policy's `max_recipients`.
@@ -119,6 +122,7 @@ mod tests {
             lookup_window: chrono::TimeDelta::days(7),
             max_amount: Amount::new(1_000),
             max_recipients: 10,
+            idempotency_lease: chrono::TimeDelta::seconds(10),
         }
     }
 

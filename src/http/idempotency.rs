@@ -18,11 +18,19 @@
 //!    went away) releases its row too, unless its effect already committed.
 //!
 //! The row is fenced by a random lease: only the request holding the current lease can
-//! complete or release it. A pending row untouched for [`IN_PROGRESS_BOUND_SECONDS`] was
-//! abandoned (its process died) and the next retry takes it over under a new lease; the
-//! old holder, if it was merely slow, can then no longer commit its effect.
+//! complete or release it. A pending row untouched for the lease's duration
+//! (`--idempotency-lease`, 10 s by default, by the service clock) was abandoned: its
+//! request ended without an answer (a 5xx whose release failed, a crash) or is very slow.
+//! The next retry takes it over under a new lease; the old holder, if it was merely slow,
+//! can no longer commit its effect (its transaction rolls back and it answers 503, which
+//! is then true).
+//!
+//! A release that fails (the database is down at that moment) is tried again in the
+//! background until the store answers, for at most the lease: the key is free again as
+//! soon as the store is back, and never blocked for longer than the lease.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
@@ -30,8 +38,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
 use super::AppState;
 use super::error::ApiError;
@@ -43,10 +52,15 @@ use crate::store::{Begin, IdempotencySlot, IdempotentRequest, Store, StoredAnswe
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// A pending row untouched this long is taken to be abandoned by a process that died. Well
-/// above the time any request takes (the store's own timeouts are 5 to 30 seconds); and
-/// the lease makes a take-over safe even when the first request was merely slow.
-pub const IN_PROGRESS_BOUND_SECONDS: i64 = 60;
+/// Failed releases retried in the background at once, across the process. Past it a
+/// failed release is left to the lease: the key is then blocked for at most the lease,
+/// which is the promise anyway; the bound only keeps an outage from piling up tasks.
+const RELEASE_RETRIES: usize = 4_096;
+static RELEASES_RETRYING: Semaphore = Semaphore::const_new(RELEASE_RETRIES);
+/// The first pause before a failed release is tried again; it doubles up to the second.
+/// Short, so that a key is free again within about a second of the store coming back.
+const RELEASE_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(50);
+const RELEASE_RETRY_MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// The largest 4xx body kept for replay; ours are small problem documents.
 const KEPT_BODY_LIMIT: usize = 64 * 1024;
@@ -102,15 +116,17 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
     let service = &state.service;
     let store = service.store().clone();
     let now = service.clock().now();
+    let lease = service.policy().idempotency_lease;
     let begin = IdempotentRequest {
         user: caller.user,
         endpoint,
         key: key.clone(),
         fingerprint,
         now,
-        abandoned_before: now - TimeDelta::seconds(IN_PROGRESS_BOUND_SECONDS),
+        abandoned_before: now.checked_sub_signed(lease).unwrap_or(DateTime::<Utc>::MIN_UTC),
         lease: rand::random(),
     };
+    let retry_for = lease.to_std().unwrap_or(crate::config::DEFAULT_IDEMPOTENCY_LEASE);
     // Held from before the row is written, so that a request cancelled while its insert
     // is on the way back still releases the row it may have written. The release is
     // conditional on this request's own lease: it can never touch another request's row.
@@ -122,6 +138,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
             key,
             lease: begin.lease,
         },
+        retry_for,
     };
     let refused = match store.begin_idempotent(&begin).await {
         Ok(Begin::Run(_)) => None,
@@ -141,9 +158,9 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
     let response = next.run(request).await;
     let status = response.status();
     let response = if status.is_client_error() {
-        keep(store.as_ref(), &held.slot, response, service.clock().now()).await
+        keep(&store, &held.slot, retry_for, response, service.clock().now()).await
     } else if status.is_server_error() {
-        release(store.as_ref(), &held.slot).await;
+        release(&store, &held.slot, retry_for).await;
         response
     } else {
         // A success: the effect's transaction kept the answer.
@@ -190,11 +207,17 @@ pub fn respond(answer: StoredAnswer, replayed: bool) -> Result<Response, ApiErro
 }
 
 /// Keeps a 4xx answer for replay, in its own transaction, and sends it on.
-async fn keep(store: &dyn Store, slot: &IdempotencySlot, response: Response, now: DateTime<Utc>) -> Response {
+async fn keep(
+    store: &Arc<dyn Store>,
+    slot: &IdempotencySlot,
+    retry_for: Duration,
+    response: Response,
+    now: DateTime<Utc>,
+) -> Response {
     let (parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, KEPT_BODY_LIMIT).await else {
         tracing::error!("a 4xx answer could not be read back to be kept");
-        release(store, slot).await;
+        release(store, slot, retry_for).await;
         return ApiError::Internal.into_response();
     };
     let header_text = |name: &HeaderName| {
@@ -213,25 +236,63 @@ async fn keep(store: &dyn Store, slot: &IdempotencySlot, response: Response, now
     };
     match store.finish_idempotent(slot, &answer, now).await {
         Ok(true) => {}
-        // Taken over by a retry after the in-progress bound: the retry's answer stands.
+        // Taken over by a retry after the lease: the retry's answer stands.
         Ok(false) => {
             tracing::warn!(endpoint = %slot.endpoint, "idempotency row taken over before its answer was kept")
         }
         // The answer is still true; without it kept, the retry will run afresh.
         Err(e) => {
             tracing::warn!(error = %e, "a 4xx answer could not be kept for replay");
-            release(store, slot).await;
+            release(store, slot, retry_for).await;
         }
     }
     Response::from_parts(parts, Body::from(bytes))
 }
 
-/// Releases the pending row so that a retry runs afresh; a failure only delays that retry
-/// until the row counts as abandoned.
-async fn release(store: &dyn Store, slot: &IdempotencySlot) {
+/// Releases the pending row so that a retry runs afresh. When the store cannot take the
+/// release now, it is tried again in the background (see [`release_later`]).
+async fn release(store: &Arc<dyn Store>, slot: &IdempotencySlot, retry_for: Duration) {
     if let Err(e) = store.release_idempotent(slot).await {
-        tracing::warn!(error = %e, "a pending idempotency row could not be released");
+        tracing::warn!(error = %e, "a pending idempotency row could not be released; retrying in the background");
+        release_later(store.clone(), slot.clone(), retry_for);
     }
+}
+
+/// Tries a failed release again, pausing a little longer each time, until the store takes
+/// it or `retry_for` (the lease) has passed: after the lease a retry of the request takes
+/// the key over anyway, so retrying longer would add nothing. Retrying is always safe: the
+/// release deletes the row only while it is still pending under this request's lease, so
+/// it can never touch a kept answer or another request's row.
+fn release_later(store: Arc<dyn Store>, slot: IdempotencySlot, retry_for: Duration) {
+    let Ok(permit) = RELEASES_RETRYING.try_acquire() else {
+        tracing::warn!("too many releases waiting for the store; this key is freed by its lease");
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let _permit = permit;
+        let give_up = tokio::time::Instant::now() + retry_for;
+        let mut pause = RELEASE_RETRY_FIRST_PAUSE;
+        loop {
+            tokio::time::sleep(pause).await;
+            match store.release_idempotent(&slot).await {
+                Ok(()) => {
+                    tracing::info!(endpoint = %slot.endpoint, "a pending idempotency row was released once the store answered");
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() + pause < give_up => {
+                    tracing::debug!(error = %e, "releasing a pending idempotency row failed again");
+                    pause = (pause * 2).min(RELEASE_RETRY_MAX_PAUSE);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gave up releasing a pending idempotency row; its lease frees the key");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// The pending row a running request holds. Dropped before [`Held::done`] (the request
@@ -242,6 +303,8 @@ async fn release(store: &dyn Store, slot: &IdempotencySlot) {
 struct Held {
     store: Option<Arc<dyn Store>>,
     slot: IdempotencySlot,
+    /// How long a failed release is retried: the lease.
+    retry_for: Duration,
 }
 
 impl Held {
@@ -256,8 +319,9 @@ impl Drop for Held {
             return;
         };
         let slot = self.slot.clone();
+        let retry_for = self.retry_for;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { release(store.as_ref(), &slot).await });
+            runtime.spawn(async move { release(&store, &slot, retry_for).await });
         }
     }
 }

@@ -4,8 +4,9 @@
 //! 1. [`Store::begin_idempotent`](super::Store::begin_idempotent) inserts a pending row in
 //!    its own short transaction, or says what the existing row means: replay its answer,
 //!    the key was used for another request, or the first request is still running. A
-//!    pending row untouched for longer than the in-progress bound was abandoned (its
-//!    process died) and is taken over under a fresh lease.
+//!    pending row untouched for longer than the lease (`--idempotency-lease`) was
+//!    abandoned (its request ended without an answer, or its process died) and is taken
+//!    over under a fresh lease.
 //! 2. The effect's own transaction (`insert_spray`, `claim_share`) completes the row with
 //!    the answer, so the effect and the answer a retry gets commit together or not at all.
 //! 3. An answer without effect (4xx) is stored by

@@ -15,6 +15,9 @@
 //! before the settlement can read the free shares (and its share is not refunded), and a
 //! claim that comes after the settlement waits for it and then sees it settled. Locks are
 //! always taken spray row first, then shares, so claims and settlements cannot deadlock.
+//!
+//! A spray or a claim whose `COMMIT` loses its acknowledgement is read back on a new
+//! connection before anyone is answered (see `store/commit.rs`).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,6 +27,7 @@ use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySql, MySqlPool};
 
+use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
@@ -42,6 +46,10 @@ const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 /// Deadlocks are normal in InnoDB when many transactions insert the same unique key at
 /// once (forty sprayers drawing one token); a short random pause spreads the retries.
 const ATTEMPTS: u32 = 6;
+/// How long reading back a commit's outcome waits for a row lock: the transaction that
+/// holds it is one whose session the server has not yet seen end. The attempt is then
+/// repeated (see `store/commit.rs`), so this only bounds one attempt.
+const READ_BACK_LOCK_WAIT_SECONDS: u32 = 5;
 
 pub struct MySqlStore {
     pool: MySqlPool,
@@ -83,7 +91,14 @@ impl MySqlStore {
         };
         match written {
             Ok(spray_id) => {
-                tx.commit().await?;
+                let written = Written::Spray {
+                    id: spray_id,
+                    room: spray.room.as_str().to_owned(),
+                    token: spray.token.as_str().to_owned(),
+                    owner: spray.owner.get(),
+                    created_at: millis(spray.created_at),
+                };
+                commit_and_confirm(tx, &written, || self.landed(&written)).await?;
                 Ok(spray_id)
             }
             Err(e) => {
@@ -91,6 +106,41 @@ impl MySqlStore {
                 Err(e)
             }
         }
+    }
+
+    /// Whether `written` is in the database, read on a connection of its own rather than
+    /// one from the pool: pooled connections may be as dead as the one whose commit
+    /// failed, or all busy.
+    async fn landed(&self, written: &Written) -> Result<bool, StoreError> {
+        use sqlx::{ConnectOptions, Connection};
+        let mut conn = self.pool.connect_options().connect().await?;
+        let found = async {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SET SESSION innodb_lock_wait_timeout = {READ_BACK_LOCK_WAIT_SECONDS}"
+            )))
+            .execute(&mut conn)
+            .await?;
+            portable::landed(&mut conn, written).await
+        }
+        .await;
+        let _ = conn.close().await;
+        found
+    }
+
+    /// Commits a claim that took `taken`, reading it back if the acknowledgement is lost.
+    async fn commit_claim(
+        &self,
+        tx: sqlx::Transaction<'static, MySql>,
+        claim: &Claim,
+        taken: TakenShare,
+    ) -> Result<(), StoreError> {
+        let written = Written::Share {
+            spray_id: taken.spray_id,
+            slot: taken.slot,
+            user: claim.user.get(),
+            received_at: millis(claim.now),
+        };
+        commit_and_confirm(tx, &written, || self.landed(&written)).await
     }
 
     /// One claim transaction: committed when a share was taken, rolled back otherwise.
@@ -103,18 +153,25 @@ impl MySqlStore {
     ) -> Result<ClaimOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = match Self::claim_in(&mut tx, claim).await {
-            Ok(ClaimOutcome::Received(amount)) => {
-                portable::complete_in(&mut tx, idempotency, amount, claim.now)
-                    .await
-                    .map(|()| ClaimOutcome::Received(amount))
-            }
+            Ok(Ok(taken)) => portable::complete_in(&mut tx, idempotency, taken.amount, claim.now)
+                .await
+                .map(|()| Ok(taken)),
             other => other,
         };
         match outcome {
-            Ok(ClaimOutcome::Received(_)) => tx.commit().await?,
-            _ => tx.rollback().await?,
+            Ok(Ok(taken)) => {
+                self.commit_claim(tx, claim, taken).await?;
+                Ok(ClaimOutcome::Received(taken.amount))
+            }
+            Ok(Err(refusal)) => {
+                tx.rollback().await?;
+                Ok(ClaimOutcome::Refused(refusal))
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
         }
-        outcome
     }
 
     /// The gate's point update: the spray row first, under the same shared lock as every
@@ -141,25 +198,38 @@ impl MySqlStore {
         }
         .await;
         match outcome {
-            Ok(SlotClaim::Received(_)) => tx.commit().await?,
-            _ => tx.rollback().await?,
+            Ok(SlotClaim::Received(amount)) => {
+                let taken = TakenShare {
+                    spray_id,
+                    slot,
+                    amount,
+                };
+                self.commit_claim(tx, claim, taken).await?;
+                Ok(SlotClaim::Received(amount))
+            }
+            other => {
+                tx.rollback().await?;
+                other
+            }
         }
-        outcome
     }
 
+    /// The claim inside the caller's transaction: the share it took (the slot is kept, so
+    /// that the share can be found again if the commit's acknowledgement is lost), or the
+    /// rule that refused it.
     async fn claim_in(
         tx: &mut sqlx::Transaction<'static, MySql>,
         claim: &Claim,
-    ) -> Result<ClaimOutcome, StoreError> {
+    ) -> Result<Result<TakenShare, ReceiveRefusal>, StoreError> {
         // Rules 1 to 4, in the contract's order.
         let (spray_id, recipient_count) = match portable::receive_rules_in(tx, claim).await? {
             Ok(spray) => spray,
-            Err(refusal) => return Ok(ClaimOutcome::Refused(refusal)),
+            Err(refusal) => return Ok(Err(refusal)),
         };
         // Rule 4 again, under the spray row's shared lock (see the module doc): a settled
         // spray is closed, even to a claim whose `now` is still inside the window.
         if lock_unsettled(tx, spray_id).await?.is_none() {
-            return Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired));
+            return Ok(Err(ReceiveRefusal::Expired));
         }
 
         // Rule 5: lock a free share nobody else holds. SKIP LOCKED may miss shares that
@@ -190,7 +260,7 @@ impl MySqlStore {
         }
         let Some((slot, amount)) = free else {
             let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-            return Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares }));
+            return Ok(Err(ReceiveRefusal::Exhausted { shares }));
         };
 
         let claimed = sqlx::query(
@@ -209,7 +279,7 @@ impl MySqlStore {
             Ok(_) => return Err(StoreError::Conflict("a locked share was taken".into())),
             // The same user won a share in a transaction that committed meanwhile.
             Err(e) if is_unique_violation(&e) => {
-                return Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived));
+                return Ok(Err(ReceiveRefusal::AlreadyReceived));
             }
             Err(e) => return Err(e.into()),
         }
@@ -223,7 +293,11 @@ impl MySqlStore {
             .execute(&mut **tx)
             .await?;
 
-        Ok(ClaimOutcome::Received(amount))
+        Ok(Ok(TakenShare {
+            spray_id,
+            slot,
+            amount,
+        }))
     }
 }
 
@@ -456,7 +530,9 @@ impl Store for MySqlStore {
 
 impl MySqlStore {
     /// One settlement transaction: committed when it settled the spray, rolled back
-    /// explicitly otherwise (see try_claim_share).
+    /// explicitly otherwise (see try_claim_share). A commit whose acknowledgement is lost
+    /// is not read back: nobody is answered, and settling is a conditional update, so the
+    /// next sweeper pass finds the spray settled (it landed) or settles it (it did not).
     async fn try_settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = portable::settle_in(&mut tx, spray_id, now).await;
@@ -521,7 +597,11 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray)
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).
 mod portable {
-    super::super::portable::portable_sql_functions!(db = sqlx::MySql, lock = " FOR UPDATE");
+    super::super::portable::portable_sql_functions!(
+        db = sqlx::MySql,
+        lock = " FOR UPDATE",
+        share_lock = " LOCK IN SHARE MODE"
+    );
 }
 
 /// Locks the spray row in share mode and reads whether it is settled (see the module

@@ -7,11 +7,66 @@
 //! backend's `impl Store` delegates to them inside transactions of its own. Where the
 //! backends differ only in row locking, `lock` is the clause that locks the rows read
 //! (`" FOR UPDATE"` on MySQL; empty on SQLite, whose single writer serializes every write
-//! transaction anyway).
+//! transaction anyway), and `share_lock` the one that takes a shared lock.
 
 macro_rules! portable_sql_functions {
-    (db = $db:ty, lock = $lock:literal) => {
+    (db = $db:ty, lock = $lock:literal, share_lock = $share_lock:literal) => {
         use crate::store::StoreError;
+
+        /// Whether `written` is in the database: read back after a commit whose
+        /// acknowledgement was lost (see `store/commit.rs`), on a fresh connection. The
+        /// read takes a shared lock (`share_lock`) on the row, so it waits for a transaction
+        /// still holding it (a commit still under way) and then sees its outcome.
+        pub async fn landed<'e, E>(
+            executor: E,
+            written: &crate::store::commit::Written,
+        ) -> Result<bool, StoreError>
+        where
+            E: sqlx::Executor<'e, Database = $db>,
+        {
+            use crate::store::commit::Written;
+            let found = match written {
+                Written::Spray {
+                    id,
+                    room,
+                    token,
+                    owner,
+                    created_at,
+                } => {
+                    sqlx::query_scalar::<_, i64>(concat!(
+                        "SELECT id FROM sprays
+                     WHERE id = ? AND room_id = ? AND token = ? AND owner_id = ? AND created_at = ?",
+                        $share_lock
+                    ))
+                    .bind(*id)
+                    .bind(room.as_str())
+                    .bind(token.as_str())
+                    .bind(*owner)
+                    .bind(*created_at)
+                    .fetch_optional(executor)
+                    .await?
+                }
+                Written::Share {
+                    spray_id,
+                    slot,
+                    user,
+                    received_at,
+                } => {
+                    sqlx::query_scalar::<_, i64>(concat!(
+                        "SELECT slot FROM shares
+                     WHERE spray_id = ? AND slot = ? AND receiver_id = ? AND received_at = ?",
+                        $share_lock
+                    ))
+                    .bind(*spray_id)
+                    .bind(*slot)
+                    .bind(*user)
+                    .bind(*received_at)
+                    .fetch_optional(executor)
+                    .await?
+                }
+            };
+            Ok(found.is_some())
+        }
 
         pub async fn gate_snapshot(
             reader: &sqlx::Pool<$db>,

@@ -4,6 +4,10 @@
 //! write lock and back off on `SQLITE_BUSY`, every write goes through a pool of exactly
 //! one connection, so writers queue fairly in the pool and each transaction runs
 //! without contention. Reads use a separate pool and never wait for writers (WAL).
+//!
+//! A spray or a claim whose `COMMIT` fails is read back through the readers before anyone
+//! is answered (see `store/commit.rs`): SQLite may report an error from a commit that
+//! reached the disk (an I/O error while cleaning up after it, say).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -13,6 +17,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool};
 
+use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
@@ -55,6 +60,28 @@ impl SqliteStore {
             .connect_lazy_with(options.read_only(true));
         Ok(SqliteStore { writer, reader })
     }
+
+    /// Whether `written` is in the database, read through a reader: a connection other
+    /// than the writer whose commit failed, which sees every committed transaction.
+    async fn landed(&self, written: &Written) -> Result<bool, StoreError> {
+        portable::landed(&self.reader, written).await
+    }
+
+    /// Commits a claim that took `taken`, reading it back if the commit fails.
+    async fn commit_claim(
+        &self,
+        tx: sqlx::Transaction<'static, Sqlite>,
+        claim: &Claim,
+        taken: TakenShare,
+    ) -> Result<(), StoreError> {
+        let written = Written::Share {
+            spray_id: taken.spray_id,
+            slot: taken.slot,
+            user: claim.user.get(),
+            received_at: millis(claim.now),
+        };
+        commit_and_confirm(tx, &written, || self.landed(&written)).await
+    }
 }
 
 #[async_trait]
@@ -87,7 +114,14 @@ impl Store for SqliteStore {
         };
         match written {
             Ok(spray_id) => {
-                tx.commit().await?;
+                let written = Written::Spray {
+                    id: spray_id,
+                    room: spray.room.as_str().to_owned(),
+                    token: spray.token.as_str().to_owned(),
+                    owner: spray.owner.get(),
+                    created_at: millis(spray.created_at),
+                };
+                commit_and_confirm(tx, &written, || self.landed(&written)).await?;
                 Ok(spray_id)
             }
             Err(e) => {
@@ -106,18 +140,25 @@ impl Store for SqliteStore {
         // committed when a share was taken and rolled back explicitly otherwise.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let outcome = match claim_in(&mut tx, claim).await {
-            Ok(ClaimOutcome::Received(amount)) => {
-                portable::complete_in(&mut tx, idempotency, amount, claim.now)
-                    .await
-                    .map(|()| ClaimOutcome::Received(amount))
-            }
+            Ok(Ok(taken)) => portable::complete_in(&mut tx, idempotency, taken.amount, claim.now)
+                .await
+                .map(|()| Ok(taken)),
             other => other,
         };
         match outcome {
-            Ok(ClaimOutcome::Received(_)) => tx.commit().await?,
-            _ => tx.rollback().await?,
+            Ok(Ok(taken)) => {
+                self.commit_claim(tx, claim, taken).await?;
+                Ok(ClaimOutcome::Received(taken.amount))
+            }
+            Ok(Err(refusal)) => {
+                tx.rollback().await?;
+                Ok(ClaimOutcome::Refused(refusal))
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
         }
-        outcome
     }
 
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
@@ -165,10 +206,20 @@ impl Store for SqliteStore {
         }
         .await;
         match outcome {
-            Ok(SlotClaim::Received(_)) => tx.commit().await?,
-            _ => tx.rollback().await?,
+            Ok(SlotClaim::Received(amount)) => {
+                let taken = TakenShare {
+                    spray_id,
+                    slot,
+                    amount,
+                };
+                self.commit_claim(tx, claim, taken).await?;
+                Ok(SlotClaim::Received(amount))
+            }
+            other => {
+                tx.rollback().await?;
+                other
+            }
         }
-        outcome
     }
 
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
@@ -181,7 +232,9 @@ impl Store for SqliteStore {
 
     async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
         // One writer at a time: no claim runs while this transaction does, and every claim
-        // after it sees `settled_at` (see claim_in).
+        // after it sees `settled_at` (see claim_in). A failed commit is not read back:
+        // nobody is answered, and the next sweeper pass settles the spray or finds it
+        // settled (the update is conditional).
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let outcome = portable::settle_in(&mut tx, spray_id, now).await;
         match outcome {
@@ -244,30 +297,31 @@ impl Store for SqliteStore {
     }
 }
 
-/// The receive rules and the claim, inside the caller's transaction.
+/// The receive rules and the claim, inside the caller's transaction: the share taken (its
+/// slot kept, to find it again if the commit fails), or the rule that refused it.
 async fn claim_in(
     tx: &mut sqlx::Transaction<'static, Sqlite>,
     claim: &Claim,
-) -> Result<ClaimOutcome, StoreError> {
+) -> Result<Result<TakenShare, ReceiveRefusal>, StoreError> {
     // Rules 1 to 4, in the contract's order.
     let (spray_id, recipient_count) = match portable::receive_rules_in(tx, claim).await? {
         Ok(spray) => spray,
-        Err(refusal) => return Ok(ClaimOutcome::Refused(refusal)),
+        Err(refusal) => return Ok(Err(refusal)),
     };
     // Rule 4 again: a settled spray is closed, even to a claim whose `now` is still inside
     // the window (it started before the deadline and queued behind the settlement). This
     // transaction holds the only write lock, so no settlement can commit after this read.
     if is_settled(tx, spray_id).await? {
-        return Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired));
+        return Ok(Err(ReceiveRefusal::Expired));
     }
 
     // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
     // the update a no-op if the slot were taken; with one writer it never is.
-    let claimed = sqlx::query_scalar::<_, i64>(
+    let claimed = sqlx::query_as::<_, (i64, i64)>(
         "UPDATE shares SET receiver_id = ?, received_at = ?
              WHERE spray_id = ? AND receiver_id IS NULL
                AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
-             RETURNING amount",
+             RETURNING slot, amount",
     )
     .bind(claim.user.get())
     .bind(millis(claim.now))
@@ -275,14 +329,14 @@ async fn claim_in(
     .bind(spray_id)
     .fetch_optional(&mut **tx)
     .await;
-    let amount = match claimed {
-        Ok(Some(units)) => amount_from(units)?,
+    let (slot, amount) = match claimed {
+        Ok(Some((slot, units))) => (slot, amount_from(units)?),
         Ok(None) => {
             let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-            return Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares }));
+            return Ok(Err(ReceiveRefusal::Exhausted { shares }));
         }
         Err(e) if is_unique_violation(&e) => {
-            return Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived));
+            return Ok(Err(ReceiveRefusal::AlreadyReceived));
         }
         Err(e) => return Err(e.into()),
     };
@@ -295,7 +349,11 @@ async fn claim_in(
         .execute(&mut **tx)
         .await?;
 
-    Ok(ClaimOutcome::Received(amount))
+    Ok(Ok(TakenShare {
+        spray_id,
+        slot,
+        amount,
+    }))
 }
 
 /// The spray, its shares and the DEBIT, inside the caller's transaction.
@@ -382,7 +440,7 @@ async fn find_in(
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).
 mod portable {
-    super::super::portable::portable_sql_functions!(db = sqlx::Sqlite, lock = "");
+    super::super::portable::portable_sql_functions!(db = sqlx::Sqlite, lock = "", share_lock = "");
 }
 
 /// Whether the spray has been settled, inside the caller's transaction. A spray that is
@@ -440,5 +498,80 @@ async fn begin_in(
                 Ok(Begin::InProgress)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+    use crate::domain::SplitMode;
+
+    /// The read-back after a failed commit must find exactly what each transaction wrote,
+    /// and nothing else (on MySQL the fault tests show it through a proxy).
+    #[tokio::test]
+    async fn what_a_spray_and_a_claim_wrote_is_found_again_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("spray.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let now = DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let (room, token, owner) = (
+            RoomId::parse("ROOM").unwrap(),
+            Token::parse("ABC").unwrap(),
+            UserId::from_stored(1).unwrap(),
+        );
+        let spray = NewSpray {
+            token: token.clone(),
+            room: room.clone(),
+            owner,
+            mode: SplitMode::Even,
+            total_amount: Amount::new(10),
+            shares: vec![Amount::new(5), Amount::new(5)],
+            created_at: now,
+            receive_until: now + TimeDelta::minutes(10),
+            lookup_until: now + TimeDelta::days(7),
+        };
+        let id = store.insert_spray(&spray, None).await.unwrap();
+        let sprayed = |id, token: &str, created_at| Written::Spray {
+            id,
+            room: "ROOM".into(),
+            token: token.into(),
+            owner: 1,
+            created_at,
+        };
+        assert!(store.landed(&sprayed(id, "ABC", millis(now))).await.unwrap());
+        assert!(!store.landed(&sprayed(id + 1, "ABC", millis(now))).await.unwrap());
+        assert!(!store.landed(&sprayed(id, "XYZ", millis(now))).await.unwrap());
+        assert!(!store.landed(&sprayed(id, "ABC", millis(now) + 1)).await.unwrap());
+
+        let claim = Claim {
+            room,
+            token,
+            user: UserId::from_stored(2).unwrap(),
+            now,
+        };
+        let received = store.claim_share(&claim, None).await.unwrap();
+        assert_eq!(received, ClaimOutcome::Received(Amount::new(5)));
+        let share = |slot, user| Written::Share {
+            spray_id: id,
+            slot,
+            user,
+            received_at: millis(now),
+        };
+        assert!(store.landed(&share(0, 2)).await.unwrap());
+        assert!(!store.landed(&share(1, 2)).await.unwrap());
+        assert!(!store.landed(&share(0, 3)).await.unwrap());
+        let other = Claim {
+            user: UserId::from_stored(3).unwrap(),
+            ..claim.clone()
+        };
+        let through_gate = store.claim_slot(&other, id, 1, None).await.unwrap();
+        assert_eq!(through_gate, SlotClaim::Received(Amount::new(5)));
+        assert!(store.landed(&share(1, 3)).await.unwrap());
+        store.close().await;
     }
 }

@@ -24,6 +24,7 @@ use tower::ServiceExt;
 
 pub mod cluster;
 pub mod process;
+pub mod proxy;
 
 pub const ROOM: &str = "TEST-ROOM-1";
 pub const OWNER: i64 = 1;
@@ -142,6 +143,13 @@ impl Drop for MySqlDatabase {
     }
 }
 
+/// The `host:port` of a `scheme://[user@]host:port/db` URL.
+fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    rest.split(['/', '?']).next().unwrap_or(rest)
+}
+
 pub struct TestApp {
     pub router: Router,
     pub clock: Arc<ManualClock>,
@@ -199,7 +207,27 @@ impl TestApp {
         TestApp::with_settings(Settings::default()).await
     }
 
-    pub async fn with_settings(mut settings: Settings) -> TestApp {
+    pub async fn with_settings(settings: Settings) -> TestApp {
+        TestApp::build(settings, None).await
+    }
+
+    /// A MySQL-backed app whose store reaches the database through a [`proxy::DbProxy`]
+    /// the test arms to cut connections; returned with it. The test's own reads can go
+    /// around it (see [`TestApp::direct_database_url`]).
+    pub async fn behind_proxy(settings: Settings) -> (TestApp, proxy::DbProxy) {
+        let admin = mysql_admin_url();
+        let upstream = authority(&admin).to_owned();
+        let db_proxy = proxy::DbProxy::start(&upstream).await;
+        let app = TestApp::build(settings, Some(db_proxy.addr.to_string())).await;
+        (app, db_proxy)
+    }
+
+    /// The test's MySQL database, reached directly rather than through any proxy.
+    pub fn direct_database_url(&self) -> &str {
+        &self._mysql.as_ref().expect("a MySQL backend").url
+    }
+
+    async fn build(mut settings: Settings, proxy: Option<String>) -> TestApp {
         let backend = Backend::of_this_test_binary();
         let dir = tempfile::tempdir().unwrap();
         let mysql = match backend {
@@ -209,10 +237,17 @@ impl TestApp {
             }
             Backend::MySql | Backend::MySqlRedis | Backend::MySqlRedisCluster => {
                 let database = MySqlDatabase::create().await;
-                settings.database_url = database.url.clone();
+                settings.database_url = match &proxy {
+                    Some(proxy) => database.url.replacen(authority(&database.url), proxy, 1),
+                    None => database.url.clone(),
+                };
                 Some(database)
             }
         };
+        assert!(
+            proxy.is_none() || backend != Backend::Sqlite,
+            "a database proxy needs a MySQL backend"
+        );
         // A test may bring a Redis of its own; otherwise the backend's.
         if settings.redis_url.is_none() {
             match backend {

@@ -260,6 +260,11 @@ async fn a_server_error_is_not_kept_and_the_retry_runs_afresh() {
     app.assert_audit_clean().await;
 }
 
+/// How long a pending key blocks retries: the lease (`--idempotency-lease`).
+fn lease_of(app: &TestApp) -> TimeDelta {
+    app.settings.policy().unwrap().idempotency_lease
+}
+
 fn pending_request(app: &TestApp, lease: i64) -> IdempotentRequest {
     let now = app.now();
     IdempotentRequest {
@@ -268,7 +273,7 @@ fn pending_request(app: &TestApp, lease: i64) -> IdempotentRequest {
         key: IdempotencyKey::parse("slow").unwrap(),
         fingerprint: Fingerprint::of(&serde_json::from_str(SPRAY_BODY).unwrap(), Some(ROOM)),
         now,
-        abandoned_before: now - TimeDelta::seconds(60),
+        abandoned_before: now - lease_of(app),
         lease,
     }
 }
@@ -276,6 +281,8 @@ fn pending_request(app: &TestApp, lease: i64) -> IdempotentRequest {
 #[tokio::test]
 async fn a_request_still_running_answers_in_progress_until_it_counts_as_abandoned() {
     let app = TestApp::new().await;
+    // Seconds, not a minute (the contract): the default lease.
+    assert_eq!(lease_of(&app), TimeDelta::seconds(10));
     // A first request began and is still running (or its process died).
     let Begin::Run(stale) = app
         .store
@@ -297,13 +304,13 @@ async fn a_request_still_running_answers_in_progress_until_it_counts_as_abandone
     )
     .await
     .assert_problem(422, "IDEMPOTENCY_KEY_REUSED");
-    app.advance(TimeDelta::seconds(60));
+    app.advance(lease_of(&app));
     app.post_keyed(SPRAY, OWNER, Some(ROOM), Some("slow"), SPRAY_BODY)
         .await
         .assert_problem(409, "IDEMPOTENCY_IN_PROGRESS");
     assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 0);
 
-    // Untouched for longer than the bound: the retry takes the row over and runs.
+    // Untouched for longer than the lease: the retry takes the row over and runs.
     app.advance(TimeDelta::milliseconds(1));
     let taken_over = app
         .post_keyed(SPRAY, OWNER, Some(ROOM), Some("slow"), SPRAY_BODY)
