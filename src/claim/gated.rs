@@ -1,4 +1,4 @@
-//! The claim with the Redis gate in front (`../shared/DESIGN.md` section 2).
+//! The claim with the Redis gate in front (`docs/design.md` section 2).
 //!
 //! 1. Ask the gate (one atomic script): it answers the refusals it can prove (own spray,
 //!    window closed, no share left or held) or hands out a slot no other claim holds.

@@ -1,4 +1,4 @@
-//! The claim path: how a receive gets a share (`../shared/DESIGN.md` section 2).
+//! The claim path: how a receive gets a share (`docs/design.md` section 2).
 //!
 //! Two shapes, chosen once at start-up ([`for_settings`]): SQL alone ([`SqlClaim`]), or
 //! the Redis gate in front of SQL ([`GatedClaim`]). The service calls [`ClaimPath`] and

@@ -1,4 +1,4 @@
-//! The Redis gate in front of the claim (`../shared/DESIGN.md` section 2).
+//! The Redis gate in front of the claim (`docs/design.md` section 2).
 //!
 //! A hot spray would pile every receive onto the same rows. The gate keeps, per live
 //! spray, the list of free share slots and the set of receivers in Redis, and one atomic

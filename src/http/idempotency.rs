@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on the two POST endpoints (CONTRACT.md, "Idempotency").
+//! `Idempotency-Key` on the two POST endpoints (`docs/contract.md` section 6; `docs/design.md` section 9).
 //!
 //! A middleware in front of the handlers. For a request that sends a key it:
 //! 1. lets the defects the contract ranks before `INVALID_REQUEST` (too large, not JSON, no

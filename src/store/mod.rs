@@ -1,7 +1,7 @@
 //! The store: the single source of truth for money.
 //!
 //! Every rule that protects money is enforced here, inside one SQL transaction per
-//! operation and backed by constraints (see `../shared/DESIGN.md` section 1), so it
+//! operation and backed by constraints (see `docs/design.md` section 1), so it
 //! holds however many service instances run in front of the database. One module per
 //! backend, each with its own migrations; [`open`] picks the backend by URL scheme.
 

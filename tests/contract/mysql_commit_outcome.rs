@@ -1,5 +1,5 @@
 //! A 5xx means nothing was written, and a key is never blocked longer than its lease
-//! after a failure (CONTRACT.md, "Errors" and "Idempotency"), under network faults made
+//! after a failure (`docs/contract.md` sections 2.3 and 6), under network faults made
 //! at exact points of the MySQL protocol by a proxy between the service and MariaDB (see
 //! `tests/common/proxy.rs`).
 //!
