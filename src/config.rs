@@ -17,6 +17,9 @@ pub const DEFAULT_MAX_RECIPIENTS: u32 = 1_000;
 /// The largest spray we will write in one transaction.
 pub const MAX_RECIPIENTS_LIMIT: u32 = 100_000;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1_024;
+/// See `store::GuardedStore`: enough to keep one SQLite writer or a MySQL pool of 16 busy,
+/// few enough that the queue behind them stays short (measured: bench/overload.sh).
+pub const DEFAULT_STORE_CONCURRENCY: usize = 64;
 /// A key's lease: seconds, not a minute (the contract), yet longer than a request
 /// normally runs, so that a retry rarely takes over a request that is merely slow (which
 /// is safe anyway: the slow one can then no longer commit, and answers 503).
@@ -111,6 +114,10 @@ pub struct Settings {
     /// API requests served at once; past it, requests are answered 503 at once (not queued).
     #[arg(long, env = "SPRAY_MAX_CONCURRENT_REQUESTS", default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS, global = true)]
     pub max_concurrent_requests: usize,
+    /// Store calls that begin a request's work, running or waiting at once; past it,
+    /// requests are answered 503 at once rather than queued (overload is refused fast).
+    #[arg(long, env = "SPRAY_STORE_CONCURRENCY", default_value_t = DEFAULT_STORE_CONCURRENCY, global = true)]
+    pub store_concurrency: usize,
     /// A TOML file of settings, beneath the environment and the flags (see spray.toml.example).
     #[arg(long, env = "SPRAY_CONFIG", global = true)]
     pub config: Option<std::path::PathBuf>,
@@ -144,6 +151,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             request_timeout: Duration::from_secs(10),
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            store_concurrency: DEFAULT_STORE_CONCURRENCY,
             config: None,
             sweep_interval: Duration::from_secs(10),
             retention_grace: Duration::from_secs(24 * 60 * 60),
@@ -179,6 +187,12 @@ impl Settings {
                 Semaphore::MAX_PERMITS
             ));
         }
+        if !(1..=Semaphore::MAX_PERMITS).contains(&self.store_concurrency) {
+            return Err(format!(
+                "--store-concurrency must be between 1 and {}",
+                Semaphore::MAX_PERMITS
+            ));
+        }
         if !(1..=MAX_RECIPIENTS_LIMIT).contains(&self.max_recipients) {
             return Err(format!(
                 "--max-recipients must be between 1 and {MAX_RECIPIENTS_LIMIT}"
@@ -201,13 +215,14 @@ impl Settings {
 
 impl Settings {
     /// Checks the claim lease: long enough for a claim to record its share (a few
-    /// round trips), and shorter than the request time-out, so that a share held by a
-    /// claim that died is back before its member's retry would time out.
+    /// round trips), and, with Redis, shorter than the request time-out, so that a share
+    /// held by a claim that died is back before its member's retry would time out.
     pub fn claim_lease(&self) -> Result<chrono::TimeDelta, String> {
         chrono::TimeDelta::from_std(self.claim_lease)
             .ok()
             .filter(|lease| *lease >= chrono::TimeDelta::milliseconds(100))
-            .filter(|_| self.claim_lease < self.request_timeout)
+            // Only the Redis gate hands out shares with a lease.
+            .filter(|_| self.redis_url.is_none() || self.claim_lease < self.request_timeout)
             .ok_or_else(|| "--claim-lease must be at least 100ms and shorter than --request-timeout".into())
     }
 
@@ -249,6 +264,7 @@ impl fmt::Debug for Settings {
             .field("log_format", &self.log_format)
             .field("request_timeout", &self.request_timeout)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("store_concurrency", &self.store_concurrency)
             .field("config", &self.config)
             .field("sweep_interval", &self.sweep_interval)
             .field("retention_grace", &self.retention_grace)

@@ -16,7 +16,6 @@ use crate::store::{
     Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SprayKey, Store, StoreError,
     StoredAnswer,
 };
-use crate::telemetry::time_store;
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
 /// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
@@ -190,7 +189,9 @@ impl SprayService {
             Some(room) => (SprayKey::Room(room, token), LookupScope::Room),
             None => (SprayKey::Owner(caller, token), LookupScope::OwnSprays),
         };
-        let record = time_store("find_spray", self.store.find_spray(&key))
+        let record = self
+            .store
+            .find_spray(&key)
             .await?
             .ok_or(ServiceError::Lookup(LookupRefusal::NotFound))?;
         let now = self.clock.now();
@@ -262,7 +263,7 @@ impl SprayWriter {
                     render: Arc::new(move |_| answer.clone()),
                 }
             });
-            match time_store("insert_spray", self.store.insert_spray(&spray, write.as_ref())).await {
+            match self.store.insert_spray(&spray, write.as_ref()).await {
                 Ok(spray_id) => {
                     self.claims.sprayed(spray_id, &spray).await;
                     return Ok(created);

@@ -30,6 +30,7 @@ pub enum StartupError {
 /// A store, migrated and ready.
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
     let store = store::open(&settings.database_url, settings.database_max_connections).await?;
+    let store: Arc<dyn Store> = Arc::new(store::GuardedStore::new(store, settings.store_concurrency));
     store.migrate().await?;
     Ok(store)
 }

@@ -101,12 +101,16 @@ async fn acknowledged_receipts_survive_kill_9() {
         .expect("the kill -9 scenario finished in time");
 }
 
+/// Every receiver is let in at once (past the default admission bound): this test is about
+/// what survives the kill, not about overload.
+const ADMIT_ALL: &[&str] = &["--store-concurrency", "1024"];
+
 async fn kill_9_scenario() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let database_url = database_url(dir.path());
     let client = client();
 
-    let mut server = Server::start(dir.path(), &database_url, &[], &[]).await;
+    let mut server = Server::start(dir.path(), &database_url, ADMIT_ALL, &[]).await;
     let created = client
         .post(server.url("/api/v1/spray"))
         .header("x-user-id", SPRAYER.to_string())
@@ -177,7 +181,7 @@ async fn kill_9_scenario() {
     drop(server);
 
     // Restart on the same file; the recovery of the WAL is the store's job.
-    let mut server = Server::start(dir.path(), &database_url, &[], &[]).await;
+    let mut server = Server::start(dir.path(), &database_url, ADMIT_ALL, &[]).await;
     let lookup = client
         .get(server.url(&format!("/api/v1/spray/{token}")))
         .header("x-user-id", SPRAYER.to_string())

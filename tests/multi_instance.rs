@@ -37,6 +37,8 @@ impl Fleet {
         let redis = OwnRedis::start();
         let prefix = format!("fleet-{:08x}", rand::random::<u32>());
         // Eight connections each: three tests of three instances stay under MariaDB's 151.
+        // Every racer is let in (past the default admission bound): these races prove
+        // exact money, not overload (a slow instance may hold most of the 128 in flight).
         let flags = [
             "--redis-url",
             &redis.url(),
@@ -44,6 +46,8 @@ impl Fleet {
             &prefix,
             "--database-max-connections",
             "8",
+            "--store-concurrency",
+            "4096",
         ];
         let (a, b, c) = tokio::join!(
             Server::start(dir.path(), &database.url, &flags, &[]),

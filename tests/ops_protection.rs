@@ -137,3 +137,72 @@ async fn the_protection_settings_are_checked_at_start() {
         assert!(bad.policy().is_err(), "{bad:?}");
     }
 }
+
+#[tokio::test]
+async fn requests_past_the_store_concurrency_are_refused_at_once_and_change_nothing() {
+    use sqlx::Connection;
+
+    let settings = Settings {
+        store_concurrency: 1,
+        ..Settings::default()
+    };
+    let app = TestApp::with_settings(settings).await;
+    // Another connection holds SQLite's write lock: a spray waits inside the store.
+    let mut holder = sqlx::SqliteConnection::connect(&app.settings.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut holder).await.unwrap();
+    let spray_request = || {
+        Request::builder()
+            .method("POST")
+            .uri("/api/v1/spray")
+            .header("content-type", "application/json")
+            .header("x-user-id", "10")
+            .header("x-room-id", ROOM)
+            .body(Body::from(r#"{"amount": 10, "recipient_count": 2}"#))
+            .unwrap()
+    };
+    let mut waiting = tokio::spawn(app.router.clone().oneshot(spray_request()));
+    // A lookup reads without the write lock, so it is answered at once either way: 404
+    // while the permit is free, 503 once the spray holds it. (Should a lookup take the
+    // permit just as the spray asks for it, the spray is the one refused: send it again.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spray never held the store"
+        );
+        if waiting.is_finished() {
+            let early = waiting.await.unwrap().unwrap();
+            assert_eq!(early.status(), 503, "the spray ended while the store was locked");
+            waiting = tokio::spawn(app.router.clone().oneshot(spray_request()));
+        }
+        let answer = app.lookup(OWNER, "abc").await;
+        if answer.status == 503 {
+            break answer;
+        }
+        answer.assert_problem(404, "SPRAY_NOT_FOUND");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_clean_unavailable(&refused);
+    // Another spray is refused at once too, before anything is written.
+    let other = app
+        .post(
+            "/api/v1/spray",
+            12,
+            Some(ROOM),
+            json!({"amount": 10, "recipient_count": 2}),
+        )
+        .await;
+    assert_clean_unavailable(&other);
+
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap().status(), 201);
+    let written = |owner: i64| format!("SELECT COUNT(*) FROM sprays WHERE owner_id = {owner}");
+    assert_eq!(app.count_where(written(10)).await, 1);
+    assert_eq!(app.count_where(written(12)).await, 0);
+    // Once the store has room again, the refused sprayer's retry goes through.
+    app.spray_as(12, ROOM, json!({"amount": 10, "recipient_count": 2}))
+        .await;
+    app.assert_audit_clean().await;
+}

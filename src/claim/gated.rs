@@ -19,7 +19,7 @@ use crate::domain::ReceiveRefusal;
 use crate::domain::rules::window_open;
 use crate::gate::{GateSnapshot, GateVerdict, RedisGate, SprayKeys};
 use crate::store::{Claim, ClaimOutcome, IdempotencyWrite, NewSpray, SlotClaim, Store, StoreError};
-use crate::telemetry::{self, time_store};
+use crate::telemetry;
 
 pub struct GatedClaim {
     store: Arc<dyn Store>,
@@ -40,7 +40,7 @@ impl GatedClaim {
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
         telemetry::record_gate_fallback();
-        time_store("claim_share", self.store.claim_share(claim, idempotency)).await
+        self.store.claim_share(claim, idempotency).await
     }
 
     /// Records in SQL the slot the gate handed out, and tells the gate what became of it.
@@ -52,11 +52,7 @@ impl GatedClaim {
         slot: i64,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
-        let recorded = time_store(
-            "claim_slot",
-            self.store.claim_slot(claim, spray_id, slot, idempotency),
-        )
-        .await;
+        let recorded = self.store.claim_slot(claim, spray_id, slot, idempotency).await;
         match recorded {
             Ok(SlotClaim::Received(amount)) => {
                 // If this is lost (Redis down), the hold is taken over after its lease and
@@ -107,11 +103,7 @@ impl ClaimPath for GatedClaim {
             match verdict {
                 GateVerdict::Missing => {
                     telemetry::record_gate_miss();
-                    let snapshot = time_store(
-                        "gate_snapshot",
-                        self.store.gate_snapshot(&claim.room, &claim.token),
-                    )
-                    .await?;
+                    let snapshot = self.store.gate_snapshot(&claim.room, &claim.token).await?;
                     let Some(snapshot) = snapshot else {
                         return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
                     };
@@ -130,7 +122,7 @@ impl ClaimPath for GatedClaim {
                 }
                 GateVerdict::AlreadyHeld { spray_id, slot } => {
                     // Only SQL can say someone received: confirm before refusing.
-                    let share = time_store("share_of", self.store.share_of(spray_id, claim.user)).await?;
+                    let share = self.store.share_of(spray_id, claim.user).await?;
                     if share.is_some() {
                         return refused(ReceiveRefusal::AlreadyReceived);
                     }

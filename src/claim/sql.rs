@@ -6,7 +6,6 @@ use async_trait::async_trait;
 
 use super::{ClaimPath, RedisStatus};
 use crate::store::{Claim, ClaimOutcome, IdempotencyWrite, NewSpray, Store, StoreError};
-use crate::telemetry::time_store;
 
 pub struct SqlClaim {
     store: Arc<dyn Store>,
@@ -25,7 +24,7 @@ impl ClaimPath for SqlClaim {
         claim: &Claim,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
-        time_store("claim_share", self.store.claim_share(claim, idempotency)).await
+        self.store.claim_share(claim, idempotency).await
     }
 
     async fn sprayed(&self, _spray_id: i64, _spray: &NewSpray) {}

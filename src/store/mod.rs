@@ -8,6 +8,7 @@
 mod commit;
 mod convert;
 mod error;
+mod guarded;
 mod idempotency;
 pub mod mysql;
 mod portable;
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use error::StoreError;
+pub use guarded::GuardedStore;
 pub use idempotency::{
     Begin, IdempotencySlot, IdempotencyWrite, IdempotentRequest, RenderAnswer, StoredAnswer,
 };

@@ -104,6 +104,14 @@ fn describe() {
         "spray_gate_events_total",
         "Redis gate events: hit, miss, rebuild (key reloaded from SQL), takeover (a hold past the claim lease handed to another claim), fallback (SQL-only claim)."
     );
+    describe_gauge!(
+        "spray_store_calls_admitted",
+        "Request-path store calls running or waiting now; at --store-concurrency, more are refused."
+    );
+    describe_counter!(
+        "spray_store_shed_total",
+        "Store calls refused at once (503) because --store-concurrency calls were already running."
+    );
     describe_histogram!(
         "spray_store_duration_seconds",
         Unit::Seconds,
@@ -196,6 +204,27 @@ pub fn record_gate_miss() {
 /// The Redis gate's key was rebuilt from SQL.
 pub fn record_gate_rebuild() {
     counter!("spray_gate_events_total", "event" => "rebuild").increment(1);
+}
+
+/// A request-path store call admitted and not yet finished (`spray_store_calls_admitted`).
+pub struct StoreCallAdmitted(());
+
+impl StoreCallAdmitted {
+    pub fn start() -> StoreCallAdmitted {
+        gauge!("spray_store_calls_admitted").increment(1.0);
+        StoreCallAdmitted(())
+    }
+}
+
+impl Drop for StoreCallAdmitted {
+    fn drop(&mut self) {
+        gauge!("spray_store_calls_admitted").decrement(1.0);
+    }
+}
+
+/// A store call was refused at once: --store-concurrency calls were already running.
+pub fn record_store_shed() {
+    counter!("spray_store_shed_total").increment(1);
 }
 
 /// The gate handed out a slot whose earlier hold had outlived the claim lease.

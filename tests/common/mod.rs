@@ -257,6 +257,11 @@ impl TestApp {
             }
         }
         settings.redis_key_prefix = redis_prefix();
+        // The contract tests race hundreds of requests at once to prove the money rules;
+        // admission (503 at once past --store-concurrency) has tests of its own.
+        if settings.store_concurrency == spray::config::DEFAULT_STORE_CONCURRENCY {
+            settings.store_concurrency = 4096;
+        }
         let store = open_store(&settings).await.unwrap();
         let clock = Arc::new(ManualClock::new(start_time()));
         let tokens = Arc::new(ScriptedTokens::default());
