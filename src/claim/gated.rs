@@ -17,8 +17,10 @@ use chrono::TimeDelta;
 use super::{ClaimPath, RedisStatus};
 use crate::domain::ReceiveRefusal;
 use crate::domain::rules::window_open;
-use crate::gate::{GateSnapshot, GateVerdict, RedisGate, SprayKeys};
-use crate::store::{Claim, ClaimOutcome, IdempotencyWrite, NewSpray, SlotClaim, Store, StoreError};
+use crate::gate::{GateVerdict, RedisGate, SprayKeys};
+use crate::store::{
+    Claim, ClaimOutcome, ClaimSnapshot, IdempotencyWrite, NewSpray, SlotClaim, Store, StoreError,
+};
 use crate::telemetry;
 
 pub struct GatedClaim {
@@ -103,7 +105,7 @@ impl ClaimPath for GatedClaim {
             match verdict {
                 GateVerdict::Missing => {
                     telemetry::record_gate_miss();
-                    let snapshot = self.store.gate_snapshot(&claim.room, &claim.token).await?;
+                    let snapshot = self.store.claim_snapshot(&claim.room, &claim.token).await?;
                     let Some(snapshot) = snapshot else {
                         return Ok(ClaimOutcome::Refused(ReceiveRefusal::NotFound));
                     };
@@ -153,7 +155,7 @@ impl ClaimPath for GatedClaim {
         let Ok(recipient_count) = u32::try_from(spray.shares.len()) else {
             return;
         };
-        let snapshot = GateSnapshot {
+        let snapshot = ClaimSnapshot {
             spray_id,
             owner: spray.owner,
             receive_until: spray.receive_until,

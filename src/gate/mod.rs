@@ -30,6 +30,7 @@ use tokio::sync::Mutex;
 pub use keys::SprayKeys;
 
 use crate::domain::{RoomId, Token, UserId};
+use crate::store::ClaimSnapshot;
 
 /// How long one Redis call may take before the request goes down the SQL path.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
@@ -38,20 +39,6 @@ pub const BACKOFF: Duration = Duration::from_secs(1);
 /// How long after its receive window a spray's keys are kept, so late retries are
 /// answered by Redis too.
 const KEEP_AFTER_WINDOW: TimeDelta = TimeDelta::minutes(10);
-
-/// What SQL knows about a spray, to rebuild its gate keys.
-#[derive(Debug, Clone)]
-pub struct GateSnapshot {
-    pub spray_id: i64,
-    pub owner: UserId,
-    pub receive_until: DateTime<Utc>,
-    pub lookup_until: DateTime<Utc>,
-    pub recipient_count: u32,
-    /// Unclaimed slots, in the order they are handed out.
-    pub free_slots: Vec<i64>,
-    /// Who received which slot.
-    pub receivers: Vec<(UserId, i64)>,
-}
 
 /// The gate's answer to a receive, in the contract's rule order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,7 +241,7 @@ impl RedisGate {
     pub async fn rebuild(
         &self,
         keys: &SprayKeys,
-        snapshot: &GateSnapshot,
+        snapshot: &ClaimSnapshot,
         now: DateTime<Utc>,
     ) -> Result<(), GateUnavailable> {
         // Never past the lookup window: the token may name another spray after it.

@@ -106,14 +106,14 @@ impl SprayRow {
 
 /// The spray row of a gate snapshot:
 /// `(id, owner_id, receive_until, lookup_until, recipient_count)`.
-pub type GateSprayRow = (i64, i64, i64, i64, i64);
+pub type ClaimSprayRow = (i64, i64, i64, i64, i64);
 
-pub fn gate_snapshot_from(
-    (spray_id, owner, receive_until, lookup_until, count): GateSprayRow,
+pub fn claim_snapshot_from(
+    (spray_id, owner, receive_until, lookup_until, count): ClaimSprayRow,
     free_slots: Vec<i64>,
     receivers: Vec<(i64, i64)>,
-) -> Result<crate::gate::GateSnapshot, StoreError> {
-    Ok(crate::gate::GateSnapshot {
+) -> Result<crate::store::ClaimSnapshot, StoreError> {
+    Ok(crate::store::ClaimSnapshot {
         spray_id,
         owner: user_from(owner)?,
         receive_until: time_from(receive_until)?,

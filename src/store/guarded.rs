@@ -17,12 +17,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::ClaimSnapshot;
 use super::{
     Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, RoomId, SprayRecord, Token, UserId};
-use crate::gate::GateSnapshot;
 use crate::telemetry::metrics::{StoreCallAdmitted, record_store_shed, time_store};
 
 /// A store with its calls timed and its request-path calls admitted (see the module doc).
@@ -95,9 +95,13 @@ impl Store for GuardedStore {
         self.inner.close().await;
     }
 
-    async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError> {
+    async fn claim_snapshot(
+        &self,
+        room: &RoomId,
+        token: &Token,
+    ) -> Result<Option<ClaimSnapshot>, StoreError> {
         let _admitted = self.admit()?;
-        time_store("gate_snapshot", self.inner.gate_snapshot(room, token)).await
+        time_store("claim_snapshot", self.inner.claim_snapshot(room, token)).await
     }
 
     async fn claim_slot(

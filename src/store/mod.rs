@@ -26,7 +26,6 @@ pub use idempotency::{
 };
 
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
-use crate::gate::GateSnapshot;
 
 /// A spray about to be written: its shares are already drawn, in order of receipt.
 #[derive(Debug, Clone)]
@@ -40,6 +39,21 @@ pub struct NewSpray {
     pub created_at: DateTime<Utc>,
     pub receive_until: DateTime<Utc>,
     pub lookup_until: DateTime<Utc>,
+}
+
+/// What SQL knows about a live spray's shares: enough for a claim path to rebuild its
+/// own view of the spray (the Redis gate's keys) from the source of truth.
+#[derive(Debug, Clone)]
+pub struct ClaimSnapshot {
+    pub spray_id: i64,
+    pub owner: UserId,
+    pub receive_until: DateTime<Utc>,
+    pub lookup_until: DateTime<Utc>,
+    pub recipient_count: u32,
+    /// Unclaimed slots, in the order they are handed out.
+    pub free_slots: Vec<i64>,
+    /// Who received which slot.
+    pub receivers: Vec<(UserId, i64)>,
 }
 
 /// A member of `room` asks for a share of the spray `token` at `now`.
@@ -108,7 +122,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// What the gate needs to rebuild a spray's keys: the newest spray with this token in
     /// the room, its free slots in order and its receivers.
-    async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError>;
+    async fn claim_snapshot(&self, room: &RoomId, token: &Token)
+    -> Result<Option<ClaimSnapshot>, StoreError>;
 
     /// Records that `claim.user` received the share in `slot`, if that share is still
     /// free, the window is still open at `claim.now` and the spray is not settled: one

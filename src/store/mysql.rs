@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySql, MySqlPool};
 
+use super::ClaimSnapshot;
 use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
 use super::error::is_unique_violation;
@@ -36,7 +37,6 @@ use super::{
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
-use crate::gate::GateSnapshot;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/mysql");
 
@@ -410,8 +410,12 @@ impl Store for MySqlStore {
         self.pool.close().await;
     }
 
-    async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError> {
-        portable::gate_snapshot(&self.pool, room, token).await
+    async fn claim_snapshot(
+        &self,
+        room: &RoomId,
+        token: &Token,
+    ) -> Result<Option<ClaimSnapshot>, StoreError> {
+        portable::claim_snapshot(&self.pool, room, token).await
     }
 
     async fn claim_slot(

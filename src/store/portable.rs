@@ -68,12 +68,12 @@ macro_rules! portable_sql_functions {
             Ok(found.is_some())
         }
 
-        pub async fn gate_snapshot(
+        pub async fn claim_snapshot(
             reader: &sqlx::Pool<$db>,
             room: &crate::domain::RoomId,
             token: &crate::domain::Token,
-        ) -> Result<Option<crate::gate::GateSnapshot>, StoreError> {
-            let spray = sqlx::query_as::<_, crate::store::convert::GateSprayRow>(
+        ) -> Result<Option<crate::store::ClaimSnapshot>, StoreError> {
+            let spray = sqlx::query_as::<_, crate::store::convert::ClaimSprayRow>(
                 "SELECT id, owner_id, receive_until, lookup_until, recipient_count FROM sprays
                  WHERE room_id = ? AND token = ? ORDER BY id DESC LIMIT 1",
             )
@@ -97,7 +97,7 @@ macro_rules! portable_sql_functions {
             .bind(spray.0)
             .fetch_all(reader)
             .await?;
-            crate::store::convert::gate_snapshot_from(spray, free_slots, receivers).map(Some)
+            crate::store::convert::claim_snapshot_from(spray, free_slots, receivers).map(Some)
         }
 
         /// The point update of one slot and its CREDIT, inside the caller's transaction

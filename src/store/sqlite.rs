@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool};
 
+use super::ClaimSnapshot;
 use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
 use super::error::is_unique_violation;
@@ -26,7 +27,6 @@ use super::{
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
-use crate::gate::GateSnapshot;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -179,8 +179,12 @@ impl Store for SqliteStore {
         self.reader.close().await;
     }
 
-    async fn gate_snapshot(&self, room: &RoomId, token: &Token) -> Result<Option<GateSnapshot>, StoreError> {
-        portable::gate_snapshot(&self.reader, room, token).await
+    async fn claim_snapshot(
+        &self,
+        room: &RoomId,
+        token: &Token,
+    ) -> Result<Option<ClaimSnapshot>, StoreError> {
+        portable::claim_snapshot(&self.reader, room, token).await
     }
 
     async fn claim_slot(
