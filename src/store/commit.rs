@@ -1,5 +1,9 @@
-//! Committing a transaction whose outcome a client will be told, and finding that outcome
-//! out when the commit's acknowledgement is lost.
+//! Ending transactions, written once for both backends: [`finish`] commits an outcome that
+//! is to be kept and rolls back any other, explicitly (a transaction merely dropped would
+//! stay open on its pooled connection, holding locks and, on SQLite, a read snapshot,
+//! until the connection is next used); [`finish_confirming`] does the same for a
+//! transaction whose outcome a client will be told, and finds that outcome out when the
+//! commit's acknowledgement is lost.
 //!
 //! A failed `COMMIT` does not mean nothing was written. When the connection dies after the
 //! server received `COMMIT` and before its OK reached us (the network dropped, the server
@@ -57,6 +61,83 @@ pub(super) struct TakenShare {
     pub spray_id: i64,
     pub slot: i64,
     pub amount: crate::domain::Amount,
+}
+
+/// Commits `tx` when `keep` says the outcome is to be kept; rolls it back otherwise, and
+/// always when the outcome is an error.
+pub(super) async fn finish<DB, T>(
+    tx: sqlx::Transaction<'static, DB>,
+    outcome: Result<T, StoreError>,
+    keep: impl FnOnce(&T) -> bool,
+) -> Result<T, StoreError>
+where
+    DB: sqlx::Database,
+{
+    match outcome {
+        Ok(value) if keep(&value) => {
+            tx.commit().await?;
+            Ok(value)
+        }
+        other => {
+            tx.rollback().await?;
+            other
+        }
+    }
+}
+
+/// Commits `tx` when `written` names what the outcome wrote, confirming a failed commit
+/// with `landed` (see [`commit_and_confirm`]); rolls it back otherwise, and always when the
+/// outcome is an error.
+pub(super) async fn finish_confirming<DB, T, F, Fut>(
+    tx: sqlx::Transaction<'static, DB>,
+    outcome: Result<T, StoreError>,
+    written: impl FnOnce(&T) -> Option<Written>,
+    landed: F,
+) -> Result<T, StoreError>
+where
+    DB: sqlx::Database,
+    F: FnMut(Written) -> Fut,
+    Fut: Future<Output = Result<bool, StoreError>>,
+{
+    let what = match &outcome {
+        Ok(value) => written(value),
+        Err(_) => None,
+    };
+    match what {
+        Some(what) => {
+            let mut landed = landed;
+            let check = what.clone();
+            commit_and_confirm(tx, &what, || landed(check.clone())).await?;
+            outcome
+        }
+        None => {
+            tx.rollback().await?;
+            outcome
+        }
+    }
+}
+
+impl Written {
+    /// What writing `spray` under `id` wrote.
+    pub(super) fn spray(id: i64, spray: &super::NewSpray) -> Written {
+        Written::Spray {
+            id,
+            room: spray.room.as_str().to_owned(),
+            token: spray.token.as_str().to_owned(),
+            owner: spray.owner.get(),
+            created_at: super::convert::millis(spray.created_at),
+        }
+    }
+
+    /// What `claim` wrote when it took `taken`.
+    pub(super) fn share(taken: &TakenShare, claim: &super::Claim) -> Written {
+        Written::Share {
+            spray_id: taken.spray_id,
+            slot: taken.slot,
+            user: claim.user.get(),
+            received_at: super::convert::millis(claim.now),
+        }
+    }
 }
 
 /// Commits `tx`. When the commit itself fails, asks `landed` (which reads `what` back on a

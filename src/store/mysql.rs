@@ -28,8 +28,8 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySql, MySqlPool};
 
 use super::ClaimSnapshot;
-use super::commit::{TakenShare, Written, commit_and_confirm};
-use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
+use super::commit::{TakenShare, Written, finish, finish_confirming};
+use super::convert::{amount_from, millis, stored};
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
@@ -81,37 +81,20 @@ impl MySqlStore {
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // Committed only if every write succeeded; rolled back explicitly otherwise, so
-        // no transaction stays open on a pooled connection.
-        let written = match insert_in(&mut tx, spray).await {
-            Ok(spray_id) => portable::complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at)
-                .await
-                .map(|()| spray_id),
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(spray_id) => {
-                let written = Written::Spray {
-                    id: spray_id,
-                    room: spray.room.as_str().to_owned(),
-                    token: spray.token.as_str().to_owned(),
-                    owner: spray.owner.get(),
-                    created_at: millis(spray.created_at),
-                };
-                commit_and_confirm(tx, &written, || self.landed(&written)).await?;
-                Ok(spray_id)
-            }
-            Err(e) => {
-                tx.rollback().await?;
-                Err(e)
-            }
-        }
+        let outcome = portable::spray_in(&mut tx, spray, idempotency).await;
+        finish_confirming(
+            tx,
+            outcome,
+            |id| Some(Written::spray(*id, spray)),
+            |w| self.landed(w),
+        )
+        .await
     }
 
     /// Whether `written` is in the database, read on a connection of its own rather than
     /// one from the pool: pooled connections may be as dead as the one whose commit
     /// failed, or all busy.
-    async fn landed(&self, written: &Written) -> Result<bool, StoreError> {
+    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
         use sqlx::{ConnectOptions, Connection};
         let mut conn = self.pool.connect_options().connect().await?;
         let found = async {
@@ -120,58 +103,27 @@ impl MySqlStore {
             )))
             .execute(&mut conn)
             .await?;
-            portable::landed(&mut conn, written).await
+            portable::landed(&mut conn, &written).await
         }
         .await;
         let _ = conn.close().await;
         found
     }
 
-    /// Commits a claim that took `taken`, reading it back if the acknowledgement is lost.
-    async fn commit_claim(
-        &self,
-        tx: sqlx::Transaction<'static, MySql>,
-        claim: &Claim,
-        taken: TakenShare,
-    ) -> Result<(), StoreError> {
-        let written = Written::Share {
-            spray_id: taken.spray_id,
-            slot: taken.slot,
-            user: claim.user.get(),
-            received_at: millis(claim.now),
-        };
-        commit_and_confirm(tx, &written, || self.landed(&written)).await
-    }
-
-    /// One claim transaction: committed when a share was taken, rolled back otherwise.
-    /// The rollback is explicit: a transaction merely dropped would stay open on its pooled
-    /// connection (holding metadata locks) until the connection is next used.
     async fn try_claim_share(
         &self,
         claim: &Claim,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let outcome = match Self::claim_in(&mut tx, claim).await {
-            Ok(Ok(taken)) => portable::complete_in(&mut tx, idempotency, taken.amount, claim.now)
-                .await
-                .map(|()| Ok(taken)),
-            other => other,
-        };
-        match outcome {
-            Ok(Ok(taken)) => {
-                self.commit_claim(tx, claim, taken).await?;
-                Ok(ClaimOutcome::Received(taken.amount))
-            }
-            Ok(Err(refusal)) => {
-                tx.rollback().await?;
-                Ok(ClaimOutcome::Refused(refusal))
-            }
-            Err(e) => {
-                tx.rollback().await?;
-                Err(e)
-            }
-        }
+        let outcome = portable::claim_share_in(&mut tx, claim, idempotency).await;
+        let written = |taken: &Result<TakenShare, _>| taken.as_ref().ok().map(|t| Written::share(t, claim));
+        Ok(
+            match finish_confirming(tx, outcome, written, |w| self.landed(w)).await? {
+                Ok(taken) => ClaimOutcome::Received(taken.amount),
+                Err(refusal) => ClaimOutcome::Refused(refusal),
+            },
+        )
     }
 
     /// The gate's point update: the spray row first, under the same shared lock as every
@@ -184,120 +136,74 @@ impl MySqlStore {
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<SlotClaim, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let outcome = async {
-            if lock_unsettled(&mut tx, spray_id).await?.is_none() {
-                return Ok(SlotClaim::Closed);
-            }
-            match portable::claim_slot_in(&mut tx, claim, spray_id, slot).await? {
-                SlotClaim::Received(amount) => {
-                    portable::complete_in(&mut tx, idempotency, amount, claim.now).await?;
-                    Ok(SlotClaim::Received(amount))
-                }
-                other => Ok(other),
-            }
-        }
-        .await;
-        match outcome {
-            Ok(SlotClaim::Received(amount)) => {
-                let taken = TakenShare {
+        let outcome = portable::claim_given_slot_in(&mut tx, claim, spray_id, slot, idempotency).await;
+        let written = |outcome: &SlotClaim| match *outcome {
+            SlotClaim::Received(amount) => Some(Written::share(
+                &TakenShare {
                     spray_id,
                     slot,
                     amount,
-                };
-                self.commit_claim(tx, claim, taken).await?;
-                Ok(SlotClaim::Received(amount))
-            }
-            other => {
-                tx.rollback().await?;
-                other
-            }
-        }
+                },
+                claim,
+            )),
+            _ => None,
+        };
+        finish_confirming(tx, outcome, written, |w| self.landed(w)).await
     }
+}
 
-    /// The claim inside the caller's transaction: the share it took (the slot is kept, so
-    /// that the share can be found again if the commit's acknowledgement is lost), or the
-    /// rule that refused it.
-    async fn claim_in(
-        tx: &mut sqlx::Transaction<'static, MySql>,
-        claim: &Claim,
-    ) -> Result<Result<TakenShare, ReceiveRefusal>, StoreError> {
-        // Rules 1 to 4, in the contract's order.
-        let (spray_id, recipient_count) = match portable::receive_rules_in(tx, claim).await? {
-            Ok(spray) => spray,
-            Err(refusal) => return Ok(Err(refusal)),
-        };
-        // Rule 4 again, under the spray row's shared lock (see the module doc): a settled
-        // spray is closed, even to a claim whose `now` is still inside the window.
-        if lock_unsettled(tx, spray_id).await?.is_none() {
-            return Ok(Err(ReceiveRefusal::Expired));
-        }
-
-        // Rule 5: lock a free share nobody else holds. SKIP LOCKED may miss shares that
-        // in-flight claims hold and may yet give back (rollback), so "none" is confirmed
-        // by a plain read of the committed free shares before the spray is called
-        // exhausted. If some are still free, in-flight claims hold them: this transaction
-        // is a conflict and runs again shortly, when they have committed or rolled back.
-        // (A waiting `FOR UPDATE` here deadlocked with those claims' index updates.)
-        let free = sqlx::query_as::<_, (i64, i64)>(
-            "SELECT slot, amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL
-             ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED",
+/// Rule 5 of the SQL-only claim, in the caller's transaction: lock a free share nobody else
+/// holds and take it. Its slot and amount, or the rule that refuses.
+///
+/// SKIP LOCKED may miss shares that in-flight claims hold and may yet give back (rollback),
+/// so "none" is confirmed by a plain read of the committed free shares before the spray is
+/// called exhausted. If some are still free, in-flight claims hold them: this transaction
+/// is a conflict and runs again shortly, when they have committed or rolled back. (A
+/// waiting `FOR UPDATE` here deadlocked with those claims' index updates.)
+async fn take_free_share_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    claim: &Claim,
+    spray_id: i64,
+    shares: u32,
+) -> Result<Result<(i64, Amount), ReceiveRefusal>, StoreError> {
+    let free = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT slot, amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL
+         ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(spray_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((slot, amount)) = free else {
+        let still_free = sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
         )
         .bind(spray_id)
-        .fetch_optional(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-        if free.is_none() {
-            let still_free = sqlx::query_scalar::<_, i64>(
-                "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
-            )
-            .bind(spray_id)
-            .fetch_one(&mut **tx)
-            .await?;
-            if still_free > 0 {
-                return Err(StoreError::Conflict(
-                    "every free share is held by a claim in flight".into(),
-                ));
-            }
+        if still_free > 0 {
+            return Err(StoreError::Conflict(
+                "every free share is held by a claim in flight".into(),
+            ));
         }
-        let Some((slot, amount)) = free else {
-            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-            return Ok(Err(ReceiveRefusal::Exhausted { shares }));
-        };
-
-        let claimed = sqlx::query(
-            "UPDATE shares SET receiver_id = ?, received_at = ?
-             WHERE spray_id = ? AND slot = ? AND receiver_id IS NULL",
-        )
-        .bind(claim.user.get())
-        .bind(millis(claim.now))
-        .bind(spray_id)
-        .bind(slot)
-        .execute(&mut **tx)
-        .await;
-        match claimed {
-            Ok(done) if done.rows_affected() == 1 => {}
-            // We hold the row lock, so this cannot happen; if it does, start over.
-            Ok(_) => return Err(StoreError::Conflict("a locked share was taken".into())),
-            // The same user won a share in a transaction that committed meanwhile.
-            Err(e) if is_unique_violation(&e) => {
-                return Ok(Err(ReceiveRefusal::AlreadyReceived));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let amount = amount_from(amount)?;
-
-        sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)")
-            .bind(spray_id)
-            .bind(claim.user.get())
-            .bind(stored(amount)?)
-            .bind(millis(claim.now))
-            .execute(&mut **tx)
-            .await?;
-
-        Ok(Ok(TakenShare {
-            spray_id,
-            slot,
-            amount,
-        }))
+        return Ok(Err(ReceiveRefusal::Exhausted { shares }));
+    };
+    let claimed = sqlx::query(
+        "UPDATE shares SET receiver_id = ?, received_at = ?
+         WHERE spray_id = ? AND slot = ? AND receiver_id IS NULL",
+    )
+    .bind(claim.user.get())
+    .bind(millis(claim.now))
+    .bind(spray_id)
+    .bind(slot)
+    .execute(&mut **tx)
+    .await;
+    match claimed {
+        Ok(done) if done.rows_affected() == 1 => Ok(Ok((slot, amount_from(amount)?))),
+        // We hold the row lock, so this cannot happen; if it does, start over.
+        Ok(_) => Err(StoreError::Conflict("a locked share was taken".into())),
+        // The same user won a share in a transaction that committed meanwhile.
+        Err(e) if is_unique_violation(&e) => Ok(Err(ReceiveRefusal::AlreadyReceived)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -369,37 +275,8 @@ impl Store for MySqlStore {
     }
 
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
-        let (filter, token) = match key {
-            SprayKey::Room(_, token) => ("room_id = ?", token),
-            SprayKey::Owner(_, token) => ("owner_id = ?", token),
-        };
-        let sql = format!(
-            "SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1"
-        );
-        let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
-        let query = match key {
-            SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
-            SprayKey::Owner(owner, _) => query.bind(owner.get()),
-        };
-        let Some(row) = query
-            .bind(token.as_str().to_owned())
-            .fetch_optional(&self.pool)
-            .await?
-        else {
-            return Ok(None);
-        };
-        // The spray row changes only when it is settled, and no receipt is added after
-        // that: a row read unsettled is answered from the clock and the receipts, a row
-        // read settled from receipts that can no longer change. Either way one read of
-        // the receipts is a consistent view.
-        let receipts = sqlx::query_as::<_, ReceiptRow>(
-            "SELECT receiver_id, amount, received_at FROM shares
-             WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
-        )
-        .bind(row.id)
-        .fetch_all(&self.pool)
-        .await?;
-        row.into_record(receipts).map(Some)
+        let mut conn = self.pool.acquire().await?;
+        portable::find_in(&mut conn, key).await
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
@@ -540,16 +417,19 @@ impl MySqlStore {
     async fn try_settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = portable::settle_in(&mut tx, spray_id, now).await;
-        match outcome {
-            Ok(SettleOutcome::Refunded(_) | SettleOutcome::Completed) => tx.commit().await?,
-            _ => tx.rollback().await?,
-        }
-        outcome
+        finish(tx, outcome, |o| {
+            matches!(o, SettleOutcome::Refunded(_) | SettleOutcome::Completed)
+        })
+        .await
     }
 }
 
-/// The spray, its shares and the DEBIT, inside the caller's transaction.
-async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray) -> Result<i64, StoreError> {
+/// A new spray's row, in the caller's transaction: the token given up by sprays past their
+/// lookup window, then the row (its id from AUTO_INCREMENT, never reused). Its id.
+async fn insert_spray_row_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray: &NewSpray,
+) -> Result<i64, StoreError> {
     let now = millis(spray.created_at);
 
     // Sprays past their lookup window give up the token (see the migration). Two
@@ -589,14 +469,11 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, MySql>, spray: &NewSpray)
     .bind(millis(spray.lookup_until))
     .execute(&mut **tx)
     .await;
-    let spray_id = match inserted {
-        Ok(done) => i64::try_from(done.last_insert_id()).map_err(|e| StoreError::Other(e.to_string()))?,
-        Err(e) if is_unique_violation(&e) => return Err(StoreError::TokenTaken),
-        Err(e) => return Err(e.into()),
-    };
-
-    portable::insert_shares_and_debit_in(tx, spray_id, spray).await?;
-    Ok(spray_id)
+    match inserted {
+        Ok(done) => i64::try_from(done.last_insert_id()).map_err(|e| StoreError::Other(e.to_string())),
+        Err(e) if is_unique_violation(&e) => Err(StoreError::TokenTaken),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).
@@ -604,24 +481,8 @@ mod portable {
     super::super::portable::portable_sql_functions!(
         db = sqlx::MySql,
         lock = " FOR UPDATE",
-        share_lock = " LOCK IN SHARE MODE"
+        share_lock = " LOCK IN SHARE MODE",
+        insert_spray_row = super::insert_spray_row_in,
+        take_free_share = super::take_free_share_in,
     );
-}
-
-/// Locks the spray row in share mode and reads whether it is settled (see the module
-/// doc). `Some(())` when the spray is there and unsettled: the caller may give a share
-/// away, and no settlement can commit until the caller's transaction ends. `None` when it
-/// is settled, or gone (a spray is purged only once settled).
-///
-/// Every transaction that gives a share away must call this before touching the shares.
-pub(crate) async fn lock_unsettled(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    spray_id: i64,
-) -> Result<Option<()>, StoreError> {
-    let settled_at =
-        sqlx::query_scalar::<_, Option<i64>>("SELECT settled_at FROM sprays WHERE id = ? LOCK IN SHARE MODE")
-            .bind(spray_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(matches!(settled_at, Some(None)).then_some(()))
 }

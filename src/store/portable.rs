@@ -4,14 +4,173 @@
 //!
 //! The statements are portable, so rather than write them twice the functions are
 //! generated once per backend by this macro (sqlx's types differ per database); each
-//! backend's `impl Store` delegates to them inside transactions of its own. Where the
-//! backends differ only in row locking, `lock` is the clause that locks the rows read
-//! (`" FOR UPDATE"` on MySQL; empty on SQLite, whose single writer serializes every write
-//! transaction anyway), and `share_lock` the one that takes a shared lock.
+//! backend's `impl Store` begins a transaction its own way, runs one of these bodies in it
+//! and ends it with `store/commit.rs`. The backends differ only in dialect, given here:
+//! `lock` is the clause that locks the rows read (`" FOR UPDATE"` on MySQL; empty on
+//! SQLite, whose single writer serializes every write transaction anyway), `share_lock`
+//! the one that takes a shared lock, `insert_spray_row` writes a new spray's row (token
+//! release and id assignment differ) and `take_free_share` takes a free share for the
+//! SQL-only claim (the way to find one without a queue differs).
 
 macro_rules! portable_sql_functions {
-    (db = $db:ty, lock = $lock:literal, share_lock = $share_lock:literal) => {
+    (
+        db = $db:ty,
+        lock = $lock:literal,
+        share_lock = $share_lock:literal,
+        insert_spray_row = $insert_spray_row:path,
+        take_free_share = $take_free_share:path $(,)?
+    ) => {
         use crate::store::StoreError;
+
+        /// A new spray in the caller's transaction: its row, its shares, the sprayer's
+        /// DEBIT and, with `idempotency`, the kept answer. Its id.
+        pub async fn spray_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray: &crate::store::NewSpray,
+            idempotency: Option<&crate::store::IdempotencyWrite>,
+        ) -> Result<i64, StoreError> {
+            let spray_id = $insert_spray_row(tx, spray).await?;
+            insert_shares_and_debit_in(tx, spray_id, spray).await?;
+            complete_in(tx, idempotency, spray.total_amount, spray.created_at).await?;
+            Ok(spray_id)
+        }
+
+        /// The SQL-only claim in the caller's transaction: rules 1 to 4, settlement,
+        /// rule 5 (the dialect's way to take a free share), the CREDIT and, with
+        /// `idempotency`, the kept answer. The share taken (its slot kept, to find it again
+        /// if the commit fails), or the rule that refused it.
+        pub async fn claim_share_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            claim: &crate::store::Claim,
+            idempotency: Option<&crate::store::IdempotencyWrite>,
+        ) -> Result<Result<crate::store::commit::TakenShare, crate::domain::ReceiveRefusal>, StoreError> {
+            use crate::domain::ReceiveRefusal;
+            let (spray_id, recipient_count) = match receive_rules_in(tx, claim).await? {
+                Ok(spray) => spray,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            // Rule 4 again: a settled spray is closed, even to a claim whose `now` is still
+            // inside the window (it started before the deadline and queued behind the
+            // settlement).
+            if !unsettled_in(tx, spray_id).await? {
+                return Ok(Err(ReceiveRefusal::Expired));
+            }
+            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
+            let (slot, amount) = match $take_free_share(tx, claim, spray_id, shares).await? {
+                Ok(taken) => taken,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            credit_in(tx, spray_id, claim, amount).await?;
+            complete_in(tx, idempotency, amount, claim.now).await?;
+            Ok(Ok(crate::store::commit::TakenShare {
+                spray_id,
+                slot,
+                amount,
+            }))
+        }
+
+        /// The gate's claim of one slot in the caller's transaction: settlement first (see
+        /// `unsettled_in`), then the point update and its CREDIT, then the kept answer.
+        pub async fn claim_given_slot_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            claim: &crate::store::Claim,
+            spray_id: i64,
+            slot: i64,
+            idempotency: Option<&crate::store::IdempotencyWrite>,
+        ) -> Result<crate::store::SlotClaim, StoreError> {
+            use crate::store::SlotClaim;
+            if !unsettled_in(tx, spray_id).await? {
+                return Ok(SlotClaim::Closed);
+            }
+            match claim_slot_in(tx, claim, spray_id, slot).await? {
+                SlotClaim::Received(amount) => {
+                    complete_in(tx, idempotency, amount, claim.now).await?;
+                    Ok(SlotClaim::Received(amount))
+                }
+                other => Ok(other),
+            }
+        }
+
+        /// Whether the spray is there and unsettled, read under `share_lock`. Every
+        /// transaction that gives a share away calls this before touching the shares: on
+        /// MySQL the shared lock lets claims run side by side but makes a settlement (which
+        /// locks the row exclusively) wait for them, and them wait for it; on SQLite the
+        /// single writer orders them. A spray that is gone (purged) counts as settled: it
+        /// was settled before it could be purged.
+        pub async fn unsettled_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray_id: i64,
+        ) -> Result<bool, StoreError> {
+            let settled_at = sqlx::query_scalar::<_, Option<i64>>(concat!(
+                "SELECT settled_at FROM sprays WHERE id = ?",
+                $share_lock
+            ))
+            .bind(spray_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            Ok(matches!(settled_at, Some(None)))
+        }
+
+        /// The CREDIT of a share `claim` took, in the caller's transaction.
+        async fn credit_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray_id: i64,
+            claim: &crate::store::Claim,
+            amount: crate::domain::Amount,
+        ) -> Result<(), StoreError> {
+            use crate::store::convert::{millis, stored};
+            sqlx::query(
+                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)",
+            )
+            .bind(spray_id)
+            .bind(claim.user.get())
+            .bind(stored(amount)?)
+            .bind(millis(claim.now))
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
+
+        /// The newest spray under `key` with its receipts in order of receipt, on one
+        /// connection (SQLite: inside a read transaction, so both reads are one snapshot).
+        /// The spray row changes only when it is settled, and no receipt is added after
+        /// that: a row read unsettled is answered from the clock and the receipts, a row
+        /// read settled from receipts that can no longer change. Either way one read of
+        /// the receipts is a consistent view.
+        pub async fn find_in(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            key: &crate::store::SprayKey,
+        ) -> Result<Option<crate::domain::SprayRecord>, StoreError> {
+            use crate::store::SprayKey;
+            use crate::store::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow};
+            let (filter, token) = match key {
+                SprayKey::Room(_, token) => ("room_id = ?", token),
+                SprayKey::Owner(_, token) => ("owner_id = ?", token),
+            };
+            let sql = format!(
+                "SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1"
+            );
+            let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
+            let query = match key {
+                SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
+                SprayKey::Owner(owner, _) => query.bind(owner.get()),
+            };
+            let Some(row) = query
+                .bind(token.as_str().to_owned())
+                .fetch_optional(&mut *conn)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let receipts = sqlx::query_as::<_, ReceiptRow>(
+                "SELECT receiver_id, amount, received_at FROM shares
+                 WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
+            )
+            .bind(row.id)
+            .fetch_all(&mut *conn)
+            .await?;
+            row.into_record(receipts).map(Some)
+        }
 
         /// Whether `written` is in the database: read back after a commit whose
         /// acknowledgement was lost (see `store/commit.rs`), on a fresh connection. The
@@ -102,7 +261,7 @@ macro_rules! portable_sql_functions {
 
         /// The point update of one slot and its CREDIT, inside the caller's transaction
         /// (which has already checked that the spray is not settled).
-        pub async fn claim_slot_in(
+        async fn claim_slot_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
             spray_id: i64,
@@ -150,18 +309,9 @@ macro_rules! portable_sql_functions {
                     .bind(slot)
                     .fetch_one(&mut **tx)
                     .await?;
-            sqlx::query(
-                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)",
-            )
-            .bind(spray_id)
-            .bind(claim.user.get())
-            .bind(amount)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-            Ok(SlotClaim::Received(crate::store::convert::amount_from(
-                amount,
-            )?))
+            let amount = crate::store::convert::amount_from(amount)?;
+            credit_in(tx, spray_id, claim, amount).await?;
+            Ok(SlotClaim::Received(amount))
         }
 
         pub async fn share_of(

@@ -18,8 +18,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Sqlite, SqlitePool};
 
 use super::ClaimSnapshot;
-use super::commit::{TakenShare, Written, commit_and_confirm};
-use super::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow, amount_from, millis, stored};
+use super::commit::{TakenShare, Written, finish, finish_confirming};
+use super::convert::{amount_from, millis, stored};
 use super::error::is_unique_violation;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
@@ -63,24 +63,14 @@ impl SqliteStore {
 
     /// Whether `written` is in the database, read through a reader: a connection other
     /// than the writer whose commit failed, which sees every committed transaction.
-    async fn landed(&self, written: &Written) -> Result<bool, StoreError> {
-        portable::landed(&self.reader, written).await
+    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
+        portable::landed(&self.reader, &written).await
     }
 
-    /// Commits a claim that took `taken`, reading it back if the commit fails.
-    async fn commit_claim(
-        &self,
-        tx: sqlx::Transaction<'static, Sqlite>,
-        claim: &Claim,
-        taken: TakenShare,
-    ) -> Result<(), StoreError> {
-        let written = Written::Share {
-            spray_id: taken.spray_id,
-            slot: taken.slot,
-            user: claim.user.get(),
-            received_at: millis(claim.now),
-        };
-        commit_and_confirm(tx, &written, || self.landed(&written)).await
+    /// A write transaction. IMMEDIATE takes the write lock up front, so the transaction
+    /// never has to upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
@@ -101,34 +91,15 @@ impl Store for SqliteStore {
         spray: &NewSpray,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<i64, StoreError> {
-        // IMMEDIATE takes the write lock up front, so the transaction never has to
-        // upgrade a read lock (which SQLite may refuse with SQLITE_BUSY).
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        // Committed only if every write succeeded; rolled back explicitly otherwise, so
-        // no transaction stays open on a pooled connection.
-        let written = match insert_in(&mut tx, spray).await {
-            Ok(spray_id) => portable::complete_in(&mut tx, idempotency, spray.total_amount, spray.created_at)
-                .await
-                .map(|()| spray_id),
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(spray_id) => {
-                let written = Written::Spray {
-                    id: spray_id,
-                    room: spray.room.as_str().to_owned(),
-                    token: spray.token.as_str().to_owned(),
-                    owner: spray.owner.get(),
-                    created_at: millis(spray.created_at),
-                };
-                commit_and_confirm(tx, &written, || self.landed(&written)).await?;
-                Ok(spray_id)
-            }
-            Err(e) => {
-                tx.rollback().await?;
-                Err(e)
-            }
-        }
+        let mut tx = self.begin_write().await?;
+        let outcome = portable::spray_in(&mut tx, spray, idempotency).await;
+        finish_confirming(
+            tx,
+            outcome,
+            |id| Some(Written::spray(*id, spray)),
+            |w| self.landed(w),
+        )
+        .await
     }
 
     async fn claim_share(
@@ -136,38 +107,23 @@ impl Store for SqliteStore {
         claim: &Claim,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
-        // IMMEDIATE takes the write lock up front (see insert_spray). The transaction is
-        // committed when a share was taken and rolled back explicitly otherwise.
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcome = match claim_in(&mut tx, claim).await {
-            Ok(Ok(taken)) => portable::complete_in(&mut tx, idempotency, taken.amount, claim.now)
-                .await
-                .map(|()| Ok(taken)),
-            other => other,
-        };
-        match outcome {
-            Ok(Ok(taken)) => {
-                self.commit_claim(tx, claim, taken).await?;
-                Ok(ClaimOutcome::Received(taken.amount))
-            }
-            Ok(Err(refusal)) => {
-                tx.rollback().await?;
-                Ok(ClaimOutcome::Refused(refusal))
-            }
-            Err(e) => {
-                tx.rollback().await?;
-                Err(e)
-            }
-        }
+        let mut tx = self.begin_write().await?;
+        let outcome = portable::claim_share_in(&mut tx, claim, idempotency).await;
+        let written = |taken: &Result<TakenShare, _>| taken.as_ref().ok().map(|t| Written::share(t, claim));
+        Ok(
+            match finish_confirming(tx, outcome, written, |w| self.landed(w)).await? {
+                Ok(taken) => ClaimOutcome::Received(taken.amount),
+                Err(refusal) => ClaimOutcome::Refused(refusal),
+            },
+        )
     }
 
     async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
         // One read transaction, so the spray and its receipts are one snapshot; ended
         // explicitly, since an open read transaction would hold back WAL checkpoints.
         let mut tx = self.reader.begin().await?;
-        let found = find_in(&mut tx, key).await;
-        tx.rollback().await?;
-        found
+        let found = portable::find_in(&mut tx, key).await;
+        finish(tx, found, |_| false).await
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
@@ -195,35 +151,20 @@ impl Store for SqliteStore {
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<SlotClaim, StoreError> {
         // The single writer orders this after any settlement, which it then sees.
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcome = async {
-            if is_settled(&mut tx, spray_id).await? {
-                return Ok(SlotClaim::Closed);
-            }
-            match portable::claim_slot_in(&mut tx, claim, spray_id, slot).await? {
-                SlotClaim::Received(amount) => {
-                    portable::complete_in(&mut tx, idempotency, amount, claim.now).await?;
-                    Ok(SlotClaim::Received(amount))
-                }
-                other => Ok(other),
-            }
-        }
-        .await;
-        match outcome {
-            Ok(SlotClaim::Received(amount)) => {
-                let taken = TakenShare {
+        let mut tx = self.begin_write().await?;
+        let outcome = portable::claim_given_slot_in(&mut tx, claim, spray_id, slot, idempotency).await;
+        let written = |outcome: &SlotClaim| match *outcome {
+            SlotClaim::Received(amount) => Some(Written::share(
+                &TakenShare {
                     spray_id,
                     slot,
                     amount,
-                };
-                self.commit_claim(tx, claim, taken).await?;
-                Ok(SlotClaim::Received(amount))
-            }
-            other => {
-                tx.rollback().await?;
-                other
-            }
-        }
+                },
+                claim,
+            )),
+            _ => None,
+        };
+        finish_confirming(tx, outcome, written, |w| self.landed(w)).await
     }
 
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
@@ -236,16 +177,15 @@ impl Store for SqliteStore {
 
     async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
         // One writer at a time: no claim runs while this transaction does, and every claim
-        // after it sees `settled_at` (see claim_in). A failed commit is not read back:
+        // after it sees `settled_at` (see `portable::unsettled_in`). A failed commit is not read back:
         // nobody is answered, and the next sweeper pass settles the spray or finds it
         // settled (the update is conditional).
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let outcome = portable::settle_in(&mut tx, spray_id, now).await;
-        match outcome {
-            Ok(SettleOutcome::Refunded(_) | SettleOutcome::Completed) => tx.commit().await?,
-            _ => tx.rollback().await?,
-        }
-        outcome
+        finish(tx, outcome, |o| {
+            matches!(o, SettleOutcome::Refunded(_) | SettleOutcome::Completed)
+        })
+        .await
     }
 
     async fn purge_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
@@ -266,13 +206,9 @@ impl Store for SqliteStore {
     async fn begin_idempotent(&self, request: &IdempotentRequest) -> Result<Begin, StoreError> {
         // One transaction on the single writer: the read and the insert or take-over that
         // follows it cannot interleave with another request's.
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let begun = begin_in(&mut tx, request).await;
-        match begun {
-            Ok(Begin::Run(_)) => tx.commit().await?,
-            _ => tx.rollback().await?,
-        }
-        begun
+        finish(tx, begun, |b| matches!(b, Begin::Run(_))).await
     }
 
     async fn finish_idempotent(
@@ -301,26 +237,15 @@ impl Store for SqliteStore {
     }
 }
 
-/// The receive rules and the claim, inside the caller's transaction: the share taken (its
-/// slot kept, to find it again if the commit fails), or the rule that refused it.
-async fn claim_in(
+/// Rule 5 of the SQL-only claim, in the caller's transaction: the first free share, taken
+/// in one statement (the single writer means nobody else can take it meanwhile). Its slot
+/// and amount, or the rule that refuses.
+async fn take_free_share_in(
     tx: &mut sqlx::Transaction<'static, Sqlite>,
     claim: &Claim,
-) -> Result<Result<TakenShare, ReceiveRefusal>, StoreError> {
-    // Rules 1 to 4, in the contract's order.
-    let (spray_id, recipient_count) = match portable::receive_rules_in(tx, claim).await? {
-        Ok(spray) => spray,
-        Err(refusal) => return Ok(Err(refusal)),
-    };
-    // Rule 4 again: a settled spray is closed, even to a claim whose `now` is still inside
-    // the window (it started before the deadline and queued behind the settlement). This
-    // transaction holds the only write lock, so no settlement can commit after this read.
-    if is_settled(tx, spray_id).await? {
-        return Ok(Err(ReceiveRefusal::Expired));
-    }
-
-    // Rule 5: take the first free share. The `receiver_id IS NULL` condition makes
-    // the update a no-op if the slot were taken; with one writer it never is.
+    spray_id: i64,
+    shares: u32,
+) -> Result<Result<(i64, Amount), ReceiveRefusal>, StoreError> {
     let claimed = sqlx::query_as::<_, (i64, i64)>(
         "UPDATE shares SET receiver_id = ?, received_at = ?
              WHERE spray_id = ? AND receiver_id IS NULL
@@ -333,35 +258,20 @@ async fn claim_in(
     .bind(spray_id)
     .fetch_optional(&mut **tx)
     .await;
-    let (slot, amount) = match claimed {
-        Ok(Some((slot, units))) => (slot, amount_from(units)?),
-        Ok(None) => {
-            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-            return Ok(Err(ReceiveRefusal::Exhausted { shares }));
-        }
-        Err(e) if is_unique_violation(&e) => {
-            return Ok(Err(ReceiveRefusal::AlreadyReceived));
-        }
-        Err(e) => return Err(e.into()),
-    };
-
-    sqlx::query("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)")
-        .bind(spray_id)
-        .bind(claim.user.get())
-        .bind(stored(amount)?)
-        .bind(millis(claim.now))
-        .execute(&mut **tx)
-        .await?;
-
-    Ok(Ok(TakenShare {
-        spray_id,
-        slot,
-        amount,
-    }))
+    match claimed {
+        Ok(Some((slot, units))) => Ok(Ok((slot, amount_from(units)?))),
+        Ok(None) => Ok(Err(ReceiveRefusal::Exhausted { shares })),
+        Err(e) if is_unique_violation(&e) => Ok(Err(ReceiveRefusal::AlreadyReceived)),
+        Err(e) => Err(e.into()),
+    }
 }
 
-/// The spray, its shares and the DEBIT, inside the caller's transaction.
-async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray) -> Result<i64, StoreError> {
+/// A new spray's row, in the caller's transaction: the token given up by sprays past their
+/// lookup window, then the row under a fresh id. Its id.
+async fn insert_spray_row_in(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    spray: &NewSpray,
+) -> Result<i64, StoreError> {
     let now = millis(spray.created_at);
 
     // Sprays past their lookup window give up the token (see the migration).
@@ -399,62 +309,22 @@ async fn insert_in(tx: &mut sqlx::Transaction<'static, Sqlite>, spray: &NewSpray
     .bind(millis(spray.lookup_until))
     .fetch_one(&mut **tx)
     .await;
-    let spray_id = match inserted {
-        Ok(id) => id,
-        Err(e) if is_unique_violation(&e) => return Err(StoreError::TokenTaken),
-        Err(e) => return Err(e.into()),
-    };
-
-    portable::insert_shares_and_debit_in(tx, spray_id, spray).await?;
-    Ok(spray_id)
-}
-
-/// The newest spray under `key` and its receipts, inside the caller's transaction.
-async fn find_in(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
-    key: &SprayKey,
-) -> Result<Option<SprayRecord>, StoreError> {
-    let (filter, token) = match key {
-        SprayKey::Room(_, token) => ("room_id = ?", token),
-        SprayKey::Owner(_, token) => ("owner_id = ?", token),
-    };
-    let sql =
-        format!("SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1");
-    let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
-    let query = match key {
-        SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
-        SprayKey::Owner(owner, _) => query.bind(owner.get()),
-    };
-    let Some(row) = query
-        .bind(token.as_str().to_owned())
-        .fetch_optional(&mut **tx)
-        .await?
-    else {
-        return Ok(None);
-    };
-    let receipts = sqlx::query_as::<_, ReceiptRow>(
-        "SELECT receiver_id, amount, received_at FROM shares
-         WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
-    )
-    .bind(row.id)
-    .fetch_all(&mut **tx)
-    .await?;
-    row.into_record(receipts).map(Some)
+    match inserted {
+        Ok(id) => Ok(id),
+        Err(e) if is_unique_violation(&e) => Err(StoreError::TokenTaken),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).
 mod portable {
-    super::super::portable::portable_sql_functions!(db = sqlx::Sqlite, lock = "", share_lock = "");
-}
-
-/// Whether the spray has been settled, inside the caller's transaction. A spray that is
-/// gone (purged) counts as settled: it was settled before it could be purged.
-async fn is_settled(tx: &mut sqlx::Transaction<'static, Sqlite>, spray_id: i64) -> Result<bool, StoreError> {
-    let settled_at = sqlx::query_scalar::<_, Option<i64>>("SELECT settled_at FROM sprays WHERE id = ?")
-        .bind(spray_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(!matches!(settled_at, Some(None)))
+    super::super::portable::portable_sql_functions!(
+        db = sqlx::Sqlite,
+        lock = "",
+        share_lock = "",
+        insert_spray_row = super::insert_spray_row_in,
+        take_free_share = super::take_free_share_in,
+    );
 }
 
 /// Begins an idempotent request inside the caller's transaction; see `Store::begin_idempotent`.
@@ -547,10 +417,10 @@ mod tests {
             owner: 1,
             created_at,
         };
-        assert!(store.landed(&sprayed(id, "ABC", millis(now))).await.unwrap());
-        assert!(!store.landed(&sprayed(id + 1, "ABC", millis(now))).await.unwrap());
-        assert!(!store.landed(&sprayed(id, "XYZ", millis(now))).await.unwrap());
-        assert!(!store.landed(&sprayed(id, "ABC", millis(now) + 1)).await.unwrap());
+        assert!(store.landed(sprayed(id, "ABC", millis(now))).await.unwrap());
+        assert!(!store.landed(sprayed(id + 1, "ABC", millis(now))).await.unwrap());
+        assert!(!store.landed(sprayed(id, "XYZ", millis(now))).await.unwrap());
+        assert!(!store.landed(sprayed(id, "ABC", millis(now) + 1)).await.unwrap());
 
         let claim = Claim {
             room,
@@ -566,16 +436,16 @@ mod tests {
             user,
             received_at: millis(now),
         };
-        assert!(store.landed(&share(0, 2)).await.unwrap());
-        assert!(!store.landed(&share(1, 2)).await.unwrap());
-        assert!(!store.landed(&share(0, 3)).await.unwrap());
+        assert!(store.landed(share(0, 2)).await.unwrap());
+        assert!(!store.landed(share(1, 2)).await.unwrap());
+        assert!(!store.landed(share(0, 3)).await.unwrap());
         let other = Claim {
             user: UserId::from_stored(3).unwrap(),
             ..claim.clone()
         };
         let through_gate = store.claim_slot(&other, id, 1, None).await.unwrap();
         assert_eq!(through_gate, SlotClaim::Received(Amount::new(5)));
-        assert!(store.landed(&share(1, 3)).await.unwrap());
+        assert!(store.landed(share(1, 3)).await.unwrap());
         store.close().await;
     }
 }
