@@ -8,11 +8,14 @@
 //! Two scenarios: three instances on a MariaDB and a Redis of the test's own, and one
 //! instance on a SQLite file killed with -9. Both run bounded by default (a couple of
 //! minutes); `SPRAY_FAULTS_LONG=1` runs three rounds of three minutes of load each.
-//! `SPRAY_FAULTS_SEED=<n>` replays a schedule (the seed is printed). Traffic goes to
+//! `SPRAY_FAULTS_SEED=<n>` replays a schedule (the seed is printed);
+//! `SPRAY_FAULTS_HISTORY=<file>` writes every request and its answer there. Traffic goes to
 //! 127.0.0.1 only; every process started here is stopped by PID, also on panic.
 
 mod common;
 
+#[path = "faults/burst.rs"]
+mod burst;
 #[path = "faults/checker.rs"]
 mod checker;
 #[path = "faults/history.rs"]
@@ -264,6 +267,14 @@ async fn run_and_check(rig: &mut Rig, scenario: &Scenario, mode: &Mode) {
     }
     let load_time = began.elapsed();
     let records = history.snapshot();
+    if let Ok(path) = std::env::var("SPRAY_FAULTS_HISTORY") {
+        let lines: String = records
+            .iter()
+            .map(|r| format!("{}\n", r.describe(origin)))
+            .collect();
+        std::fs::write(&path, lines).expect("write the history file");
+        eprintln!("history written to {path}");
+    }
 
     let store = if rig.database_url.starts_with("mysql:") {
         Store::read_mysql(&rig.database_url).await
@@ -271,7 +282,11 @@ async fn run_and_check(rig: &mut Rig, scenario: &Scenario, mode: &Mode) {
         Store::read_sqlite(&rig.database_url).await
     }
     .expect("read the database after the run");
-    let mut checks = checker::check_all(&records, &store, origin);
+    let kills: Vec<(usize, i64)> = reports
+        .iter()
+        .filter_map(|r| r.killed.map(|instance| (instance, r.start)))
+        .collect();
+    let mut checks = checker::check_all(&records, &store, origin, &kills);
     checks.push(audit(rig).await);
     checks.push(recovered(&reports, origin));
     print_summary(

@@ -254,7 +254,10 @@ impl<'a> Index<'a> {
     }
 }
 
-pub fn check_all(records: &[Record], store: &Store, origin: i64) -> Vec<Check> {
+/// When an instance was killed with -9: (instance, time of the kill).
+pub type Kills = [(usize, i64)];
+
+pub fn check_all(records: &[Record], store: &Store, origin: i64, kills: &Kills) -> Vec<Check> {
     let index = Index::new(records, store, origin);
     vec![
         acknowledged_receipts_are_recorded(&index),
@@ -262,7 +265,7 @@ pub fn check_all(records: &[Record], store: &Store, origin: i64) -> Vec<Check> {
         shares_and_ledger_balance(&index),
         failed_requests_changed_nothing(&index),
         already_received_only_to_recipients(&index),
-        exhausted_only_within_the_claim_lease(&index),
+        exhausted_only_within_the_claim_lease(&index, kills),
         keys_blocked_only_within_their_lease(&index),
     ]
 }
@@ -552,7 +555,7 @@ fn already_received_only_to_recipients(index: &Index) -> Check {
 /// - held: every receive of this spray that may have held a slot at `d` under a lease not
 ///   yet expired. A hold starts inside its request (at or after the request's start, at or
 ///   before its answer; if there was no answer, no later than the server's request
-///   time-out) and lasts at most `CLAIM_LEASE`. Requests answered 200 are not counted (the
+///   time-out, or the kill of its instance) and lasts at most `CLAIM_LEASE`. Requests answered 200 are not counted (the
 ///   share they got is counted as received, and they held nothing before their
 ///   `received_at`), nor refusals that never hold a slot (`SPRAY_EXHAUSTED`, not found,
 ///   own spray, expired, idempotency refusals and replays). Everything else is counted:
@@ -563,11 +566,24 @@ fn already_received_only_to_recipients(index: &Index) -> Check {
 /// of the decision some share was neither received nor validly held. The reported bug
 /// (a crash leaving ~100 holds on a 300-share spray, then members told SPRAY_EXHAUSTED
 /// while the shares stayed free) shows up as soon as the dead requests are older than
-/// their request time-out plus the lease (about 17 s): nothing can account for those
-/// shares any more.
-fn exhausted_only_within_the_claim_lease(index: &Index) -> Check {
+/// the lease after the kill (about 6 s), or, for clients that gave up, older than their
+/// request time-out plus the lease (about 17 s): nothing can account for those shares
+/// any more.
+fn exhausted_only_within_the_claim_lease(index: &Index, kills: &Kills) -> Check {
+    // A request without an answer ran on the server until its request time-out at the
+    // latest, or until its instance was killed (the kill is taken a little late, by
+    // SLACK_MS, to be sure the process was gone).
+    let ran_until = |r: &Record| {
+        let timeout = r.start + REQUEST_TIMEOUT_MS + SLACK_MS;
+        kills
+            .iter()
+            .filter(|(instance, at)| *instance == r.instance && *at >= r.start)
+            .map(|(_, at)| at + SLACK_MS)
+            .fold(timeout, i64::min)
+    };
     let mut violations = Vec::new();
     let mut sprays_hit: HashMap<i64, i64> = HashMap::new();
+    let mut wrong_on: HashMap<i64, usize> = HashMap::new();
     let mut checked = 0;
     let received_at: HashMap<i64, Vec<i64>> = index
         .shares_of
@@ -586,7 +602,7 @@ fn exhausted_only_within_the_claim_lease(index: &Index) -> Check {
                 .iter()
                 .filter(|r| !r.replayed())
                 .filter_map(|r| match &r.outcome {
-                    Outcome::Unknown { .. } => Some((r.start, r.start + REQUEST_TIMEOUT_MS + SLACK_MS)),
+                    Outcome::Unknown { .. } => Some((r.start, ran_until(r))),
                     Outcome::Answered { status, code, .. }
                         if *status >= 500 || code.as_deref() == Some("ALREADY_RECEIVED") =>
                     {
@@ -627,6 +643,7 @@ fn exhausted_only_within_the_claim_lease(index: &Index) -> Check {
         let accounted = i64::try_from(received + held).expect("a small count");
         if accounted < spray.count {
             let missing = spray.count - accounted;
+            *wrong_on.entry(spray.id).or_insert(0) += 1;
             let worst = sprays_hit.entry(spray.id).or_insert(0);
             *worst = (*worst).max(missing);
             let never = i64::try_from(times.len()).map_or(0, |n| spray.count - n);
@@ -639,13 +656,59 @@ fn exhausted_only_within_the_claim_lease(index: &Index) -> Check {
         }
     }
     let worst = sprays_hit.values().copied().max().unwrap_or(0);
+    // Not a violation on its own (the last refusal may have come while those shares were
+    // validly held), but the mark of stranded holds: sprays that refused members as
+    // exhausted and still had shares nobody ever received.
+    let mut refused_sprays: Vec<&SprayRow> = index
+        .records
+        .iter()
+        .filter(|r| r.is_code("SPRAY_EXHAUSTED"))
+        .filter_map(|r| index.spray_of(r))
+        .collect();
+    refused_sprays.sort_unstable_by_key(|s| s.id);
+    refused_sprays.dedup_by_key(|s| s.id);
+    let never_received =
+        |s: &SprayRow| s.count - i64::try_from(received_at.get(&s.id).map_or(0, Vec::len)).unwrap_or(0);
+    let stranded: Vec<i64> = refused_sprays
+        .iter()
+        .map(|s| never_received(s))
+        .filter(|free| *free > 0)
+        .collect();
+    refused_sprays.sort_by_key(|s| std::cmp::Reverse(never_received(s)));
+    let exhausted_on = |id: i64| {
+        index
+            .receives_of
+            .get(&id)
+            .map_or(0, |rs| rs.iter().filter(|r| r.is_code("SPRAY_EXHAUSTED")).count())
+    };
+    let worst_sprays: Vec<String> = refused_sprays
+        .iter()
+        .take(5)
+        .filter(|s| never_received(s) > 0)
+        .map(|s| {
+            format!(
+                "{}: {} never received, {} SPRAY_EXHAUSTED answers, {} wrong",
+                Index::name(s),
+                never_received(s),
+                exhausted_on(s.id),
+                wrong_on.get(&s.id).copied().unwrap_or(0)
+            )
+        })
+        .collect();
     Check {
         name: "every SPRAY_EXHAUSTED was true within the claim lease",
         figures: format!(
-            "{checked} SPRAY_EXHAUSTED answers checked, {} wrong, on {} sprays; at most {worst} shares free at a wrong answer",
+            "{checked} SPRAY_EXHAUSTED answers checked, {} wrong, on {} sprays; at most {worst} shares free at a wrong answer; {} of {} sprays that answered SPRAY_EXHAUSTED kept {} shares never received (at most {} on one)",
             violations.len(),
-            sprays_hit.len()
-        ),
+            sprays_hit.len(),
+            stranded.len(),
+            refused_sprays.len(),
+            stranded.iter().sum::<i64>(),
+            stranded.iter().max().copied().unwrap_or(0)
+        ) + &worst_sprays
+            .iter()
+            .map(|w| format!("\n          {w}"))
+            .collect::<String>(),
         violations,
     }
 }

@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
+use super::burst;
 use super::history::{Call, Endpoint, History, Outcome, millis, now_ms, seconds};
 use super::load::{Ids, Targets};
 use super::mariadb::OwnMariaDb;
@@ -131,6 +132,8 @@ pub struct FaultReport {
     /// When the fault began and when it ended (the victim back), in ms since the epoch.
     pub start: i64,
     pub end: i64,
+    /// The instance killed at `start`, for `KillInstance`.
+    pub killed: Option<usize>,
     /// Per instance: ms from the end of the fault to its first spray + receive served,
     /// or `None` if none within `RECOVERY_LIMIT`.
     pub recovery: Vec<Option<i64>>,
@@ -144,15 +147,29 @@ pub async fn inject(rig: &mut Rig, plan: &[Fault], until: Instant, probe: &Probe
         if Instant::now() >= until {
             break;
         }
+        // An instance is killed in the middle of a race for a hot spray, as in the issue.
+        let mut race = match fault.kind {
+            FaultKind::KillInstance => burst::start(probe, &rig.targets).await,
+            _ => None,
+        };
         let start = now_ms();
         let target = apply(rig, fault).await;
         let end = now_ms();
+        if let Some(race) = &mut race {
+            race.late_members(probe, &rig.targets);
+        }
         let recovery = probe.all(&rig.targets, end).await;
+        if let Some(mut race) = race {
+            while let Some(joined) = race.tasks.join_next().await {
+                joined.expect("a member of the hot spray");
+            }
+        }
         let report = FaultReport {
             kind: fault.kind,
             target,
             start,
             end,
+            killed: (fault.kind == FaultKind::KillInstance).then_some(fault.instance),
             recovery,
         };
         eprintln!(
@@ -219,6 +236,7 @@ async fn apply(rig: &mut Rig, fault: &Fault) -> String {
 /// The recovery probe: a small real operation (a spray of one share, then a receive of
 /// it) on each instance, retried until it succeeds. Its requests go into the history like
 /// any other, so the checker judges them too.
+#[derive(Clone)]
 pub struct Probe {
     pub client: reqwest::Client,
     pub history: Arc<History>,

@@ -20,6 +20,10 @@ use super::history::{Call, Endpoint, History, Outcome, Record, send};
 pub const PATIENT: Duration = Duration::from_secs(15);
 /// Attempts of a request retried under its `Idempotency-Key` (about 25 s of back-off in all).
 const KEYED_ATTEMPTS: u32 = 12;
+/// Live sprays the receivers are spread over.
+const POOL: usize = 12;
+/// A pause before trying another instance after a refused connection (one being restarted).
+const REFUSED_PAUSE: Duration = Duration::from_millis(50);
 /// Attempts of a receive retried without a key.
 const UNKEYED_ATTEMPTS: u32 = 3;
 
@@ -149,7 +153,11 @@ impl Load {
     async fn worker(&self, mut rng: StdRng) {
         while !self.done() {
             let active = self.active.lock().expect("active lock").len();
-            if active < 6 || rng.random_bool(0.06) {
+            // A small pool of live sprays, refilled as they run out: the big ones (most of
+            // the pool at any time, since they last longest) are received for tens of
+            // seconds, across faults, as the hot sprays of the issue were. A few sprays
+            // more are sent anyway, so that sprays too meet every fault.
+            if active < POOL || (active < 2 * POOL && rng.random_bool(0.02)) {
                 self.spray_flow(&mut rng).await;
             } else {
                 self.receive_flow(&mut rng).await;
@@ -229,8 +237,8 @@ impl Load {
                     });
                     return;
                 }
-                // Nothing reached a server: try again at once elsewhere.
-                Outcome::NotSent => continue,
+                // Nothing reached a server: try again elsewhere.
+                Outcome::NotSent => tokio::time::sleep(REFUSED_PAUSE).await,
                 // Without a key a retry could spray twice: only keyed sprays retry.
                 Outcome::Unknown { .. } if key.is_some() => backoff(rng, attempt).await,
                 Outcome::Answered { status, code, .. }
@@ -295,7 +303,9 @@ impl Load {
             if !retry || self.done() {
                 return;
             }
-            if record.outcome != Outcome::NotSent {
+            if record.outcome == Outcome::NotSent {
+                tokio::time::sleep(REFUSED_PAUSE).await;
+            } else {
                 backoff(rng, attempt).await;
             }
         }

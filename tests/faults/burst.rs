@@ -1,0 +1,115 @@
+//! The hot spray of the issue: a 300-share spray that many members race for at once,
+//! across all instances, when one instance is killed with -9; then more members arriving
+//! one by one for 18 s, so that any share left held for a request that died is seen by
+//! members who come after the claim lease (and are told the truth or not). The next fault
+//! waits for them: a Redis fault would rebuild the gate from SQL and free those shares.
+//!
+//! Every request goes into the history; the checker judges them like the load's.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use super::history::{Call, Endpoint, send};
+use super::inject::Probe;
+use super::load::{PATIENT, Targets};
+
+/// A room of its own, apart from the load's and the probes'.
+pub const HOT_ROOM: &str = "HOT";
+const HOT_SHARES: u64 = 300;
+const HOT_AMOUNT: u64 = 300_000;
+/// Members racing at once when the instance is killed.
+const RACERS: u64 = 200;
+/// The kill comes once this many racers have been answered, so that many are in flight.
+const ANSWERED_BEFORE_KILL: usize = 30;
+const WAIT_FOR_RACE: Duration = Duration::from_secs(3);
+/// Members arriving one by one after the kill, over `LATE_SPAN`: more than the shares
+/// left, so that the last are refused, long after any valid hold has lapsed.
+const LATE: u64 = 300;
+const LATE_SPAN: Duration = Duration::from_secs(18);
+
+/// A race under way on a hot spray.
+pub struct Race {
+    token: String,
+    pub tasks: JoinSet<()>,
+}
+
+/// Sprays the hot spray and starts the race; returns once enough racers are answered
+/// that the rest are mid-claim. `None` if the spray could not be made.
+pub async fn start(probe: &Probe, targets: &Arc<Targets>) -> Option<Race> {
+    let base = targets.get(0);
+    let sprayed = send(
+        &probe.client,
+        &probe.history,
+        Call {
+            endpoint: Endpoint::Spray,
+            instance: 0,
+            base: &base,
+            user: probe.ids.sprayer(),
+            room: HOT_ROOM,
+            key: None,
+            body: json!({"amount": HOT_AMOUNT, "recipient_count": HOT_SHARES}),
+            timeout: PATIENT,
+            drop_after: None,
+        },
+    )
+    .await;
+    let token = sprayed.token.clone().filter(|_| sprayed.status() == Some(201))?;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for n in 0..RACERS {
+        let (probe, targets, answered) = (probe.clone(), targets.clone(), answered.clone());
+        let token = token.clone();
+        let instance = usize::try_from(n).expect("a small number") % targets.len();
+        tasks.spawn(async move {
+            receive(&probe, &targets, instance, &token).await;
+            answered.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    let began = Instant::now();
+    while answered.load(Ordering::Relaxed) < ANSWERED_BEFORE_KILL && began.elapsed() < WAIT_FOR_RACE {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Some(Race { token, tasks })
+}
+
+impl Race {
+    /// After the fault: the late members, one by one, round the instances.
+    pub fn late_members(&mut self, probe: &Probe, targets: &Arc<Targets>) {
+        let (probe, targets, token) = (probe.clone(), targets.clone(), self.token.clone());
+        self.tasks.spawn(async move {
+            let pause = LATE_SPAN / u32::try_from(LATE).expect("a small number");
+            for n in 0..LATE {
+                let instance = usize::try_from(n).expect("a small number") % targets.len();
+                receive(&probe, &targets, instance, &token).await;
+                tokio::time::sleep(pause).await;
+            }
+        });
+    }
+}
+
+/// A patient member: the clients that give up are the load's; here the only requests
+/// that die are those on the killed instance, so the lease is all that may excuse a
+/// refusal once they are gone.
+async fn receive(probe: &Probe, targets: &Targets, instance: usize, token: &str) {
+    let base = targets.get(instance);
+    send(
+        &probe.client,
+        &probe.history,
+        Call {
+            endpoint: Endpoint::Receive,
+            instance,
+            base: &base,
+            user: probe.ids.receiver(),
+            room: HOT_ROOM,
+            key: None,
+            body: json!({"token": token}),
+            timeout: PATIENT,
+            drop_after: None,
+        },
+    )
+    .await;
+}
