@@ -81,9 +81,9 @@ impl Mode {
                 rounds: 1,
                 round_length: Duration::ZERO,
                 tail: Duration::from_secs(20),
-                round_cap: Duration::from_secs(150),
+                round_cap: Duration::from_secs(200),
                 max_requests: 60_000,
-                test_limit: Duration::from_secs(240),
+                test_limit: Duration::from_secs(280),
             }
         }
     }
@@ -289,6 +289,7 @@ async fn run_and_check(rig: &mut Rig, scenario: &Scenario, mode: &Mode) {
     let mut checks = checker::check_all(&records, &store, origin, &kills);
     checks.push(audit(rig).await);
     checks.push(recovered(&reports, origin));
+    checks.push(every_kind_injected(&scenario.kinds, &reports));
     print_summary(
         scenario, seed, &records, &reports, &checks, &store, origin, load_time,
     );
@@ -367,6 +368,25 @@ fn recovered(reports: &[FaultReport], origin: i64) -> Check {
             reports.len(),
             seconds(worst)
         ),
+    }
+}
+
+/// A run that ran out of time before some kind of fault proves nothing about it.
+fn every_kind_injected(kinds: &[FaultKind], reports: &[FaultReport]) -> Check {
+    let violations = kinds
+        .iter()
+        .filter(|kind| !reports.iter().any(|r| r.kind == **kind))
+        .map(|kind| {
+            format!(
+                "'{}' was never injected: the run ran out of time first",
+                kind.name()
+            )
+        })
+        .collect();
+    Check {
+        name: "every kind of fault was injected",
+        violations,
+        figures: String::new(),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The hot spray of the issue: a 300-share spray that many members race for at once,
-//! across all instances, when one instance is killed with -9; then more members arriving
+//! across all instances, when one instance (or MariaDB) is killed with -9; then more members arriving
 //! one by one for 18 s, so that any share left held for a request that died is seen by
 //! members who come after the claim lease (and are told the truth or not). The next fault
 //! waits for them: a Redis fault would rebuild the gate from SQL and free those shares.
@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::history::{Call, Endpoint, send};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::history::{Call, Endpoint, Record, send};
 use super::inject::Probe;
-use super::load::{PATIENT, Targets};
+use super::load::{PATIENT, Targets, backoff};
 
 /// A room of its own, apart from the load's and the probes'.
 pub const HOT_ROOM: &str = "HOT";
@@ -23,6 +26,8 @@ const HOT_SHARES: u64 = 300;
 const HOT_AMOUNT: u64 = 300_000;
 /// Members racing at once when the instance is killed.
 const RACERS: u64 = 200;
+/// Attempts of a keyed racer (about 16 s of back-off in all).
+const KEYED_ATTEMPTS: u32 = 9;
 /// The kill comes once this many racers have been answered, so that many are in flight.
 const ANSWERED_BEFORE_KILL: usize = 30;
 const WAIT_FOR_RACE: Duration = Duration::from_secs(3);
@@ -64,9 +69,27 @@ pub async fn start(probe: &Probe, targets: &Arc<Targets>) -> Option<Race> {
         let (probe, targets, answered) = (probe.clone(), targets.clone(), answered.clone());
         let token = token.clone();
         let instance = usize::try_from(n).expect("a small number") % targets.len();
+        // A third of the racers carry a key and retry under it when they get no answer,
+        // a 5xx or "in progress": the retries of those cut off by the fault show whether
+        // their keys are free again within the lease.
+        let keyed = n % 3 == 0;
         tasks.spawn(async move {
-            receive(&probe, &targets, instance, &token).await;
-            answered.fetch_add(1, Ordering::Relaxed);
+            let user = probe.ids.receiver();
+            let key = keyed.then(|| format!("hot-{user}"));
+            let mut rng = StdRng::seed_from_u64(n);
+            for attempt in 0..KEYED_ATTEMPTS {
+                let record = receive(&probe, &targets, instance, &token, user, key.as_deref()).await;
+                if attempt == 0 {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+                let again = record.is_unknown()
+                    || record.status().is_some_and(|s| s >= 500)
+                    || record.is_code("IDEMPOTENCY_IN_PROGRESS");
+                if key.is_none() || !again {
+                    break;
+                }
+                backoff(&mut rng, attempt).await;
+            }
         });
     }
     let began = Instant::now();
@@ -80,12 +103,21 @@ impl Race {
     /// After the fault: the late members, one by one, round the instances.
     pub fn late_members(&mut self, probe: &Probe, targets: &Arc<Targets>) {
         let (probe, targets, token) = (probe.clone(), targets.clone(), self.token.clone());
+        let pause = LATE_SPAN / u32::try_from(LATE).expect("a small number");
         self.tasks.spawn(async move {
-            let pause = LATE_SPAN / u32::try_from(LATE).expect("a small number");
+            // At a steady pace, whatever the answers' latency.
+            let mut members = JoinSet::new();
             for n in 0..LATE {
                 let instance = usize::try_from(n).expect("a small number") % targets.len();
-                receive(&probe, &targets, instance, &token).await;
+                let (probe, targets, token) = (probe.clone(), targets.clone(), token.clone());
+                members.spawn(async move {
+                    let user = probe.ids.receiver();
+                    receive(&probe, &targets, instance, &token, user, None).await;
+                });
                 tokio::time::sleep(pause).await;
+            }
+            while let Some(joined) = members.join_next().await {
+                joined.expect("a late member");
             }
         });
     }
@@ -94,7 +126,14 @@ impl Race {
 /// A patient member: the clients that give up are the load's; here the only requests
 /// that die are those on the killed instance, so the lease is all that may excuse a
 /// refusal once they are gone.
-async fn receive(probe: &Probe, targets: &Targets, instance: usize, token: &str) {
+async fn receive(
+    probe: &Probe,
+    targets: &Targets,
+    instance: usize,
+    token: &str,
+    user: i64,
+    key: Option<&str>,
+) -> Record {
     let base = targets.get(instance);
     send(
         &probe.client,
@@ -103,13 +142,13 @@ async fn receive(probe: &Probe, targets: &Targets, instance: usize, token: &str)
             endpoint: Endpoint::Receive,
             instance,
             base: &base,
-            user: probe.ids.receiver(),
+            user,
             room: HOT_ROOM,
-            key: None,
+            key,
             body: json!({"token": token}),
             timeout: PATIENT,
             drop_after: None,
         },
     )
-    .await;
+    .await
 }

@@ -147,9 +147,10 @@ pub async fn inject(rig: &mut Rig, plan: &[Fault], until: Instant, probe: &Probe
         if Instant::now() >= until {
             break;
         }
-        // An instance is killed in the middle of a race for a hot spray, as in the issue.
+        // An instance (or MariaDB) is killed in the middle of a race for a hot spray, as
+        // in the issue: many claims are cut between the gate and their commit.
         let mut race = match fault.kind {
-            FaultKind::KillInstance => burst::start(probe, &rig.targets).await,
+            FaultKind::KillInstance | FaultKind::KillMariaDb => burst::start(probe, &rig.targets).await,
             _ => None,
         };
         let start = now_ms();

@@ -323,7 +323,7 @@ struct Ask<'a> {
 }
 
 /// 250 ms doubling up to 3 s, with jitter.
-async fn backoff(rng: &mut StdRng, attempt: u32) {
+pub async fn backoff(rng: &mut StdRng, attempt: u32) {
     let base = 250_u64.saturating_mul(1_u64 << attempt.min(4)).min(3_000);
     let jitter = rng.random_range(0..=base / 4);
     tokio::time::sleep(Duration::from_millis(base + jitter)).await;
