@@ -26,8 +26,9 @@ const HOT_SHARES: u64 = 300;
 const HOT_AMOUNT: u64 = 300_000;
 /// Members racing at once when the instance is killed.
 const RACERS: u64 = 200;
-/// Attempts of a keyed racer (about 16 s of back-off in all).
-const KEYED_ATTEMPTS: u32 = 9;
+/// Attempts of a keyed racer (about 30 s of back-off in all: longer than the lease after
+/// the kill, so that a key still blocked then is seen).
+const KEYED_ATTEMPTS: u32 = 13;
 /// The kill comes once this many racers have been answered, so that many are in flight.
 const ANSWERED_BEFORE_KILL: usize = 30;
 const WAIT_FOR_RACE: Duration = Duration::from_secs(3);
@@ -39,7 +40,10 @@ const LATE_SPAN: Duration = Duration::from_secs(18);
 /// A race under way on a hot spray.
 pub struct Race {
     token: String,
-    pub tasks: JoinSet<()>,
+    /// The racers, with the retries of the keyed ones.
+    pub racers: JoinSet<()>,
+    /// The late members, once the fault is over.
+    pub late: JoinSet<()>,
 }
 
 /// Sprays the hot spray and starts the race; returns once enough racers are answered
@@ -96,7 +100,11 @@ pub async fn start(probe: &Probe, targets: &Arc<Targets>) -> Option<Race> {
     while answered.load(Ordering::Relaxed) < ANSWERED_BEFORE_KILL && began.elapsed() < WAIT_FOR_RACE {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Some(Race { token, tasks })
+    Some(Race {
+        token,
+        racers: tasks,
+        late: JoinSet::new(),
+    })
 }
 
 impl Race {
@@ -104,7 +112,7 @@ impl Race {
     pub fn late_members(&mut self, probe: &Probe, targets: &Arc<Targets>) {
         let (probe, targets, token) = (probe.clone(), targets.clone(), self.token.clone());
         let pause = LATE_SPAN / u32::try_from(LATE).expect("a small number");
-        self.tasks.spawn(async move {
+        self.late.spawn(async move {
             // At a steady pace, whatever the answers' latency.
             let mut members = JoinSet::new();
             for n in 0..LATE {

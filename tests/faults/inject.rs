@@ -142,6 +142,7 @@ pub struct FaultReport {
 /// Runs `plan` while the load runs; stops applying faults once `until` has passed.
 pub async fn inject(rig: &mut Rig, plan: &[Fault], until: Instant, probe: &Probe) -> Vec<FaultReport> {
     let mut reports = Vec::new();
+    let mut racers = Vec::new();
     for fault in plan {
         tokio::time::sleep(fault.gap).await;
         if Instant::now() >= until {
@@ -160,10 +161,13 @@ pub async fn inject(rig: &mut Rig, plan: &[Fault], until: Instant, probe: &Probe
             race.late_members(probe, &rig.targets);
         }
         let recovery = probe.all(&rig.targets, end).await;
+        // The next fault waits for the late members (a Redis fault would free stranded
+        // shares); the keyed racers' retries go on beside it.
         if let Some(mut race) = race {
-            while let Some(joined) = race.tasks.join_next().await {
-                joined.expect("a member of the hot spray");
+            while let Some(joined) = race.late.join_next().await {
+                joined.expect("a late member of the hot spray");
             }
+            racers.push(race.racers);
         }
         let report = FaultReport {
             kind: fault.kind,
@@ -181,6 +185,11 @@ pub async fn inject(rig: &mut Rig, plan: &[Fault], until: Instant, probe: &Probe
             report.recovery
         );
         reports.push(report);
+    }
+    for mut set in racers {
+        while let Some(joined) = set.join_next().await {
+            joined.expect("a racer of a hot spray");
+        }
     }
     reports
 }

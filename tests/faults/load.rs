@@ -18,8 +18,9 @@ use super::history::{Call, Endpoint, History, Outcome, Record, send};
 /// A patient client's time-out: longer than the servers' request time-out, so that a
 /// patient client always gets the server's own answer.
 pub const PATIENT: Duration = Duration::from_secs(15);
-/// Attempts of a request retried under its `Idempotency-Key` (about 25 s of back-off in all).
-const KEYED_ATTEMPTS: u32 = 12;
+/// Attempts of a request retried under its `Idempotency-Key` (about 30 s of back-off in
+/// all: past the longest a key may stay blocked, so that a key blocked longer is seen).
+const KEYED_ATTEMPTS: u32 = 13;
 /// Live sprays the receivers are spread over.
 const POOL: usize = 12;
 /// A pause before trying another instance after a refused connection (one being restarted).
