@@ -494,6 +494,7 @@ fn failed_requests_changed_nothing(index: &Index) -> Check {
             ));
         }
     };
+    let sprays: HashMap<i64, &SprayRow> = index.store.sprays.iter().map(|s| (s.id, s)).collect();
     for share in &index.store.shares {
         let (Some(user), Some(at)) = (share.receiver, share.received_at) else {
             continue;
@@ -503,7 +504,7 @@ fn failed_requests_changed_nothing(index: &Index) -> Check {
             .get(&(share.spray_id, user))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let spray = index.store.sprays.iter().find(|s| s.id == share.spray_id);
+        let spray = sprays.get(&share.spray_id).copied();
         let name = spray.map_or_else(|| format!("spray id {}", share.spray_id), Index::name);
         judge(
             format!(
@@ -778,5 +779,209 @@ fn keys_blocked_only_within_their_lease(index: &Index, kills: &Kills) -> Check {
             seconds(worst)
         ),
         violations,
+    }
+}
+
+/// The checker on small made-up histories: it must accuse what the contract forbids and
+/// nothing it allows.
+mod tests {
+    use super::*;
+
+    const ROOM: &str = "R";
+    const TOKEN: &str = "abc";
+    const SPRAY: i64 = 1;
+    const OWNER: i64 = 1_000_000;
+
+    fn receive(user: i64, start: i64, end: i64, outcome: Outcome) -> Record {
+        let amount = matches!(outcome, Outcome::Answered { status: 200, .. }).then_some(10);
+        Record {
+            endpoint: Endpoint::Receive,
+            instance: 0,
+            user,
+            room: ROOM.to_owned(),
+            token: Some(TOKEN.to_owned()),
+            key: None,
+            asked: None,
+            start,
+            end,
+            outcome,
+            amount,
+        }
+    }
+
+    /// The request that made the spray of `store`.
+    fn sprayed(shares: u64) -> Record {
+        Record {
+            endpoint: Endpoint::Spray,
+            instance: 0,
+            user: OWNER,
+            room: ROOM.to_owned(),
+            token: Some(TOKEN.to_owned()),
+            key: None,
+            asked: Some((shares * 10, shares)),
+            start: 0,
+            end: 0,
+            outcome: answered(201, None),
+            amount: None,
+        }
+    }
+
+    fn answered(status: u16, code: Option<&str>) -> Outcome {
+        Outcome::Answered {
+            status,
+            code: code.map(str::to_owned),
+            replayed: false,
+        }
+    }
+
+    fn exhausted() -> Outcome {
+        answered(409, Some("SPRAY_EXHAUSTED"))
+    }
+
+    /// A spray of `shares` shares of 10, with `receipts` (user, received_at) recorded.
+    fn store(shares: i64, receipts: &[(i64, i64)]) -> Store {
+        let share_rows = (0..shares)
+            .map(|slot| {
+                let receipt = usize::try_from(slot).ok().and_then(|i| receipts.get(i));
+                ShareRow {
+                    spray_id: SPRAY,
+                    slot,
+                    amount: 10,
+                    receiver: receipt.map(|r| r.0),
+                    received_at: receipt.map(|r| r.1),
+                }
+            })
+            .collect();
+        let mut ledger = vec![LedgerRow {
+            spray_id: SPRAY,
+            kind: "DEBIT".to_owned(),
+            user: OWNER,
+            amount: shares * 10,
+        }];
+        ledger.extend(receipts.iter().map(|(user, _)| LedgerRow {
+            spray_id: SPRAY,
+            kind: "CREDIT".to_owned(),
+            user: *user,
+            amount: 10,
+        }));
+        Store {
+            sprays: vec![SprayRow {
+                id: SPRAY,
+                room: ROOM.to_owned(),
+                token: TOKEN.to_owned(),
+                owner: OWNER,
+                total: shares * 10,
+                count: shares,
+                settled_at: None,
+                refunded: None,
+            }],
+            shares: share_rows,
+            ledger,
+            pending_keys: 0,
+        }
+    }
+
+    fn violations(records: &[Record], store: &Store, kills: &Kills, name: &str) -> Vec<String> {
+        check_all(records, store, 0, kills)
+            .into_iter()
+            .find(|c| c.name == name)
+            .expect("a check of that name")
+            .violations
+    }
+
+    const EXHAUSTED_CHECK: &str = "every SPRAY_EXHAUSTED was true within the claim lease";
+
+    /// Two shares: user 2 received one; user 3's claim died with instance 0 at 1 s.
+    fn one_received_one_held_by_a_killed_claim(refused_at: i64) -> (Vec<Record>, Store) {
+        let records = vec![
+            receive(2, 0, 100, answered(200, None)),
+            receive(3, 900, 1_000, Outcome::Unknown { gave_up: false }),
+            receive(4, refused_at, refused_at + 10, exhausted()),
+        ];
+        (records, store(2, &[(2, 50)]))
+    }
+
+    #[test]
+    fn a_refusal_while_a_dead_claim_is_within_its_lease_is_allowed() {
+        let (records, store) = one_received_one_held_by_a_killed_claim(5_000);
+        assert!(violations(&records, &store, &[(0, 1_000)], EXHAUSTED_CHECK).is_empty());
+    }
+
+    #[test]
+    fn a_refusal_once_a_dead_claim_outlived_its_lease_is_a_violation() {
+        let (records, store) = one_received_one_held_by_a_killed_claim(8_500);
+        let found = violations(&records, &store, &[(0, 1_000)], EXHAUSTED_CHECK);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("user 4") && found[0].contains("1 were free"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_claim_whose_client_gave_up_may_hold_until_the_request_timeout_and_lease() {
+        let records = vec![
+            receive(2, 0, 100, answered(200, None)),
+            receive(3, 900, 930, Outcome::Unknown { gave_up: true }),
+            receive(4, 15_000, 15_010, exhausted()),
+            receive(5, 19_000, 19_010, exhausted()),
+        ];
+        let found = violations(&records, &store(2, &[(2, 50)]), &[], EXHAUSTED_CHECK);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("user 5"), "{found:?}");
+    }
+
+    #[test]
+    fn a_refusal_when_every_share_was_received_is_allowed() {
+        let records = vec![
+            receive(2, 0, 100, answered(200, None)),
+            receive(3, 0, 100, answered(200, None)),
+            receive(4, 60_000, 60_010, exhausted()),
+        ];
+        let store = store(2, &[(2, 50), (3, 60)]);
+        assert!(violations(&records, &store, &[], EXHAUSTED_CHECK).is_empty());
+    }
+
+    const CHANGED_CHECK: &str = "every 5xx (and every refusal) changed nothing";
+
+    #[test]
+    fn a_receipt_recorded_for_a_request_answered_503_is_a_violation() {
+        let records = vec![sprayed(2), receive(2, 0, 100, answered(503, Some("UNAVAILABLE")))];
+        let found = violations(&records, &store(2, &[(2, 50)]), &[], CHANGED_CHECK);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("user 2") && found[0].contains("503"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_receipt_of_a_503_then_a_successful_retry_is_allowed() {
+        let records = vec![
+            sprayed(2),
+            receive(2, 0, 100, answered(503, Some("UNAVAILABLE"))),
+            receive(2, 500, 600, answered(200, None)),
+        ];
+        assert!(violations(&records, &store(2, &[(2, 550)]), &[], CHANGED_CHECK).is_empty());
+    }
+
+    const KEY_CHECK: &str = "no Idempotency-Key blocked beyond its lease";
+
+    fn keyed(mut record: Record) -> Record {
+        record.key = Some("k".to_owned());
+        record
+    }
+
+    #[test]
+    fn a_key_in_progress_within_its_lease_is_allowed_and_beyond_it_is_not() {
+        let in_progress = || answered(409, Some("IDEMPOTENCY_IN_PROGRESS"));
+        let records = vec![
+            keyed(receive(2, 0, 100, answered(503, Some("UNAVAILABLE")))),
+            keyed(receive(2, 10_000, 10_010, in_progress())),
+            keyed(receive(2, 12_000, 12_010, in_progress())),
+        ];
+        let found = violations(&records, &store(2, &[]), &[], KEY_CHECK);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("[12.000s"), "{found:?}");
     }
 }
