@@ -60,6 +60,11 @@ async fn start(database_url: &str, extra: &[&str]) -> (Server, String) {
             database_url,
             "--database-max-connections",
             "32",
+            // This benchmark measures how many receives the store can do with 256 at a
+            // time, so every request is let in; by default past 64 store calls at once
+            // requests are refused with 503 (see bench/overload.sh).
+            "--store-concurrency",
+            "1024",
         ])
         .args(extra)
         .env("RUST_LOG", "warn")
