@@ -63,7 +63,125 @@ fn is_transient(db: &dyn sqlx::error::DatabaseError) -> bool {
     matches!(db.code().as_deref(), Some("5" | "6" | "261" | "517"))
 }
 
-/// True when the error is a unique-constraint violation.
-pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+/// The unique constraints whose violation a rule turns into an answer, by the names the
+/// migrations give them. A violation of any other is an error, not an answer: reading
+/// "any unique violation" as "the token is taken" would hide a bug as a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unique {
+    /// `sprays_room_token`: a live spray of the room holds the token.
+    SpraysRoomToken,
+    /// `sprays_owner_token`: a live spray of the sprayer holds the token.
+    SpraysOwnerToken,
+    /// `shares_one_per_receiver`: the user already holds a share of the spray.
+    SharesOnePerReceiver,
+    /// The idempotency table's primary key: the key is taken.
+    IdempotencyKey,
+}
+
+impl Unique {
+    /// The token is taken in the room or by the sprayer.
+    pub(crate) fn is_token_taken(self) -> bool {
+        matches!(self, Unique::SpraysRoomToken | Unique::SpraysOwnerToken)
+    }
+}
+
+/// Which named unique constraint `error` violates, if it is one of [`Unique`]. Neither
+/// MySQL nor SQLite gives sqlx the constraint's name, so it is read from the message:
+/// MySQL and MariaDB name the key (`Duplicate entry '…' for key 'sprays_room_token'`,
+/// MySQL 8 as `'sprays.sprays_room_token'`); SQLite lists the columns
+/// (`UNIQUE constraint failed: sprays.room_id, sprays.token, sprays.token_live`).
+pub(crate) fn unique_violation(error: &sqlx::Error) -> Option<Unique> {
+    let sqlx::Error::Database(db) = error else {
+        return None;
+    };
+    if !db.is_unique_violation() {
+        return None;
+    }
+    constraint_named_in(db.message())
+}
+
+fn constraint_named_in(message: &str) -> Option<Unique> {
+    if let Some((_, key)) = message.rsplit_once(" for key '") {
+        let key = key.trim_end_matches('\'');
+        let name = key.rsplit_once('.').map_or(key, |(_, name)| name);
+        return match name {
+            "sprays_room_token" => Some(Unique::SpraysRoomToken),
+            "sprays_owner_token" => Some(Unique::SpraysOwnerToken),
+            "shares_one_per_receiver" => Some(Unique::SharesOnePerReceiver),
+            // Only the idempotency table's primary key is ever inserted twice; MySQL
+            // 8 spells it `idempotency.PRIMARY`, MariaDB only `PRIMARY`.
+            "PRIMARY" if !key.contains('.') || key.starts_with("idempotency.") => {
+                Some(Unique::IdempotencyKey)
+            }
+            _ => None,
+        };
+    }
+    let columns = message.strip_prefix("UNIQUE constraint failed: ")?;
+    match columns {
+        "sprays.room_id, sprays.token, sprays.token_live" => Some(Unique::SpraysRoomToken),
+        "sprays.owner_id, sprays.token, sprays.token_live" => Some(Unique::SpraysOwnerToken),
+        "shares.spray_id, shares.receiver_id" => Some(Unique::SharesOnePerReceiver),
+        "idempotency.user_id, idempotency.endpoint, idempotency.idem_key" => Some(Unique::IdempotencyKey),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_constraints_are_read_from_either_dialects_message() {
+        let cases = [
+            (
+                "Duplicate entry 'R-abc-1' for key 'sprays_room_token'",
+                Some(Unique::SpraysRoomToken),
+            ),
+            (
+                "Duplicate entry '1-abc-1' for key 'sprays.sprays_owner_token'",
+                Some(Unique::SpraysOwnerToken),
+            ),
+            (
+                "Duplicate entry '7-2' for key 'shares_one_per_receiver'",
+                Some(Unique::SharesOnePerReceiver),
+            ),
+            (
+                "Duplicate entry '2-receive-k' for key 'PRIMARY'",
+                Some(Unique::IdempotencyKey),
+            ),
+            (
+                "Duplicate entry '2-receive-k' for key 'idempotency.PRIMARY'",
+                Some(Unique::IdempotencyKey),
+            ),
+            ("Duplicate entry '7-0' for key 'shares.PRIMARY'", None),
+            (
+                "Duplicate entry '7-DEBIT-1' for key 'ledger_once_per_kind_and_user'",
+                None,
+            ),
+            (
+                "UNIQUE constraint failed: sprays.room_id, sprays.token, sprays.token_live",
+                Some(Unique::SpraysRoomToken),
+            ),
+            (
+                "UNIQUE constraint failed: sprays.owner_id, sprays.token, sprays.token_live",
+                Some(Unique::SpraysOwnerToken),
+            ),
+            (
+                "UNIQUE constraint failed: shares.spray_id, shares.receiver_id",
+                Some(Unique::SharesOnePerReceiver),
+            ),
+            (
+                "UNIQUE constraint failed: idempotency.user_id, idempotency.endpoint, idempotency.idem_key",
+                Some(Unique::IdempotencyKey),
+            ),
+            ("UNIQUE constraint failed: shares.spray_id, shares.slot", None),
+            (
+                "UNIQUE constraint failed: ledger.spray_id, ledger.kind, ledger.user_id",
+                None,
+            ),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(constraint_named_in(message), expected, "{message}");
+        }
+    }
 }

@@ -30,7 +30,7 @@ use sqlx::{Executor, MySql, MySqlPool};
 use super::ClaimSnapshot;
 use super::commit::{TakenShare, Written, finish, finish_confirming};
 use super::convert::{amount_from, millis, stored};
-use super::error::is_unique_violation;
+use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
     Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
@@ -202,7 +202,9 @@ async fn take_free_share_in(
         // We hold the row lock, so this cannot happen; if it does, start over.
         Ok(_) => Err(StoreError::Conflict("a locked share was taken".into())),
         // The same user won a share in a transaction that committed meanwhile.
-        Err(e) if is_unique_violation(&e) => Ok(Err(ReceiveRefusal::AlreadyReceived)),
+        Err(e) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => {
+            Ok(Err(ReceiveRefusal::AlreadyReceived))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -350,7 +352,7 @@ impl Store for MySqlStore {
                 .await;
             match inserted {
                 Ok(_) => return Ok(Begin::Run(request.slot())),
-                Err(e) if is_unique_violation(&e) => {}
+                Err(e) if unique_violation(&e) == Some(Unique::IdempotencyKey) => {}
                 Err(e) => return Err(e.into()),
             }
             // The key is taken. The duplicate-key check waited for any transaction that
@@ -471,7 +473,7 @@ async fn insert_spray_row_in(
     .await;
     match inserted {
         Ok(done) => i64::try_from(done.last_insert_id()).map_err(|e| StoreError::Other(e.to_string())),
-        Err(e) if is_unique_violation(&e) => Err(StoreError::TokenTaken),
+        Err(e) if unique_violation(&e).is_some_and(Unique::is_token_taken) => Err(StoreError::TokenTaken),
         Err(e) => Err(e.into()),
     }
 }

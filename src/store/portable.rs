@@ -283,7 +283,10 @@ macro_rules! portable_sql_functions {
             .execute(&mut **tx)
             .await;
             match updated {
-                Err(e) if crate::store::error::is_unique_violation(&e) => {
+                Err(e)
+                    if crate::store::error::unique_violation(&e)
+                        == Some(crate::store::error::Unique::SharesOnePerReceiver) =>
+                {
                     return Ok(SlotClaim::AlreadyReceived)
                 }
                 Err(e) => return Err(StoreError::from(e)),

@@ -20,7 +20,7 @@ use sqlx::{Sqlite, SqlitePool};
 use super::ClaimSnapshot;
 use super::commit::{TakenShare, Written, finish, finish_confirming};
 use super::convert::{amount_from, millis, stored};
-use super::error::is_unique_violation;
+use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
     Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
@@ -261,7 +261,9 @@ async fn take_free_share_in(
     match claimed {
         Ok(Some((slot, units))) => Ok(Ok((slot, amount_from(units)?))),
         Ok(None) => Ok(Err(ReceiveRefusal::Exhausted { shares })),
-        Err(e) if is_unique_violation(&e) => Ok(Err(ReceiveRefusal::AlreadyReceived)),
+        Err(e) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => {
+            Ok(Err(ReceiveRefusal::AlreadyReceived))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -311,7 +313,7 @@ async fn insert_spray_row_in(
     .await;
     match inserted {
         Ok(id) => Ok(id),
-        Err(e) if is_unique_violation(&e) => Err(StoreError::TokenTaken),
+        Err(e) if unique_violation(&e).is_some_and(Unique::is_token_taken) => Err(StoreError::TokenTaken),
         Err(e) => Err(e.into()),
     }
 }
