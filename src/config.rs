@@ -8,7 +8,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::Semaphore;
 
 use crate::domain::{Amount, Policy};
-use crate::jobs::SweepSettings;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://spray.db";
@@ -240,6 +239,16 @@ impl Settings {
             retention_grace,
         })
     }
+}
+
+/// How the sweepers run (see `crate::jobs`), checked by [`Settings::sweep`]. Defined here,
+/// with the settings it comes from, so that the settings depend on no other module.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepSettings {
+    /// The pause between passes that found nothing more to do.
+    pub interval: Duration,
+    /// How long after its lookup window a spray is kept before it is purged.
+    pub retention_grace: chrono::TimeDelta,
 }
 
 /// Settings print without secrets: URLs lose their passwords, the gateway secret is hidden.

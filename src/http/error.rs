@@ -11,6 +11,11 @@ use crate::domain::{LookupRefusal, ReceiveRefusal};
 use crate::service::ServiceError;
 use crate::store::StoreError;
 
+/// The largest request body, in bytes (the contract's 16 KiB): past it, `413
+/// PAYLOAD_TOO_LARGE`. Defined beside the error that reports it, so that the extractors
+/// depend on the errors and not the other way round.
+pub const BODY_LIMIT: usize = 16 * 1024;
+
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
@@ -140,7 +145,7 @@ impl ApiError {
             SprayExhausted { shares } => format!("all {shares} shares have been received"),
             ReceiveExpired => "the receive window of this spray has closed".into(),
             LookupExpired => "the lookup window of this spray has closed".into(),
-            PayloadTooLarge => format!("the request body is over {} bytes", super::extract::BODY_LIMIT),
+            PayloadTooLarge => format!("the request body is over {BODY_LIMIT} bytes"),
             UnsupportedMediaType => "the request body must be application/json".into(),
             RouteNotFound => "no such endpoint".into(),
             MethodNotAllowed => "this endpoint does not accept this method".into(),

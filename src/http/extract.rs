@@ -8,11 +8,8 @@ use axum::http::{HeaderMap, HeaderName, Uri, header};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use super::error::ApiError;
+use super::error::{ApiError, BODY_LIMIT};
 use crate::domain::{RoomId, UserId};
-
-/// The largest request body accepted (16 KiB).
-pub const BODY_LIMIT: usize = 16 * 1024;
 
 pub static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 pub static X_ROOM_ID: HeaderName = HeaderName::from_static("x-room-id");

@@ -44,7 +44,8 @@ use tokio::sync::Semaphore;
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{BODY_LIMIT, Caller, is_json, is_length_limit};
+use super::error::BODY_LIMIT;
+use super::extract::{Caller, is_json, is_length_limit};
 use crate::domain::{Endpoint, Fingerprint, IdempotencyKey};
 use crate::service::ServiceError;
 use crate::store::{Begin, IdempotencySlot, IdempotentRequest, Store, StoredAnswer};

@@ -15,7 +15,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::TimeDelta;
 use tokio::sync::watch;
 
 pub use purge::{
@@ -24,20 +23,12 @@ pub use purge::{
 pub use settle::settle_expired_once;
 
 use crate::clock::Clock;
+pub use crate::config::SweepSettings;
 use crate::store::Store;
 
 /// Sprays, or keys, handled per statement or per pass: small enough that no pass holds
 /// the single SQLite writer, or MySQL locks, for long.
 pub const SWEEP_BATCH: u32 = 200;
-
-/// How the sweepers run, from the settings.
-#[derive(Debug, Clone, Copy)]
-pub struct SweepSettings {
-    /// The pause between passes that found nothing more to do.
-    pub interval: Duration,
-    /// How long after its lookup window a spray is kept before it is purged.
-    pub retention_grace: TimeDelta,
-}
 
 /// Runs the sweepers until `stop` turns true (or its sender is dropped): one pass of each,
 /// then a pause of `settings.interval`, again and again. A pass that found a full batch
