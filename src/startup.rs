@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::claim;
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::http::{AppState, Limits, router_with};
+use crate::http::{AppState, Limits, router};
 use crate::jobs::{self, SweepSettings};
 use crate::service::{Sources, SprayService};
 use crate::store::{self, Store, StoreError};
@@ -53,7 +53,7 @@ pub fn build_router(
     let service = Arc::new(SprayService::new(store, sources, policy, claims));
     let gateway_secret = settings.gateway_secret.as_deref().map(Arc::from);
     let limits = Limits::new(settings.max_concurrent_requests, settings.request_timeout);
-    Ok(router_with(
+    Ok(router(
         AppState {
             service,
             gateway_secret,

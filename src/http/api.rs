@@ -202,7 +202,7 @@ pub async fn create_spray(
     effect: Option<Extension<EffectStarted>>,
     request: JsonRequest<SprayRequest>,
 ) -> Result<Response, ApiError> {
-    let JsonRequest { caller, body, .. } = request;
+    let JsonRequest { caller, body } = request;
     let room = caller.required_room(body.room_id.as_deref(), "room_id")?;
     let command = SprayCommand::parse(
         caller.user,
@@ -250,7 +250,7 @@ pub async fn receive(
     effect: Option<Extension<EffectStarted>>,
     request: JsonRequest<ReceiveRequest>,
 ) -> Result<Response, ApiError> {
-    let JsonRequest { caller, body, .. } = request;
+    let JsonRequest { caller, body } = request;
     let room = caller.required_room(body.room_id.as_deref(), "room_id")?;
     let token = parse_token(&body.token)?;
     tracing::Span::current().record("token", token.as_str());

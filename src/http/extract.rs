@@ -92,9 +92,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub struct JsonRequest<T> {
     pub caller: Caller,
     pub body: T,
-    /// The body as received, for idempotency fingerprints.
-    pub raw: axum::body::Bytes,
-    pub headers: HeaderMap,
 }
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonRequest<T> {
@@ -124,12 +121,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonRequest<T> {
         let caller = Caller::from_headers(&parts.headers)?;
         let body = serde_json::from_slice::<T>(&raw)
             .map_err(|e| ApiError::invalid(format!("the JSON body is not valid: {e}")))?;
-        Ok(JsonRequest {
-            caller,
-            body,
-            raw,
-            headers: parts.headers,
-        })
+        Ok(JsonRequest { caller, body })
     }
 }
 

@@ -25,10 +25,6 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// could turn into one time series per URL it tries.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
-/// The request id of the request being served, for handlers that want it.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
-
 /// The outermost layer: gives the request an id (the client's `X-Request-Id` when it is
 /// sane, else a fresh UUID), runs it inside one span, echoes the id back, logs the
 /// outcome and records the request's metrics.
@@ -49,7 +45,6 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     request
         .headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    request.extensions_mut().insert(RequestId(request_id.clone()));
 
     let id = request_id.to_str().unwrap_or_default();
     // Health checks and scrapes come every few seconds: keep them out of the info log.

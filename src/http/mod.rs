@@ -41,18 +41,9 @@ impl axum::extract::FromRef<AppState> for Arc<SprayService> {
     }
 }
 
-/// The whole application as a router, ready to serve or to be driven by `oneshot` in
-/// tests, with the default request timeout and concurrency bound.
-pub fn router(state: AppState) -> Router {
-    let defaults = crate::config::Settings::default();
-    router_with(
-        state,
-        Limits::new(defaults.max_concurrent_requests, defaults.request_timeout),
-    )
-}
-
-/// The whole application as a router, with these protection limits.
-pub fn router_with(state: AppState, limits: Limits) -> Router {
+/// The whole application as a router, with these protection limits: ready to serve, or
+/// to be driven by `oneshot` in tests.
+pub fn router(state: AppState, limits: Limits) -> Router {
     // Every router of the process shares one recorder; the first one installs it.
     crate::telemetry::metrics::install();
     // Each route is registered together with its documentation, so the document
