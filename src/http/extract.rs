@@ -1,11 +1,15 @@
 //! Turning a raw request into a caller and a parsed body, in the contract's order of
 //! defects: `PAYLOAD_TOO_LARGE`, `UNSUPPORTED_MEDIA_TYPE`, `INVALID_USER`, then
-//! `INVALID_REQUEST` (`INVALID_GATEWAY` comes first, in a middleware).
+//! `INVALID_REQUEST` (`INVALID_GATEWAY` comes first, in a middleware). A POST body is read
+//! and checked once, by [`check_json_body`], the outermost layer of the two POST routes.
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, Uri, header};
-use serde::de::DeserializeOwned;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 
 use super::error::{ApiError, BODY_LIMIT};
@@ -87,39 +91,74 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// A POST with a JSON body: the caller and the body, checked in the contract's order.
+/// A POST body, read once and checked by [`check_json_body`] in the contract's order of
+/// defects, up to and including JSON syntax: the caller, and the body's bytes (valid JSON).
+/// The idempotency layer fingerprints it and the handler's [`JsonRequest`] parses it, so
+/// neither reads or checks the body again.
+#[derive(Debug, Clone)]
+pub struct CheckedBody {
+    pub caller: Caller,
+    pub bytes: Bytes,
+}
+
+/// The first layer of the two POST routes: reads the body once, bounded by
+/// [`BODY_LIMIT`], and answers its defects in the contract's order (`PAYLOAD_TOO_LARGE`,
+/// `UNSUPPORTED_MEDIA_TYPE`, `INVALID_USER`, then `INVALID_REQUEST` for a body that is not
+/// JSON); puts the [`CheckedBody`] in the request's extensions for the layers and handler
+/// inside.
+pub async fn check_json_body(request: Request, next: Next) -> Response {
+    let (mut parts, body) = request.into_parts();
+    match read_checked(&parts.headers, body).await {
+        Ok(checked) => {
+            parts.extensions.insert(checked);
+            next.run(Request::from_parts(parts, Body::empty())).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn read_checked(headers: &HeaderMap, body: Body) -> Result<CheckedBody, ApiError> {
+    let declared_too_large = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > u64::try_from(BODY_LIMIT).unwrap_or(u64::MAX));
+    if declared_too_large {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let bytes = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|error| {
+        if is_length_limit(&error) {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::invalid("the request body could not be read")
+        }
+    })?;
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let caller = Caller::from_headers(headers)?;
+    serde_json::from_slice::<IgnoredAny>(&bytes)
+        .map_err(|e| ApiError::invalid(format!("the JSON body is not valid: {e}")))?;
+    Ok(CheckedBody { caller, bytes })
+}
+
+/// A POST with a JSON body: the caller and the body parsed into `T` (wrong types, unknown,
+/// missing or repeated fields are `INVALID_REQUEST`), from the [`CheckedBody`].
 #[derive(Debug)]
 pub struct JsonRequest<T> {
     pub caller: Caller,
     pub body: T,
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonRequest<T> {
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for JsonRequest<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let (parts, body) = request.into_parts();
-        let declared_too_large = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|len| len > u64::try_from(BODY_LIMIT).unwrap_or(u64::MAX));
-        if declared_too_large {
-            return Err(ApiError::PayloadTooLarge);
-        }
-        let raw = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|error| {
-            if is_length_limit(&error) {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::invalid("the request body could not be read")
-            }
-        })?;
-        if !is_json(&parts.headers) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let caller = Caller::from_headers(&parts.headers)?;
-        let body = serde_json::from_slice::<T>(&raw)
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Some(CheckedBody { caller, bytes }) = parts.extensions.remove::<CheckedBody>() else {
+            tracing::error!("a JSON route without the check_json_body layer");
+            return Err(ApiError::Internal);
+        };
+        let body = serde_json::from_slice::<T>(&bytes)
             .map_err(|e| ApiError::invalid(format!("the JSON body is not valid: {e}")))?;
         Ok(JsonRequest { caller, body })
     }

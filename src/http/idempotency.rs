@@ -1,11 +1,11 @@
 //! `Idempotency-Key` on the two POST endpoints (`docs/contract.md` section 6; `docs/design.md` section 9).
 //!
-//! A middleware in front of the handlers. For a request that sends a key it:
-//! 1. lets the defects the contract ranks before `INVALID_REQUEST` (too large, not JSON, no
-//!    valid user) through to the handler untouched, so they answer exactly as without a
-//!    key, and are not kept: such a request cannot be scoped to a user or compared as a
-//!    JSON value. The same goes for a body that is not JSON at all. A malformed key is
-//!    `400 INVALID_REQUEST`, not kept either;
+//! A layer of the two POST routes, inside the one that reads and checks the body
+//! (`extract::check_json_body`): the defects the contract ranks before `INVALID_REQUEST`
+//! (too large, not JSON, no valid user) and a body that is not JSON at all are answered
+//! there, as without a key, and are not kept: such a request cannot be scoped to a user or
+//! compared as a JSON value. For a request that sends a key, this layer:
+//! 1. refuses a malformed key with `400 INVALID_REQUEST`, not kept either;
 //! 2. fingerprints the request (its body as a canonical JSON value, plus its effective
 //!    room) and begins it in the store, which answers at once with a replay, `422
 //!    IDEMPOTENCY_KEY_REUSED` or `409 IDEMPOTENCY_IN_PROGRESS`, or lets it run holding a
@@ -33,9 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Request, State};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -44,8 +43,7 @@ use tokio::sync::Semaphore;
 
 use super::AppState;
 use super::error::ApiError;
-use super::error::BODY_LIMIT;
-use super::extract::{Caller, is_json, is_length_limit};
+use super::extract::CheckedBody;
 use crate::domain::{Endpoint, Fingerprint, IdempotencyKey};
 use crate::service::ServiceError;
 use crate::store::{Begin, IdempotencySlot, IdempotentRequest, Store, StoredAnswer};
@@ -66,44 +64,26 @@ const RELEASE_RETRY_MAX_PAUSE: Duration = Duration::from_secs(1);
 /// The largest 4xx body kept for replay; ours are small problem documents.
 const KEPT_BODY_LIMIT: usize = 64 * 1024;
 
-/// The middleware; see the module doc.
-pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(endpoint) = endpoint_of(request.method(), request.uri().path()) else {
-        return next.run(request).await;
-    };
+/// The layer; see the module doc. `endpoint` is the route it was put on.
+pub async fn guard(
+    State((state, endpoint)): State<(AppState, Endpoint)>,
+    request: Request,
+    next: Next,
+) -> Response {
     if !request.headers().contains_key(&IDEMPOTENCY_KEY) {
         return next.run(request).await;
     }
-    let (mut parts, body) = request.into_parts();
-    // Defects ranked before INVALID_REQUEST: the handler's extractor answers them.
-    let declared_too_large = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|len| len > BODY_LIMIT);
-    if declared_too_large {
-        return next.run(Request::from_parts(parts, body)).await;
-    }
-    let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
-        Ok(bytes) => bytes,
-        // The body is consumed: answer as the extractor would have.
-        Err(e) if is_length_limit(&e) => return ApiError::PayloadTooLarge.into_response(),
-        Err(_) => return ApiError::invalid("the request body could not be read").into_response(),
+    let Some(CheckedBody { caller, bytes }) = request.extensions().get::<CheckedBody>().cloned() else {
+        tracing::error!("the idempotency layer without the check_json_body layer");
+        return ApiError::Internal.into_response();
     };
-    let pass_through = |parts: Parts, bytes| Request::from_parts(parts, Body::from(bytes));
-    if !is_json(&parts.headers) {
-        return next.run(pass_through(parts, bytes)).await;
-    }
-    let Ok(caller) = Caller::from_request_parts(&mut parts, &state).await else {
-        return next.run(pass_through(parts, bytes)).await;
-    };
-    let Some(key) = idempotency_key(&parts.headers) else {
+    let Some(key) = idempotency_key(request.headers()) else {
         return ApiError::invalid("Idempotency-Key must be sent once, as 1 to 255 visible ASCII characters")
             .into_response();
     };
     let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
-        return next.run(pass_through(parts, bytes)).await;
+        // Cannot happen: the body was checked to be JSON. Answered without a key.
+        return next.run(request).await;
     };
     // The effective room: the header's, else the body's (when both are given and differ,
     // the handler refuses the request; the header's then stands for it).
@@ -154,7 +134,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         return answer;
     }
 
-    let mut request = pass_through(parts, bytes);
+    let mut request = request;
     request.extensions_mut().insert(held.slot.clone());
     let response = next.run(request).await;
     let status = response.status();
@@ -169,15 +149,6 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
     };
     held.done();
     response
-}
-
-/// The endpoint a request goes to, if it is one that honours `Idempotency-Key`.
-fn endpoint_of(method: &Method, path: &str) -> Option<Endpoint> {
-    match (method, path) {
-        (&Method::POST, "/api/v1/spray") => Some(Endpoint::Spray),
-        (&Method::POST, "/api/v1/receive") => Some(Endpoint::Receive),
-        _ => None,
-    }
 }
 
 /// The key, sent exactly once and well-formed.

@@ -22,6 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::domain::Endpoint;
 use crate::service::SprayService;
 use error::ApiError;
 pub use middleware::Limits;
@@ -48,10 +49,20 @@ pub fn router(state: AppState, limits: Limits) -> Router {
     crate::telemetry::metrics::install();
     // Each route is registered together with its documentation, so the document
     // cannot miss a route.
+    // The two POST routes: the body read and checked once, then `Idempotency-Key`.
+    let json_route = |endpoint: Endpoint, route| {
+        OpenApiRouter::new()
+            .routes(route)
+            .route_layer(axum_middleware::from_fn_with_state(
+                (state.clone(), endpoint),
+                idempotency::guard,
+            ))
+            .route_layer(axum_middleware::from_fn(extract::check_json_body))
+    };
     let (routes, document) = OpenApiRouter::with_openapi(openapi::base())
-        .routes(routes!(api::create_spray))
+        .merge(json_route(Endpoint::Spray, routes!(api::create_spray)))
+        .merge(json_route(Endpoint::Receive, routes!(api::receive)))
         .routes(routes!(api::lookup_spray))
-        .routes(routes!(api::receive))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
@@ -61,12 +72,6 @@ pub fn router(state: AppState, limits: Limits) -> Router {
     let document = ops::OpenApiJson(serde_json::to_vec(&document).unwrap_or_default().into());
     Router::new()
         .merge(routes)
-        // `Idempotency-Key` on the POST endpoints, inside the gateway check (see
-        // idempotency.rs; it passes every other route through untouched).
-        .layer(axum_middleware::from_fn_with_state(
-            state.clone(),
-            idempotency::guard,
-        ))
         .merge(openapi::swagger_ui())
         .layer(Extension(document))
         .fallback(|| async { ApiError::RouteNotFound })
