@@ -9,7 +9,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -113,21 +112,33 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("-"))
 }
 
-/// The protection settings, shared by every route.
+/// The protection settings.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// One permit per API request in flight; none left means shed.
-    permits: Arc<Semaphore>,
-    timeout: Duration,
+    /// API requests served at once; past it, 503 at once (see [`shed`]).
+    pub max_concurrent_requests: usize,
+    /// How long a request may run before its effect begins (see [`protect`]).
+    pub timeout: Duration,
 }
 
 impl Limits {
     pub fn new(max_concurrent_requests: usize, timeout: Duration) -> Limits {
         Limits {
-            permits: Arc::new(Semaphore::new(max_concurrent_requests)),
+            max_concurrent_requests,
             timeout,
         }
     }
+}
+
+/// The answer to an API request refused by tower's load-shedding layer because
+/// `--max-concurrent-requests` are in flight (a client told "503, retry after 1 s" does
+/// better than one that waits in an unbounded queue). The layers are put on the API routes
+/// only: the operations endpoints must keep answering when the API is saturated, or an
+/// orchestrator would kill a busy but healthy instance.
+pub async fn shed(_overloaded: tower::BoxError) -> ApiError {
+    measure::record_shed();
+    tracing::warn!("at --max-concurrent-requests: shedding the request");
+    ApiError::Unavailable("the service is at capacity; try again shortly")
 }
 
 /// Put in every request's extensions by [`protect`]; a handler marks it when its effect
@@ -148,29 +159,11 @@ impl EffectStarted {
     }
 }
 
-/// Sheds API requests past the concurrency bound at once (a client that is told
-/// "503, retry after 1 s" does better than one that waits in an unbounded queue), and
-/// answers a request that runs past the timeout before its effect began with a clean 503.
-///
-/// Only `/api/` requests take a permit: the operations endpoints must keep answering
-/// when the API is saturated, or an orchestrator would kill a busy but healthy instance.
-///
-/// A request whose effect has begun is never cut (see [`EffectStarted`]): it is answered
-/// with what really happened, however long the store takes to say.
+/// Answers a request that runs past the timeout before its effect began with a clean
+/// 503. Hand-written rather than tower's timeout layer, which would cut every request
+/// alike: a request whose effect has begun is never cut (see [`EffectStarted`]), it is
+/// answered with what really happened, however long the store takes to say.
 pub async fn protect(State(limits): State<Limits>, mut request: Request, next: Next) -> Response {
-    let _permit = if request.uri().path().starts_with("/api/") {
-        match limits.permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                measure::record_shed();
-                tracing::warn!("at --max-concurrent-requests: shedding the request");
-                return ApiError::Unavailable("the service is at capacity; try again shortly")
-                    .into_response();
-            }
-        }
-    } else {
-        None
-    };
     let effect = EffectStarted::default();
     request.extensions_mut().insert(effect.clone());
     let mut served = std::pin::pin!(next.run(request));

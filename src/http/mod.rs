@@ -13,11 +13,14 @@ pub mod ops;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Extension, Request, State};
 use axum::http::header;
 use axum::middleware::{self as axum_middleware, Next};
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -59,10 +62,21 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             ))
             .route_layer(axum_middleware::from_fn(extract::check_json_body))
     };
-    let (routes, document) = OpenApiRouter::with_openapi(openapi::base())
+    // The API routes, past `--max-concurrent-requests` in flight refused at once. A route
+    // layer wraps each route on its own, so the limit is a global one: one semaphore
+    // shared by all of them.
+    let api = OpenApiRouter::new()
         .merge(json_route(Endpoint::Spray, routes!(api::create_spray)))
         .merge(json_route(Endpoint::Receive, routes!(api::receive)))
         .routes(routes!(api::lookup_spray))
+        .route_layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(middleware::shed))
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests)),
+        );
+    let (routes, document) = OpenApiRouter::with_openapi(openapi::base())
+        .merge(api)
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
