@@ -1,11 +1,9 @@
 //! The operations endpoints: health, readiness, metrics, the OpenAPI document and the
 //! Swagger UI, driven through the real router.
 
-mod common;
-
+use crate::common::TestApp;
 use axum::body::Body;
 use axum::http::Request;
-use common::TestApp;
 use serde_json::Value;
 
 fn get(path: &str) -> Request<Body> {

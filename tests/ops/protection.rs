@@ -4,13 +4,11 @@
 //! The slow client is simulated with a request body that never finishes, so no test
 //! waits in real time: the timeout runs on tokio's paused clock.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{OWNER, ROOM, TestApp};
 use axum::body::{Body, Bytes};
 use axum::http::Request;
-use common::{OWNER, ROOM, TestApp};
 use futures_util::StreamExt;
 use serde_json::json;
 use spray::config::Settings;
@@ -37,7 +35,7 @@ fn stuck_spray(started: mpsc::Sender<()>) -> Request<Body> {
 }
 
 #[track_caller]
-fn assert_clean_unavailable(answer: &common::Answer) {
+fn assert_clean_unavailable(answer: &crate::common::Answer) {
     answer.assert_problem(503, "UNAVAILABLE");
     assert_eq!(answer.headers["retry-after"], "1");
     let detail = answer.body["detail"].as_str().unwrap();
