@@ -330,6 +330,12 @@ impl TestApp {
         self.send(request.body(Body::empty()).unwrap()).await
     }
 
+    /// A spray request with this body as `OWNER` in the header room `ROOM`, whatever the
+    /// answer.
+    pub async fn post_spray(&self, body: Value) -> Answer {
+        self.post("/api/v1/spray", OWNER, Some(ROOM), body).await
+    }
+
     /// Sprays `amount` over `count` shares in `ROOM` as `OWNER`; returns the token.
     pub async fn spray(&self, amount: u64, count: u64) -> String {
         self.spray_as(OWNER, ROOM, json!({"amount": amount, "recipient_count": count}))

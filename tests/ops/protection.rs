@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use crate::common::{OWNER, ROOM, TestApp};
+use crate::common::process::{COMMAND_LIMIT, run_spray};
+use crate::common::{OWNER, ROOM, TestApp, plain_get};
 use axum::body::{Body, Bytes};
 use axum::http::Request;
 use futures_util::StreamExt;
@@ -96,23 +97,14 @@ async fn requests_past_the_concurrency_bound_are_shed_with_503_not_queued() {
             .unwrap();
     }
 
-    let answer = app
-        .post(
-            "/api/v1/spray",
-            OWNER,
-            Some(ROOM),
-            json!({"amount": 10, "recipient_count": 2}),
-        )
-        .await;
+    let answer = app.post_spray(json!({"amount": 10, "recipient_count": 2})).await;
     assert_clean_unavailable(&answer);
     assert!(answer.body["detail"].as_str().unwrap().contains("capacity"));
     app.get("/api/v1/spray/abc", OWNER, Some(ROOM))
         .await
         .assert_problem(503, "UNAVAILABLE");
     // The operations endpoints take no permit: a saturated instance still says it lives.
-    app.send(Request::builder().uri("/healthz").body(Body::empty()).unwrap())
-        .await
-        .assert_status(200);
+    app.send(plain_get("/healthz")).await.assert_status(200);
 
     // The slow clients go away; their permits come back.
     stuck.abort_all();
@@ -122,17 +114,36 @@ async fn requests_past_the_concurrency_bound_are_shed_with_503_not_queued() {
 
 #[tokio::test]
 async fn the_protection_settings_are_checked_at_start() {
-    for bad in [
-        Settings {
-            request_timeout: Duration::ZERO,
-            ..Settings::default()
-        },
-        Settings {
-            max_concurrent_requests: 0,
-            ..Settings::default()
-        },
-    ] {
-        assert!(bad.policy().is_err(), "{bad:?}");
+    // The real binary, started with each bad setting: it refuses before it opens the
+    // store or serves, and says which setting is wrong.
+    let dir = tempfile::tempdir().unwrap();
+    let never = dir.path().join("never.db");
+    let database_url = format!("sqlite://{}", never.display());
+    for (index, (flag, value)) in [("--request-timeout", "0s"), ("--max-concurrent-requests", "0")]
+        .into_iter()
+        .enumerate()
+    {
+        let args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &database_url,
+            flag,
+            value,
+        ];
+        let run = run_spray(dir.path(), &format!("bad-{index}"), &args, &[], COMMAND_LIMIT).await;
+        assert!(
+            !run.status.success(),
+            "{flag} {value}: spray serve exited with {}",
+            run.status
+        );
+        assert!(
+            run.stderr.contains(flag),
+            "{flag} {value}: the refusal does not name the setting:\n{}",
+            run.stderr
+        );
+        assert!(!never.exists(), "{flag} {value}: a database was created");
     }
 }
 
