@@ -14,6 +14,7 @@ use spray::store::{Claim, SlotClaim};
 use sqlx::Connection;
 use tower::ServiceExt;
 
+use crate::common::process::assert_refuses_to_start;
 use crate::common::{ROOM, RawRedis, TestApp};
 
 /// How long the tests wait for something that should happen at once.
@@ -238,4 +239,20 @@ async fn the_claim_lease_is_checked_against_the_request_timeout() {
         settings.claim_lease().is_err(),
         "a lease too short to record a share"
     );
+    // And the real binary refuses to start with either.
+    let dir = tempfile::tempdir().unwrap();
+    for (what, lease) in [
+        ("a lease as long as the time-out", "10s"),
+        ("a lease too short to record a share", "10ms"),
+    ] {
+        let flags = [
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--request-timeout",
+            "10s",
+            "--claim-lease",
+            lease,
+        ];
+        assert_refuses_to_start(dir.path(), what, &flags, &[], "--claim-lease").await;
+    }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::common::process::{COMMAND_LIMIT, run_spray};
+use crate::common::process::assert_refuses_to_start;
 use crate::common::{OWNER, ROOM, TestApp, plain_get};
 use axum::body::{Body, Bytes};
 use axum::http::Request;
@@ -117,33 +117,8 @@ async fn the_protection_settings_are_checked_at_start() {
     // The real binary, started with each bad setting: it refuses before it opens the
     // store or serves, and says which setting is wrong.
     let dir = tempfile::tempdir().unwrap();
-    let never = dir.path().join("never.db");
-    let database_url = format!("sqlite://{}", never.display());
-    for (index, (flag, value)) in [("--request-timeout", "0s"), ("--max-concurrent-requests", "0")]
-        .into_iter()
-        .enumerate()
-    {
-        let args = [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &database_url,
-            flag,
-            value,
-        ];
-        let run = run_spray(dir.path(), &format!("bad-{index}"), &args, &[], COMMAND_LIMIT).await;
-        assert!(
-            !run.status.success(),
-            "{flag} {value}: spray serve exited with {}",
-            run.status
-        );
-        assert!(
-            run.stderr.contains(flag),
-            "{flag} {value}: the refusal does not name the setting:\n{}",
-            run.stderr
-        );
-        assert!(!never.exists(), "{flag} {value}: a database was created");
+    for (flag, value) in [("--request-timeout", "0s"), ("--max-concurrent-requests", "0")] {
+        assert_refuses_to_start(dir.path(), &format!("{flag} {value}"), &[flag, value], &[], flag).await;
     }
 }
 
