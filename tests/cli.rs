@@ -12,8 +12,6 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::time::timeout;
 
-/// How quickly a command with a bad setting must give up.
-const REFUSAL_LIMIT: Duration = Duration::from_secs(15);
 /// Each test as a whole, whatever happens inside it.
 const TEST_LIMIT: Duration = Duration::from_secs(240);
 
@@ -427,8 +425,6 @@ async fn settings_come_from_flags_over_environment() {
         drop(server);
 
         // Bad settings stop the binary at once, with a non-zero status, before it serves.
-        let bad_path = dir.path().join("never.db");
-        let bad_url = format!("sqlite://{}", bad_path.display());
         let cases = [
             BadSetting {
                 what: "a duration flag that is not a duration",
@@ -449,30 +445,8 @@ async fn settings_come_from_flags_over_environment() {
                 says: "--lookup-window",
             },
         ];
-        for (index, case) in cases.iter().enumerate() {
-            let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--database-url", &bad_url];
-            args.extend(case.flags.iter().copied());
-            let run = run_spray(
-                dir.path(),
-                &format!("bad-{index}"),
-                &args,
-                case.env,
-                REFUSAL_LIMIT,
-            )
-            .await;
-            assert!(
-                !run.status.success(),
-                "{}: spray serve exited with {}",
-                case.what,
-                run.status
-            );
-            assert!(
-                run.stderr.contains(case.says),
-                "{}: stderr does not say why:\n{}",
-                case.what,
-                run.stderr
-            );
-            assert!(!bad_path.exists(), "{}: a database was created", case.what);
+        for case in &cases {
+            assert_refuses_to_start(dir.path(), case.what, case.flags, case.env, case.says).await;
         }
     })
     .await

@@ -1,74 +1,18 @@
 //! Metrics move when their events happen, with low-cardinality labels only.
 //!
 //! The recorder is one per process, so the tests of this file take turns (`SERIAL`) and
-//! compare a metric before and after their own requests.
+//! compare a metric before and after their own requests (read with `common::metrics`).
+//! Every metric here is moved by what the service does (requests, claims, the settlement
+//! sweeper), never by calling the recording functions.
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use axum::body::Body;
-use axum::http::Request;
-use common::{OWNER, ROOM, TestApp};
+use common::metrics::{scrape, value};
+use common::{OWNER, ROOM, RawRedis, TestApp, window_closes};
 use serde_json::json;
+use spray::config::Settings;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// One sample of the Prometheus text: its name, labels and value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter(|pair| !pair.is_empty())
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').unwrap();
-                    (key.to_owned(), value.trim_matches('"').to_owned())
-                })
-                .collect();
-            Sample {
-                name: name.to_owned(),
-                labels,
-                value: value.parse().unwrap(),
-            }
-        })
-        .collect()
-}
-
-/// The sum of the samples of `name` whose labels include `labels` (0 if none).
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            labels
-                .iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-        .sum()
-}
-
-async fn scrape(app: &TestApp) -> Vec<Sample> {
-    let answer = app
-        .send(Request::builder().uri("/metrics").body(Body::empty()).unwrap())
-        .await;
-    answer.assert_status(200);
-    parse(&String::from_utf8(answer.raw).unwrap())
-}
 
 #[tokio::test]
 async fn a_spray_counts_as_created_with_its_mode() {
@@ -180,35 +124,89 @@ async fn routes_are_labelled_by_their_template_never_by_the_raw_path() {
 }
 
 #[tokio::test]
-async fn the_functions_for_refunds_and_the_redis_gate_move_their_counters() {
+async fn a_settlement_moves_the_refund_counters_by_its_refund() {
     let _turn = SERIAL.lock().await;
     let app = TestApp::new().await;
+    // 2001 in three even shares of 667: one is received, two (1334) are left.
+    let token = app.spray(2001, 3).await;
+    app.receive(2, &token).await.assert_status(200);
+    // A spray nobody touched is refunded in full; one received in full is not refunded.
+    app.spray(50, 2).await;
+    let full = app.spray(10, 1).await;
+    app.receive(3, &full).await.assert_status(200);
     let before = scrape(&app).await;
-    spray::telemetry::record_refund(spray::domain::Amount::new(667));
-    spray::telemetry::record_gate_hit();
-    spray::telemetry::record_gate_miss();
-    spray::telemetry::record_gate_rebuild();
-    spray::telemetry::record_gate_fallback();
-    spray::telemetry::record_gate_fallback();
-    spray::telemetry::record_pool_use("sqlite", 5, 3);
+    // The receive window closes; the settlement sweeper's pass settles all three.
+    let settled = spray::jobs::settle_expired_once(app.store.as_ref(), window_closes(), 100)
+        .await
+        .unwrap();
+    assert_eq!(settled, 3);
     let after = scrape(&app).await;
     let delta =
         |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
-    assert_eq!(delta("spray_refunds_total", &[]), 1.0);
-    assert_eq!(delta("spray_refunded_amount_total", &[]), 667.0);
-    for (event, times) in [("hit", 1.0), ("miss", 1.0), ("rebuild", 1.0), ("fallback", 2.0)] {
+    assert_eq!(delta("spray_refunds_total", &[]), 2.0);
+    assert_eq!(delta("spray_refunded_amount_total", &[]), 1384.0);
+    // A second pass finds nothing more to settle, and moves nothing.
+    let again = spray::jobs::settle_expired_once(app.store.as_ref(), window_closes(), 100)
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    let last = scrape(&app).await;
+    for name in ["spray_refunds_total", "spray_refunded_amount_total"] {
+        assert_eq!(value(&last, name, &[]), value(&after, name, &[]), "{name}");
+    }
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn claims_through_the_redis_gate_move_its_event_counters() {
+    let _turn = SERIAL.lock().await;
+    let app = TestApp::with_settings(Settings {
+        redis_url: Some(common::redis_url()),
+        ..Settings::default()
+    })
+    .await;
+    let token = app.spray(100, 3).await;
+    let events = |samples: &[common::metrics::Sample], event: &str| {
+        value(samples, "spray_gate_events_total", &[("event", event)])
+    };
+    let before = scrape(&app).await;
+    // The gate holds the new spray's keys: the claim is a hit.
+    app.receive(2, &token).await.assert_status(200);
+    let after_hit = scrape(&app).await;
+    // The keys are lost: the next claim misses, rebuilds them from SQL, and then hits.
+    let mut redis = RawRedis::connect_url(&common::redis_url()).await;
+    for key in app.gate_keys(&token).all() {
+        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
+    }
+    app.receive(3, &token).await.assert_status(200);
+    let after_rebuild = scrape(&app).await;
+    for (event, hit, rebuilt) in [
+        ("hit", 1.0, 1.0),
+        ("miss", 0.0, 1.0),
+        ("rebuild", 0.0, 1.0),
+        ("fallback", 0.0, 0.0),
+    ] {
+        assert_eq!(events(&after_hit, event) - events(&before, event), hit, "{event}");
         assert_eq!(
-            delta("spray_gate_events_total", &[("event", event)]),
-            times,
+            events(&after_rebuild, event) - events(&after_hit, event),
+            rebuilt,
             "{event}"
         );
     }
-    assert_eq!(
-        value(&after, "spray_store_pool_connections", &[("state", "in_use")]),
-        2.0
-    );
-    assert_eq!(
-        value(&after, "spray_store_pool_connections", &[("state", "idle")]),
-        3.0
-    );
+
+    // Where Redis cannot be reached, each claim falls back to SQL alone.
+    let nowhere = format!("redis://127.0.0.1:{}", common::process::free_port());
+    let unreachable = TestApp::with_settings(Settings {
+        redis_url: Some(nowhere),
+        ..Settings::default()
+    })
+    .await;
+    let token = unreachable.spray(100, 3).await;
+    let before = scrape(&unreachable).await;
+    unreachable.receive(2, &token).await.assert_status(200);
+    unreachable.receive(3, &token).await.assert_status(200);
+    let after = scrape(&unreachable).await;
+    for (event, times) in [("hit", 0.0), ("miss", 0.0), ("rebuild", 0.0), ("fallback", 2.0)] {
+        assert_eq!(events(&after, event) - events(&before, event), times, "{event}");
+    }
 }

@@ -7,7 +7,9 @@
 //! [`Backend::of_this_test_binary`].
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -23,6 +25,7 @@ use spray::store::Store;
 use tower::ServiceExt;
 
 pub mod cluster;
+pub mod metrics;
 pub mod process;
 pub mod proxy;
 
@@ -34,6 +37,16 @@ pub fn start_time() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
         .unwrap()
         .with_timezone(&Utc)
+}
+
+/// The first instant outside the receive window (ten minutes) of a spray made at the start.
+pub fn window_closes() -> DateTime<Utc> {
+    start_time() + TimeDelta::minutes(10)
+}
+
+/// A GET of `path` with no headers: for the operations endpoints.
+pub fn plain_get(path: &str) -> Request<Body> {
+    Request::builder().uri(path).body(Body::empty()).unwrap()
 }
 
 /// Where a test's data lives.
@@ -306,16 +319,7 @@ impl TestApp {
 
     /// A JSON POST as user `user` in the header room `room` (None: no X-ROOM-ID).
     pub async fn post(&self, path: &str, user: i64, room: Option<&str>, body: Value) -> Answer {
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header("content-type", "application/json")
-            .header("x-user-id", user.to_string());
-        if let Some(room) = room {
-            request = request.header("x-room-id", room);
-        }
-        self.send(request.body(Body::from(body.to_string())).unwrap())
-            .await
+        self.post_keyed(path, user, room, None, &body.to_string()).await
     }
 
     pub async fn get(&self, path: &str, user: i64, room: Option<&str>) -> Answer {
@@ -324,6 +328,12 @@ impl TestApp {
             request = request.header("x-room-id", room);
         }
         self.send(request.body(Body::empty()).unwrap()).await
+    }
+
+    /// A spray request with this body as `OWNER` in the header room `ROOM`, whatever the
+    /// answer.
+    pub async fn post_spray(&self, body: Value) -> Answer {
+        self.post("/api/v1/spray", OWNER, Some(ROOM), body).await
     }
 
     /// Sprays `amount` over `count` shares in `ROOM` as `OWNER`; returns the token.
@@ -346,6 +356,19 @@ impl TestApp {
     pub async fn lookup(&self, user: i64, token: &str) -> Answer {
         self.get(&format!("/api/v1/spray/{token}"), user, Some(ROOM))
             .await
+    }
+
+    /// The amount received from the spray `token` and who received it, as its owner's
+    /// lookup shows them.
+    pub async fn recipients(&self, token: &str) -> (u64, HashSet<i64>) {
+        let details = self.lookup(OWNER, token).await.body;
+        let users = details["recipients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["user_id"].as_i64().unwrap())
+            .collect();
+        (details["received_amount"].as_u64().unwrap(), users)
     }
 
     /// Runs `spray audit`'s checks in process and asserts they are clean.
@@ -418,6 +441,22 @@ impl TestApp {
     pub fn now(&self) -> DateTime<Utc> {
         use spray::clock::Clock;
         self.clock.now()
+    }
+
+    /// A `SELECT COUNT(*)` through the test's store.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        self.store.count(sql).await.unwrap()
+    }
+
+    /// Polls [`TestApp::count`] until it answers `want`, for at most about ten seconds.
+    pub async fn eventually_count(&self, sql: &'static str, want: i64) {
+        for _ in 0..1000 {
+            if self.count(sql).await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("`{sql}` never answered {want}");
     }
 
     /// Counts with a query built at run time (the store's `count` takes static text).

@@ -24,6 +24,8 @@ pub const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 pub const STOP_LIMIT: Duration = Duration::from_secs(20);
 /// The longest a one-shot command (`spray audit`, `spray migrate`) may run.
 pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+/// How quickly `spray serve` with a bad setting must give up.
+pub const REFUSAL_LIMIT: Duration = Duration::from_secs(15);
 
 /// A child process that is killed (SIGKILL, by its PID) and reaped when dropped, so no
 /// process outlives the test, even one that panics.
@@ -215,4 +217,36 @@ pub async fn run_spray(
         stdout: std::fs::read_to_string(&stdout_path).unwrap_or_default(),
         stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
     }
+}
+
+/// Starts `spray serve` with `flags` and `env` on a SQLite file in `dir` and asserts that
+/// it refuses to start: a non-zero exit within [`REFUSAL_LIMIT`], `says` on stderr, and no
+/// database file written. `what` names the case in failures.
+pub async fn assert_refuses_to_start(
+    dir: &Path,
+    what: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+    says: &str,
+) {
+    let never = dir.join("never.db");
+    let url = format!("sqlite://{}", never.display());
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--database-url", &url];
+    args.extend_from_slice(flags);
+    let name: String = what
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let run = run_spray(dir, &format!("refused-{name}"), &args, env, REFUSAL_LIMIT).await;
+    assert!(
+        !run.status.success(),
+        "{what}: spray serve exited with {}",
+        run.status
+    );
+    assert!(
+        run.stderr.contains(says),
+        "{what}: stderr does not say why:\n{}",
+        run.stderr
+    );
+    assert!(!never.exists(), "{what}: a database was created");
 }

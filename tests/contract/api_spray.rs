@@ -8,12 +8,7 @@ use serde_json::json;
 async fn spraying_answers_201_with_location_token_and_windows() {
     let app = TestApp::new().await;
     let answer = app
-        .post(
-            "/api/v1/spray",
-            OWNER,
-            Some(ROOM),
-            json!({"amount": 4000, "recipient_count": 3}),
-        )
+        .post_spray(json!({"amount": 4000, "recipient_count": 3}))
         .await;
     answer.assert_status(201);
     let token = answer.body["token"].as_str().unwrap();
@@ -90,12 +85,7 @@ async fn the_room_may_come_from_the_body_instead_of_the_header() {
     app.receive(2, token).await.assert_status(200);
     // The same room in both places is fine.
     let answer = app
-        .post(
-            "/api/v1/spray",
-            OWNER,
-            Some(ROOM),
-            json!({"amount": 10, "recipient_count": 2, "room_id": ROOM}),
-        )
+        .post_spray(json!({"amount": 10, "recipient_count": 2, "room_id": ROOM}))
         .await;
     answer.assert_status(201);
 }
@@ -104,12 +94,7 @@ async fn the_room_may_come_from_the_body_instead_of_the_header() {
 async fn a_header_room_and_a_different_body_room_are_refused() {
     let app = TestApp::new().await;
     let answer = app
-        .post(
-            "/api/v1/spray",
-            OWNER,
-            Some(ROOM),
-            json!({"amount": 10, "recipient_count": 2, "room_id": "OTHER"}),
-        )
+        .post_spray(json!({"amount": 10, "recipient_count": 2, "room_id": "OTHER"}))
         .await;
     answer.assert_problem(400, "INVALID_REQUEST");
     app.assert_audit_clean().await;
@@ -161,30 +146,15 @@ async fn limits_follow_the_settings() {
         ..Default::default()
     };
     let app = TestApp::with_settings(settings).await;
-    app.post(
-        "/api/v1/spray",
-        OWNER,
-        Some(ROOM),
-        json!({"amount": 100, "recipient_count": 3}),
-    )
-    .await
-    .assert_status(201);
-    app.post(
-        "/api/v1/spray",
-        OWNER,
-        Some(ROOM),
-        json!({"amount": 101, "recipient_count": 3}),
-    )
-    .await
-    .assert_problem(400, "INVALID_REQUEST");
-    app.post(
-        "/api/v1/spray",
-        OWNER,
-        Some(ROOM),
-        json!({"amount": 100, "recipient_count": 4}),
-    )
-    .await
-    .assert_problem(400, "INVALID_REQUEST");
+    app.post_spray(json!({"amount": 100, "recipient_count": 3}))
+        .await
+        .assert_status(201);
+    app.post_spray(json!({"amount": 101, "recipient_count": 3}))
+        .await
+        .assert_problem(400, "INVALID_REQUEST");
+    app.post_spray(json!({"amount": 100, "recipient_count": 4}))
+        .await
+        .assert_problem(400, "INVALID_REQUEST");
 }
 
 #[tokio::test]
@@ -195,14 +165,7 @@ async fn windows_follow_the_settings_at_creation_time() {
         ..Default::default()
     };
     let app = TestApp::with_settings(settings).await;
-    let answer = app
-        .post(
-            "/api/v1/spray",
-            OWNER,
-            Some(ROOM),
-            json!({"amount": 10, "recipient_count": 2}),
-        )
-        .await;
+    let answer = app.post_spray(json!({"amount": 10, "recipient_count": 2})).await;
     assert_eq!(answer.body["receive_until"], "2024-02-21T09:33:40.123Z");
     assert_eq!(answer.body["lookup_until"], "2024-02-21T10:33:10.123Z");
 }
@@ -256,14 +219,7 @@ async fn when_every_drawn_token_is_taken_the_answer_is_503_and_nothing_is_writte
     for _ in 0..spray::service::TOKEN_ATTEMPTS {
         app.tokens.push("AAA");
     }
-    let answer = app
-        .post(
-            "/api/v1/spray",
-            OWNER,
-            Some(ROOM),
-            json!({"amount": 10, "recipient_count": 2}),
-        )
-        .await;
+    let answer = app.post_spray(json!({"amount": 10, "recipient_count": 2})).await;
     answer.assert_problem(503, "UNAVAILABLE");
     assert!(answer.headers.contains_key("retry-after"));
     assert!(answer.body["detail"].as_str().unwrap().contains("token"));

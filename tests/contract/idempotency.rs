@@ -35,10 +35,6 @@ fn assert_replay_of(again: &Answer, first: &Answer) {
     assert!(first.headers.get("idempotent-replayed").is_none());
 }
 
-async fn count(app: &TestApp, sql: &'static str) -> i64 {
-    app.store.count(sql).await.unwrap()
-}
-
 #[tokio::test]
 async fn a_retried_spray_gets_the_first_answer_byte_for_byte_and_sprays_once() {
     let app = TestApp::new().await;
@@ -57,16 +53,17 @@ async fn a_retried_spray_gets_the_first_answer_byte_for_byte_and_sprays_once() {
         .post_keyed(SPRAY, OWNER, Some(ROOM), Some("k-1"), SPRAY_BODY)
         .await;
     assert_replay_of(&again, &first);
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 1);
     assert_eq!(
-        count(&app, "SELECT COUNT(*) FROM ledger WHERE kind = 'DEBIT'").await,
+        app.count("SELECT COUNT(*) FROM ledger WHERE kind = 'DEBIT'")
+            .await,
         1
     );
     // Without a key, the same body is a new spray.
     app.post_keyed(SPRAY, OWNER, Some(ROOM), None, SPRAY_BODY)
         .await
         .assert_status(201);
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 2);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 2);
     app.assert_audit_clean().await;
 }
 
@@ -100,7 +97,8 @@ async fn a_retried_receive_gets_the_amount_it_got_the_first_time() {
         .await
         .assert_problem(409, "ALREADY_RECEIVED");
     assert_eq!(
-        count(&app, "SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'").await,
+        app.count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'")
+            .await,
         3
     );
     app.assert_audit_clean().await;
@@ -130,7 +128,7 @@ async fn the_same_key_with_a_different_request_is_refused_and_changes_nothing() 
             .await
             .assert_problem(422, "IDEMPOTENCY_KEY_REUSED");
     }
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 1);
     // The first request is still answered as before.
     let again = app
         .post_keyed(SPRAY, OWNER, Some(ROOM), Some("k"), SPRAY_BODY)
@@ -161,7 +159,7 @@ async fn bodies_equal_as_values_in_the_same_room_are_the_same_request() {
         .post_keyed(RECEIVE, 2, Some(ROOM), Some("r"), &with_room)
         .await;
     assert_replay_of(&again, &received);
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 1);
 }
 
 #[tokio::test]
@@ -175,7 +173,7 @@ async fn another_users_identical_key_is_independent() {
     theirs.assert_status(201);
     assert!(theirs.headers.get("idempotent-replayed").is_none());
     assert_ne!(mine.body["token"], theirs.body["token"]);
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 2);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 2);
 
     // Two members receiving under the same key each get their own share.
     let token = mine.body["token"].as_str().unwrap();
@@ -187,7 +185,8 @@ async fn another_users_identical_key_is_independent() {
         assert!(answer.headers.get("idempotent-replayed").is_none());
     }
     assert_eq!(
-        count(&app, "SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'").await,
+        app.count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'")
+            .await,
         2
     );
     app.assert_audit_clean().await;
@@ -223,7 +222,8 @@ async fn refusals_are_kept_and_replayed_even_once_the_world_has_changed() {
         .await;
     assert_replay_of(&again, &first);
     assert_eq!(
-        count(&app, "SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'").await,
+        app.count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'")
+            .await,
         0
     );
     // A fresh request is judged afresh.
@@ -249,12 +249,12 @@ async fn a_server_error_is_not_kept_and_the_retry_runs_afresh() {
     }
     let failed = app.post_keyed(SPRAY, 7, Some(ROOM), Some("k"), SPRAY_BODY).await;
     failed.assert_problem(503, "UNAVAILABLE");
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM idempotency").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM idempotency").await, 0);
     let retried = app.post_keyed(SPRAY, 7, Some(ROOM), Some("k"), SPRAY_BODY).await;
     retried.assert_status(201);
     assert!(retried.headers.get("idempotent-replayed").is_none());
     assert_eq!(
-        count(&app, "SELECT COUNT(*) FROM sprays WHERE owner_id = 7").await,
+        app.count("SELECT COUNT(*) FROM sprays WHERE owner_id = 7").await,
         1
     );
     app.assert_audit_clean().await;
@@ -308,7 +308,7 @@ async fn a_request_still_running_answers_in_progress_until_it_counts_as_abandone
     app.post_keyed(SPRAY, OWNER, Some(ROOM), Some("slow"), SPRAY_BODY)
         .await
         .assert_problem(409, "IDEMPOTENCY_IN_PROGRESS");
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 0);
 
     // Untouched for longer than the lease: the retry takes the row over and runs.
     app.advance(TimeDelta::milliseconds(1));
@@ -347,7 +347,7 @@ async fn a_request_still_running_answers_in_progress_until_it_counts_as_abandone
             .unwrap()
     );
     app.store.release_idempotent(&stale).await.unwrap();
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 1);
     let again = app
         .post_keyed(SPRAY, OWNER, Some(ROOM), Some("slow"), SPRAY_BODY)
         .await;
@@ -392,8 +392,8 @@ async fn malformed_keys_are_invalid_requests_and_nothing_happens() {
         .body(Body::from(SPRAY_BODY))
         .unwrap();
     app.send(twice).await.assert_problem(400, "INVALID_REQUEST");
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM sprays").await, 0);
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM idempotency").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM sprays").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM idempotency").await, 0);
     // The longest valid key works.
     let longest = "k".repeat(255);
     app.post_keyed(SPRAY, OWNER, Some(ROOM), Some(&longest), SPRAY_BODY)
@@ -439,7 +439,7 @@ async fn defects_ranked_before_the_key_answer_as_without_it_and_are_not_kept() {
     app.post_keyed(SPRAY, OWNER, Some(ROOM), Some("k"), "{not json")
         .await
         .assert_problem(400, "INVALID_REQUEST");
-    assert_eq!(count(&app, "SELECT COUNT(*) FROM idempotency").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM idempotency").await, 0);
     // So the key is still free for the request the client meant.
     app.post_keyed(SPRAY, OWNER, Some(ROOM), Some("k"), SPRAY_BODY)
         .await

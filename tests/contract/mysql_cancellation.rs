@@ -11,16 +11,6 @@ use serde_json::json;
 
 use crate::common::{ROOM, TestApp};
 
-async fn eventually(app: &TestApp, sql: &'static str, want: i64) {
-    for _ in 0..1000 {
-        if app.store.count(sql).await.unwrap() == want {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("`{sql}` never answered {want}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_request_releases_its_key_so_the_retry_runs() {
     let app = Arc::new(TestApp::new().await);
@@ -44,15 +34,11 @@ async fn a_cancelled_request_releases_its_key_so_the_retry_runs() {
         })
     };
     // The key is pending while the claim waits; then the client goes away.
-    eventually(
-        &app,
-        "SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL",
-        1,
-    )
-    .await;
+    app.eventually_count("SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL", 1)
+        .await;
     request.abort();
     assert!(request.await.unwrap_err().is_cancelled());
-    eventually(&app, "SELECT COUNT(*) FROM idempotency", 0).await;
+    app.eventually_count("SELECT COUNT(*) FROM idempotency", 0).await;
     blocker.rollback().await.unwrap();
     pool.close().await;
 
@@ -62,10 +48,8 @@ async fn a_cancelled_request_releases_its_key_so_the_retry_runs() {
     retried.assert_status(200);
     assert!(retried.headers.get("idempotent-replayed").is_none());
     let credits = app
-        .store
         .count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'")
-        .await
-        .unwrap();
+        .await;
     assert_eq!(credits, 1);
     app.assert_audit_clean().await;
 }

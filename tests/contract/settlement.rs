@@ -6,29 +6,20 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
 use spray::jobs::settle_expired_once;
 
-use crate::common::{OWNER, ROOM, TestApp, start_time};
-
-/// The first instant outside the receive window of a spray made at the start.
-fn closes() -> DateTime<Utc> {
-    start_time() + TimeDelta::minutes(10)
-}
+use crate::common::{OWNER, ROOM, TestApp, start_time, window_closes};
 
 async fn settle(app: &TestApp, at: DateTime<Utc>) -> usize {
     settle_expired_once(app.store.as_ref(), at, 100).await.unwrap()
 }
 
 async fn refunds(app: &TestApp) -> i64 {
-    app.store
-        .count("SELECT COUNT(*) FROM ledger WHERE kind = 'REFUND'")
+    app.count("SELECT COUNT(*) FROM ledger WHERE kind = 'REFUND'")
         .await
-        .unwrap()
 }
 
 async fn settled(app: &TestApp) -> i64 {
-    app.store
-        .count("SELECT COUNT(*) FROM sprays WHERE settled_at IS NOT NULL")
+    app.count("SELECT COUNT(*) FROM sprays WHERE settled_at IS NOT NULL")
         .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -36,7 +27,10 @@ async fn the_last_millisecond_inside_the_window_settles_nothing() {
     let app = TestApp::new().await;
     let token = app.spray(4000, 3).await;
     app.receive(2, &token).await.assert_status(200);
-    assert_eq!(settle(&app, closes() - TimeDelta::milliseconds(1)).await, 0);
+    assert_eq!(
+        settle(&app, window_closes() - TimeDelta::milliseconds(1)).await,
+        0
+    );
     assert_eq!((refunds(&app).await, settled(&app).await), (0, 0));
     app.advance(TimeDelta::minutes(10) - TimeDelta::milliseconds(1));
     // Still open: the last member in time receives.
@@ -54,11 +48,11 @@ async fn the_first_millisecond_after_the_window_refunds_the_rest_once() {
     let app = TestApp::new().await;
     let token = app.spray(4000, 3).await;
     app.receive(2, &token).await.assert_status(200);
-    assert_eq!(settle(&app, closes()).await, 1);
+    assert_eq!(settle(&app, window_closes()).await, 1);
     let exact_refund = app
         .count_where(format!(
             "SELECT COUNT(*) FROM ledger WHERE kind = 'REFUND' AND user_id = {OWNER} AND amount = 2667 AND at = {}",
-            closes().timestamp_millis()
+            window_closes().timestamp_millis()
         ))
         .await;
     assert_eq!(
@@ -66,8 +60,8 @@ async fn the_first_millisecond_after_the_window_refunds_the_rest_once() {
         "one REFUND of 4000 - 1333 to the sprayer, dated at settlement"
     );
     // However often the sweeper comes back, and whenever.
-    assert_eq!(settle(&app, closes()).await, 0);
-    assert_eq!(settle(&app, closes() + TimeDelta::days(3)).await, 0);
+    assert_eq!(settle(&app, window_closes()).await, 0);
+    assert_eq!(settle(&app, window_closes() + TimeDelta::days(3)).await, 0);
     assert_eq!(refunds(&app).await, 1);
     app.advance(TimeDelta::minutes(10));
     let body = app.lookup(OWNER, &token).await.body;
@@ -101,12 +95,15 @@ async fn a_fully_received_spray_is_settled_without_a_refund() {
     app.receive(2, &token).await.assert_status(200);
     app.receive(3, &token).await.assert_status(200);
     // Completed sprays are only settled once their window closed, like the others.
-    assert_eq!(settle(&app, closes() - TimeDelta::milliseconds(1)).await, 0);
-    assert_eq!(settle(&app, closes()).await, 1);
+    assert_eq!(
+        settle(&app, window_closes() - TimeDelta::milliseconds(1)).await,
+        0
+    );
+    assert_eq!(settle(&app, window_closes()).await, 1);
     assert_eq!(refunds(&app).await, 0);
     assert_eq!(settled(&app).await, 1);
     assert_eq!(
-        settle(&app, closes()).await,
+        settle(&app, window_closes()).await,
         0,
         "a settled spray is not visited again"
     );
@@ -129,7 +126,7 @@ async fn a_spray_nobody_received_is_refunded_in_full() {
             json!({"amount": 777, "recipient_count": 5, "mode": "random"}),
         )
         .await;
-    assert_eq!(settle(&app, closes()).await, 1);
+    assert_eq!(settle(&app, window_closes()).await, 1);
     let full_refund = app
         .store
         .count("SELECT COUNT(*) FROM ledger WHERE kind = 'REFUND' AND amount = 777")
@@ -152,7 +149,7 @@ async fn a_claim_from_inside_the_window_that_comes_after_the_settlement_sees_it_
     app.receive(2, &token).await.assert_status(200);
     // The sweeper (on an instance whose clock reads the deadline) settles first; then a
     // claim whose clock still reads the last millisecond inside the window arrives.
-    assert_eq!(settle(&app, closes()).await, 1);
+    assert_eq!(settle(&app, window_closes()).await, 1);
     app.advance(TimeDelta::minutes(10) - TimeDelta::milliseconds(1));
     app.receive(3, &token)
         .await
@@ -185,7 +182,7 @@ async fn sprays_are_settled_oldest_first_in_batches() {
         tokens.push(app.spray(amount, 2).await);
         app.advance(TimeDelta::seconds(1));
     }
-    let last_closes = closes() + TimeDelta::seconds(4);
+    let last_closes = window_closes() + TimeDelta::seconds(4);
     let settled_amounts = || async {
         app.count_where(
             "SELECT CAST(COALESCE(SUM(total_amount), 0) AS SIGNED) FROM sprays WHERE settled_at IS NOT NULL"
@@ -232,7 +229,7 @@ async fn only_sprays_whose_window_closed_are_settled() {
     app.tokens.push("NEW");
     app.spray(100, 2).await;
     // The first closes at 10 minutes, the second at 15.
-    assert_eq!(settle(&app, closes()).await, 1);
+    assert_eq!(settle(&app, window_closes()).await, 1);
     let new_open = app
         .store
         .count("SELECT COUNT(*) FROM sprays WHERE token = 'NEW' AND settled_at IS NULL")
@@ -241,19 +238,8 @@ async fn only_sprays_whose_window_closed_are_settled() {
     assert_eq!(new_open, 1);
     app.advance(TimeDelta::minutes(5) - TimeDelta::milliseconds(1));
     app.receive(2, "NEW").await.assert_status(200);
-    assert_eq!(settle(&app, closes() + TimeDelta::minutes(5)).await, 1);
+    assert_eq!(settle(&app, window_closes() + TimeDelta::minutes(5)).await, 1);
     app.assert_audit_clean().await;
-}
-
-/// Polls `count` until it answers `want`, for at most about ten seconds.
-async fn eventually(app: &TestApp, sql: &'static str, want: i64) {
-    for _ in 0..1000 {
-        if app.store.count(sql).await.unwrap() == want {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("`{sql}` never answered {want}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +254,7 @@ async fn the_server_runs_the_sweepers_on_its_clock_and_stops_them_on_shutdown() 
     let app = TestApp::new().await;
     app.spray(4000, 3).await;
     // The server's own clock already reads the deadline: its first pass settles.
-    let clock = Arc::new(ManualClock::new(closes()));
+    let clock = Arc::new(ManualClock::new(window_closes()));
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
         sweep_interval: std::time::Duration::from_millis(20),
@@ -284,10 +270,11 @@ async fn the_server_runs_the_sweepers_on_its_clock_and_stops_them_on_shutdown() 
     let running = tokio::spawn(server.run_until(async {
         let _ = stopped.await;
     }));
-    eventually(&app, "SELECT COUNT(*) FROM ledger WHERE kind = 'REFUND'", 1).await;
+    app.eventually_count("SELECT COUNT(*) FROM ledger WHERE kind = 'REFUND'", 1)
+        .await;
     // A day after the lookup window, a later pass purges it.
     clock.set(start_time() + TimeDelta::days(8));
-    eventually(&app, "SELECT COUNT(*) FROM sprays", 0).await;
+    app.eventually_count("SELECT COUNT(*) FROM sprays", 0).await;
     stop.send(()).unwrap();
     let ended = tokio::time::timeout(std::time::Duration::from_secs(20), running).await;
     assert!(

@@ -14,7 +14,8 @@ use spray::store::{Claim, SlotClaim};
 use sqlx::Connection;
 use tower::ServiceExt;
 
-use crate::common::{OWNER, ROOM, RawRedis, TestApp};
+use crate::common::process::assert_refuses_to_start;
+use crate::common::{ROOM, RawRedis, TestApp};
 
 /// How long the tests wait for something that should happen at once.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -55,17 +56,6 @@ async fn dead_claim(app: &TestApp, keys: &SprayKeys, id: i64) -> (i64, i64) {
         GateVerdict::Slot { spray_id, slot, .. } => (spray_id, slot),
         other => panic!("the gate gave no slot: {other:?}"),
     }
-}
-
-async fn recipients(app: &TestApp, token: &str) -> (u64, HashSet<i64>) {
-    let details = app.lookup(OWNER, token).await.body;
-    let users = details["recipients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["user_id"].as_i64().unwrap())
-        .collect();
-    (details["received_amount"].as_u64().unwrap(), users)
 }
 
 async fn holds(redis: &mut RawRedis, keys: &SprayKeys) -> i64 {
@@ -116,7 +106,7 @@ async fn a_share_held_by_a_dead_claim_is_exhausted_only_within_the_lease() {
     app.receive(6, &token)
         .await
         .assert_problem(409, "SPRAY_EXHAUSTED");
-    assert_eq!(recipients(&app, &token).await, (100, HashSet::from([5])));
+    assert_eq!(app.recipients(&token).await, (100, HashSet::from([5])));
     app.assert_audit_clean().await;
 }
 
@@ -160,7 +150,7 @@ async fn a_late_original_holder_and_the_taker_cannot_both_record_the_share() {
     app.receive(2, &token)
         .await
         .assert_problem(409, "ALREADY_RECEIVED");
-    assert_eq!(recipients(&app, &token).await, (100, HashSet::from([2])));
+    assert_eq!(app.recipients(&token).await, (100, HashSet::from([2])));
     app.assert_audit_clean().await;
 }
 
@@ -249,4 +239,20 @@ async fn the_claim_lease_is_checked_against_the_request_timeout() {
         settings.claim_lease().is_err(),
         "a lease too short to record a share"
     );
+    // And the real binary refuses to start with either.
+    let dir = tempfile::tempdir().unwrap();
+    for (what, lease) in [
+        ("a lease as long as the time-out", "10s"),
+        ("a lease too short to record a share", "10ms"),
+    ] {
+        let flags = [
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--request-timeout",
+            "10s",
+            "--claim-lease",
+            lease,
+        ];
+        assert_refuses_to_start(dir.path(), what, &flags, &[], "--claim-lease").await;
+    }
 }

@@ -3,17 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::Request;
 use spray::config::Settings;
 
 use crate::common::cluster::OwnRedis;
-use crate::common::{OWNER, RawRedis, TestApp};
+use crate::common::{OWNER, RawRedis, TestApp, plain_get};
 
 async fn readiness(app: &TestApp) -> serde_json::Value {
-    let answer = app
-        .send(Request::builder().uri("/readyz").body(Body::empty()).unwrap())
-        .await;
+    let answer = app.send(plain_get("/readyz")).await;
     answer.assert_status(200);
     answer.body
 }

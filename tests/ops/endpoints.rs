@@ -1,21 +1,13 @@
 //! The operations endpoints: health, readiness, metrics, the OpenAPI document and the
 //! Swagger UI, driven through the real router.
 
-mod common;
-
-use axum::body::Body;
-use axum::http::Request;
-use common::TestApp;
+use crate::common::{TestApp, plain_get};
 use serde_json::Value;
-
-fn get(path: &str) -> Request<Body> {
-    Request::builder().uri(path).body(Body::empty()).unwrap()
-}
 
 #[tokio::test]
 async fn health_answers_ok_while_the_process_runs() {
     let app = TestApp::new().await;
-    let answer = app.send(get("/healthz")).await;
+    let answer = app.send(plain_get("/healthz")).await;
     answer.assert_status(200);
     assert_eq!(answer.raw, b"ok");
 }
@@ -23,7 +15,7 @@ async fn health_answers_ok_while_the_process_runs() {
 #[tokio::test]
 async fn readiness_says_what_each_store_answered() {
     let app = TestApp::new().await;
-    let answer = app.send(get("/readyz")).await;
+    let answer = app.send(plain_get("/readyz")).await;
     answer.assert_status(200);
     assert_eq!(answer.body["ready"], true);
     assert_eq!(answer.body["sql"], "up");
@@ -34,7 +26,7 @@ async fn readiness_says_what_each_store_answered() {
 async fn readiness_fails_when_the_sql_store_is_gone() {
     let app = TestApp::new().await;
     app.store.close().await;
-    let answer = app.send(get("/readyz")).await;
+    let answer = app.send(plain_get("/readyz")).await;
     answer.assert_status(503);
     assert_eq!(answer.body["ready"], false);
     assert_eq!(answer.body["sql"], "down");
@@ -43,8 +35,8 @@ async fn readiness_fails_when_the_sql_store_is_gone() {
 #[tokio::test]
 async fn metrics_are_prometheus_text() {
     let app = TestApp::new().await;
-    app.send(get("/healthz")).await.assert_status(200);
-    let answer = app.send(get("/metrics")).await;
+    app.send(plain_get("/healthz")).await.assert_status(200);
+    let answer = app.send(plain_get("/metrics")).await;
     answer.assert_status(200);
     assert!(
         answer.headers["content-type"]
@@ -71,9 +63,9 @@ async fn the_operations_endpoints_stay_open_behind_a_gateway_secret() {
     };
     let app = TestApp::with_settings(settings).await;
     for path in ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs/"] {
-        app.send(get(path)).await.assert_status(200);
+        app.send(plain_get(path)).await.assert_status(200);
     }
-    app.send(get("/api/v1/spray/abc"))
+    app.send(plain_get("/api/v1/spray/abc"))
         .await
         .assert_problem(401, "INVALID_GATEWAY");
 }
@@ -81,21 +73,21 @@ async fn the_operations_endpoints_stay_open_behind_a_gateway_secret() {
 #[tokio::test]
 async fn the_docs_page_is_served_from_the_binary() {
     let app = TestApp::new().await;
-    let answer = app.send(get("/docs")).await;
+    let answer = app.send(plain_get("/docs")).await;
     answer.assert_status(303);
     assert_eq!(answer.headers["location"], "/docs/");
-    let page = app.send(get("/docs/")).await;
+    let page = app.send(plain_get("/docs/")).await;
     page.assert_status(200);
     let html = String::from_utf8(page.raw).unwrap();
     assert!(html.contains("swagger-ui-bundle.js"), "{html}");
     // Every asset comes from the binary, none from a CDN.
     assert!(!html.contains("http://") && !html.contains("https://"), "{html}");
     for asset in ["swagger-ui-bundle.js", "swagger-ui.css", "swagger-initializer.js"] {
-        let answer = app.send(get(&format!("/docs/{asset}"))).await;
+        let answer = app.send(plain_get(&format!("/docs/{asset}"))).await;
         answer.assert_status(200);
         assert!(answer.raw.len() > 100, "{asset} is empty");
     }
-    let initializer = app.send(get("/docs/swagger-initializer.js")).await;
+    let initializer = app.send(plain_get("/docs/swagger-initializer.js")).await;
     let script = String::from_utf8(initializer.raw).unwrap();
     assert!(script.contains("/openapi.json"), "{script}");
 }
@@ -163,7 +155,7 @@ const CONTRACT: &[Operation] = &[
 
 async fn document() -> Value {
     let app = TestApp::new().await;
-    let answer = app.send(get("/openapi.json")).await;
+    let answer = app.send(plain_get("/openapi.json")).await;
     answer.assert_status(200);
     assert_eq!(answer.headers["content-type"], "application/json");
     assert!(answer.body.is_object(), "not JSON");
@@ -307,7 +299,7 @@ async fn the_openapi_document_shows_the_limits_this_instance_runs_with() {
         ..Default::default()
     };
     let app = TestApp::with_settings(settings).await;
-    let doc = app.send(get("/openapi.json")).await.body;
+    let doc = app.send(plain_get("/openapi.json")).await.body;
     let properties = &doc["components"]["schemas"]["SprayRequest"]["properties"];
     assert_eq!(properties["amount"]["maximum"], 5000);
     assert_eq!(properties["recipient_count"]["maximum"], 7);

@@ -3,21 +3,11 @@
 
 use std::collections::HashSet;
 
+use crate::common::metrics::counter;
 use crate::common::{OWNER, RawRedis, TestApp};
 
 async fn raw(app: &TestApp) -> RawRedis {
     RawRedis::connect(app.backend).await
-}
-
-async fn paid_total(app: &TestApp, token: &str) -> (u64, HashSet<i64>) {
-    let details = app.lookup(OWNER, token).await.body;
-    let users: HashSet<i64> = details["recipients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["user_id"].as_i64().unwrap())
-        .collect();
-    (details["received_amount"].as_u64().unwrap(), users)
 }
 
 #[tokio::test]
@@ -78,7 +68,7 @@ async fn losing_the_keys_mid_spray_keeps_exact_sums() {
         }
     }
     assert_eq!(winners, 5);
-    let (paid, users) = paid_total(&app, &token).await;
+    let (paid, users) = app.recipients(&token).await;
     assert_eq!((paid, users.len()), (1001, 10));
     app.assert_audit_clean().await;
 }
@@ -101,7 +91,7 @@ async fn a_slot_handed_out_but_never_recorded_is_completed_by_the_retry() {
     app.receive(2, &token)
         .await
         .assert_problem(409, "ALREADY_RECEIVED");
-    let (paid, users) = paid_total(&app, &token).await;
+    let (paid, users) = app.recipients(&token).await;
     assert_eq!((paid, users), (100, HashSet::from([2])));
     app.assert_audit_clean().await;
 }
@@ -133,38 +123,26 @@ async fn a_stale_gate_falls_back_to_the_sql_claim() {
     app.receive(5, &token)
         .await
         .assert_problem(409, "SPRAY_EXHAUSTED");
-    let (paid, users) = paid_total(&app, &token).await;
+    let (paid, users) = app.recipients(&token).await;
     assert_eq!((paid, users), (600, HashSet::from([2, 3, 4])));
     app.assert_audit_clean().await;
 }
 
-/// The value of the counter line that starts with `series` in a Prometheus scrape.
-async fn counter(app: &TestApp, series: &str) -> f64 {
-    let answer = app
-        .send(
-            axum::http::Request::builder()
-                .uri("/metrics")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await;
-    String::from_utf8(answer.raw)
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
+const GATE_EVENTS: &str = "spray_gate_events_total";
 
 #[tokio::test]
 async fn the_gate_reports_hits_misses_and_rebuilds() {
     let app = TestApp::new().await;
     let token = app.spray(100, 2).await;
-    let hits = r#"spray_gate_events_total{event="hit"}"#;
-    let rebuilds = r#"spray_gate_events_total{event="rebuild"}"#;
-    let (hits_before, rebuilds_before) = (counter(&app, hits).await, counter(&app, rebuilds).await);
+    let hits = [("event", "hit")];
+    let rebuilds = [("event", "rebuild")];
+    let (hits_before, rebuilds_before) = (
+        counter(&app, GATE_EVENTS, &hits).await,
+        counter(&app, GATE_EVENTS, &rebuilds).await,
+    );
     app.receive(2, &token).await.assert_status(200);
     assert!(
-        counter(&app, hits).await > hits_before,
+        counter(&app, GATE_EVENTS, &hits).await > hits_before,
         "a claim through the gate is a hit"
     );
     let keys = app.gate_keys(&token);
@@ -174,7 +152,7 @@ async fn the_gate_reports_hits_misses_and_rebuilds() {
     }
     app.receive(3, &token).await.assert_status(200);
     assert!(
-        counter(&app, rebuilds).await > rebuilds_before,
+        counter(&app, GATE_EVENTS, &rebuilds).await > rebuilds_before,
         "lost keys are rebuilt"
     );
 }

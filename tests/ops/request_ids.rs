@@ -1,11 +1,9 @@
 //! Request ids: every request gets an id that is echoed back. (What the request span
 //! logs is in `ops_logging.rs`.)
 
-mod common;
-
+use crate::common::{OWNER, ROOM, TestApp};
 use axum::body::Body;
 use axum::http::Request;
-use common::{OWNER, ROOM, TestApp};
 
 #[tokio::test]
 async fn a_given_request_id_is_echoed() {
@@ -26,7 +24,7 @@ async fn a_missing_or_unusable_request_id_is_replaced_by_a_fresh_one() {
     let app = TestApp::new().await;
     let first = app.get("/api/v1/spray/abc", OWNER, Some(ROOM)).await;
     let second = app.get("/api/v1/spray/abc", OWNER, Some(ROOM)).await;
-    let id = |answer: &common::Answer| answer.headers["x-request-id"].to_str().unwrap().to_owned();
+    let id = |answer: &crate::common::Answer| answer.headers["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id(&first).len(), 36, "{}", id(&first));
     assert_ne!(id(&first), id(&second));
     let too_long = "x".repeat(200);

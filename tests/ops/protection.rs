@@ -4,13 +4,12 @@
 //! The slow client is simulated with a request body that never finishes, so no test
 //! waits in real time: the timeout runs on tokio's paused clock.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::process::assert_refuses_to_start;
+use crate::common::{OWNER, ROOM, TestApp, plain_get};
 use axum::body::{Body, Bytes};
 use axum::http::Request;
-use common::{OWNER, ROOM, TestApp};
 use futures_util::StreamExt;
 use serde_json::json;
 use spray::config::Settings;
@@ -37,7 +36,7 @@ fn stuck_spray(started: mpsc::Sender<()>) -> Request<Body> {
 }
 
 #[track_caller]
-fn assert_clean_unavailable(answer: &common::Answer) {
+fn assert_clean_unavailable(answer: &crate::common::Answer) {
     answer.assert_problem(503, "UNAVAILABLE");
     assert_eq!(answer.headers["retry-after"], "1");
     let detail = answer.body["detail"].as_str().unwrap();
@@ -98,23 +97,14 @@ async fn requests_past_the_concurrency_bound_are_shed_with_503_not_queued() {
             .unwrap();
     }
 
-    let answer = app
-        .post(
-            "/api/v1/spray",
-            OWNER,
-            Some(ROOM),
-            json!({"amount": 10, "recipient_count": 2}),
-        )
-        .await;
+    let answer = app.post_spray(json!({"amount": 10, "recipient_count": 2})).await;
     assert_clean_unavailable(&answer);
     assert!(answer.body["detail"].as_str().unwrap().contains("capacity"));
     app.get("/api/v1/spray/abc", OWNER, Some(ROOM))
         .await
         .assert_problem(503, "UNAVAILABLE");
     // The operations endpoints take no permit: a saturated instance still says it lives.
-    app.send(Request::builder().uri("/healthz").body(Body::empty()).unwrap())
-        .await
-        .assert_status(200);
+    app.send(plain_get("/healthz")).await.assert_status(200);
 
     // The slow clients go away; their permits come back.
     stuck.abort_all();
@@ -124,17 +114,11 @@ async fn requests_past_the_concurrency_bound_are_shed_with_503_not_queued() {
 
 #[tokio::test]
 async fn the_protection_settings_are_checked_at_start() {
-    for bad in [
-        Settings {
-            request_timeout: Duration::ZERO,
-            ..Settings::default()
-        },
-        Settings {
-            max_concurrent_requests: 0,
-            ..Settings::default()
-        },
-    ] {
-        assert!(bad.policy().is_err(), "{bad:?}");
+    // The real binary, started with each bad setting: it refuses before it opens the
+    // store or serves, and says which setting is wrong.
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [("--request-timeout", "0s"), ("--max-concurrent-requests", "0")] {
+        assert_refuses_to_start(dir.path(), &format!("{flag} {value}"), &[flag, value], &[], flag).await;
     }
 }
 
