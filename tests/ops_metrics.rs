@@ -210,3 +210,23 @@ async fn claims_through_the_redis_gate_move_its_event_counters() {
         assert_eq!(events(&after, event) - events(&before, event), times, "{event}");
     }
 }
+
+#[tokio::test]
+async fn the_pool_gauge_reports_the_stores_connections_at_each_scrape() {
+    let _turn = SERIAL.lock().await;
+    let app = TestApp::new().await;
+    let token = app.spray(100, 2).await;
+    app.lookup(OWNER, &token).await.assert_status(200);
+    let samples = scrape(&app).await;
+    let state = |state: &str| {
+        value(
+            &samples,
+            "spray_store_pool_connections",
+            &[("backend", "sqlite"), ("state", state)],
+        )
+    };
+    // The writer's one connection and at least the reader the lookup used (at most four
+    // readers). How many are idle depends on when the pool takes a connection back.
+    let open = state("idle") + state("in_use");
+    assert!((2.0..=5.0).contains(&open), "open connections: {open}");
+}

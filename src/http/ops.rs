@@ -64,7 +64,9 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
     tag = "operations",
     responses((status = 200, description = "Every metric, in the Prometheus text format.", body = String, content_type = "text/plain"))
 )]
-pub async fn metrics() -> Response {
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let pool = state.service.store().pool_use();
+    crate::telemetry::record_pool_use(pool.backend, pool.open, pool.idle);
     let text = crate::telemetry::metrics::render();
     (
         [(header::CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT))],

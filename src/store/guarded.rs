@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ClaimSnapshot;
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
+    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray, PoolUse,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, RoomId, SprayRecord, Token, UserId};
@@ -93,6 +93,10 @@ impl Store for GuardedStore {
 
     async fn close(&self) {
         self.inner.close().await;
+    }
+
+    fn pool_use(&self) -> PoolUse {
+        self.inner.pool_use()
     }
 
     async fn claim_snapshot(

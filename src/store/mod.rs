@@ -118,6 +118,10 @@ pub trait Store: Send + Sync + 'static {
     /// Closes the connections, waiting for those in use to be returned.
     async fn close(&self);
 
+    /// The connection pool now: which backend, its open connections and the idle ones
+    /// among them (for the `spray_store_pool_connections` gauge, read at each scrape).
+    fn pool_use(&self) -> PoolUse;
+
     // The Redis gate's SQL side (see `crate::gate`).
 
     /// What the gate needs to rebuild a spray's keys: the newest spray with this token in
@@ -174,6 +178,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes up to `limit` idempotency rows untouched since before `touched_before`.
     async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
+}
+
+/// A connection pool's use at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    pub backend: &'static str,
+    pub open: u32,
+    pub idle: u32,
 }
 
 /// What settling one spray did.

@@ -33,7 +33,7 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
+    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray, PoolUse,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
@@ -287,6 +287,15 @@ impl Store for MySqlStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+
+    fn pool_use(&self) -> PoolUse {
+        let open = self.pool.size();
+        PoolUse {
+            backend: "mysql",
+            open,
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(open),
+        }
     }
 
     async fn claim_snapshot(

@@ -23,7 +23,7 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray,
+    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray, PoolUse,
     SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
@@ -133,6 +133,17 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+    }
+
+    fn pool_use(&self) -> PoolUse {
+        // The writer and the readers together: one pool as an operator sees it.
+        let open = self.writer.size().saturating_add(self.reader.size());
+        let idle = self.writer.num_idle().saturating_add(self.reader.num_idle());
+        PoolUse {
+            backend: "sqlite",
+            open,
+            idle: u32::try_from(idle).unwrap_or(open),
+        }
     }
 
     async fn claim_snapshot(
