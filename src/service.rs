@@ -13,8 +13,7 @@ use crate::domain::{
     SprayCommand, SprayRecord, SprayState, Token, TokenSource, UserId, split,
 };
 use crate::store::{
-    Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, NewSpray, SprayKey, Store, StoreError,
-    StoredAnswer,
+    Claim, ClaimOutcome, IdempotencyWrite, NewSpray, PendingKey, SprayLookup, Store, StoreError, StoredAnswer,
 };
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
@@ -113,7 +112,7 @@ impl SprayService {
     pub async fn spray(
         &self,
         command: SprayCommand,
-        idempotency: Option<(IdempotencySlot, RenderSpray)>,
+        idempotency: Option<(PendingKey, RenderSpray)>,
     ) -> Result<CreatedSpray, ServiceError> {
         let mut rng = self.randomness.generator().map_err(ServiceError::NoToken)?;
         let (amount, count) = (command.amount(), command.recipient_count());
@@ -186,8 +185,8 @@ impl SprayService {
         token: Token,
     ) -> Result<(SprayRecord, SprayState), ServiceError> {
         let (key, scope) = match room {
-            Some(room) => (SprayKey::Room(room, token), LookupScope::Room),
-            None => (SprayKey::Owner(caller, token), LookupScope::OwnSprays),
+            Some(room) => (SprayLookup::Room(room, token), LookupScope::Room),
+            None => (SprayLookup::Owner(caller, token), LookupScope::OwnSprays),
         };
         let record = self
             .store
@@ -232,7 +231,7 @@ impl SprayWriter {
     async fn write(
         self,
         draft: SprayDraft,
-        idempotency: Option<(IdempotencySlot, RenderSpray)>,
+        idempotency: Option<(PendingKey, RenderSpray)>,
     ) -> Result<CreatedSpray, ServiceError> {
         for _ in 0..TOKEN_ATTEMPTS {
             let token = self
@@ -256,10 +255,10 @@ impl SprayWriter {
                 receive_until: draft.receive_until,
                 lookup_until: draft.lookup_until,
             };
-            let write = idempotency.as_ref().map(|(slot, render)| {
+            let write = idempotency.as_ref().map(|(pending, render)| {
                 let answer = render(&created);
                 IdempotencyWrite {
-                    slot: slot.clone(),
+                    pending: pending.clone(),
                     render: Arc::new(move |_| answer.clone()),
                 }
             });

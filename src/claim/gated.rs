@@ -17,7 +17,7 @@ use chrono::TimeDelta;
 use super::{ClaimPath, RedisStatus};
 use crate::domain::ReceiveRefusal;
 use crate::domain::rules::window_open;
-use crate::gate::{GateVerdict, RedisGate, SprayKeys};
+use crate::gate::{GateKeys, GateVerdict, RedisGate};
 use crate::store::{
     Claim, ClaimOutcome, ClaimSnapshot, IdempotencyWrite, NewSpray, SlotClaim, Store, StoreError,
 };
@@ -48,7 +48,7 @@ impl GatedClaim {
     /// Records in SQL the slot the gate handed out, and tells the gate what became of it.
     async fn record_slot(
         &self,
-        keys: &SprayKeys,
+        keys: &GateKeys,
         claim: &Claim,
         spray_id: i64,
         slot: i64,

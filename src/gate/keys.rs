@@ -4,7 +4,7 @@
 use crate::domain::{RoomId, Token};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SprayKeys {
+pub struct GateKeys {
     pub meta: String,
     pub free: String,
     pub receivers: String,
@@ -13,8 +13,8 @@ pub struct SprayKeys {
     pub holds: String,
 }
 
-impl SprayKeys {
-    pub fn new(prefix: &str, room: &RoomId, token: &Token) -> SprayKeys {
+impl GateKeys {
+    pub fn new(prefix: &str, room: &RoomId, token: &Token) -> GateKeys {
         // Rooms may contain `{` and `}`, which would end the hash tag early (or leave it
         // empty, so that Redis hashes the whole key and the keys scatter): escape them.
         let room = room
@@ -23,7 +23,7 @@ impl SprayKeys {
             .replace('{', "%7B")
             .replace('}', "%7D");
         let tag = format!("{prefix}:{{{room}:{token}}}");
-        SprayKeys {
+        GateKeys {
             meta: format!("{tag}:meta"),
             free: format!("{tag}:free"),
             receivers: format!("{tag}:recv"),
@@ -49,7 +49,7 @@ mod tests {
     #[test]
     fn every_key_of_a_spray_has_the_same_non_empty_hash_tag() {
         for room in ["TEST-ROOM-1", "}x", "{", "a{b}c", "%7B", "}}{{"] {
-            let keys = SprayKeys::new(
+            let keys = GateKeys::new(
                 "spray",
                 &RoomId::parse(room).unwrap(),
                 &Token::parse("abc").unwrap(),
@@ -59,8 +59,8 @@ mod tests {
             assert!(tags.iter().all(|t| *t == tags[0]), "{room}: {tags:?}");
         }
         // Distinct rooms never share keys, even when escaping is involved.
-        let a = SprayKeys::new("p", &RoomId::parse("%7B").unwrap(), &Token::parse("abc").unwrap());
-        let b = SprayKeys::new("p", &RoomId::parse("{").unwrap(), &Token::parse("abc").unwrap());
+        let a = GateKeys::new("p", &RoomId::parse("%7B").unwrap(), &Token::parse("abc").unwrap());
+        let b = GateKeys::new("p", &RoomId::parse("{").unwrap(), &Token::parse("abc").unwrap());
         assert_ne!(a, b);
     }
 }

@@ -27,7 +27,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, Script, Value};
 use tokio::sync::Mutex;
 
-pub use keys::SprayKeys;
+pub use keys::GateKeys;
 
 use crate::domain::{RoomId, Token, UserId};
 use crate::store::ClaimSnapshot;
@@ -141,8 +141,8 @@ impl RedisGate {
         })
     }
 
-    pub fn keys(&self, room: &RoomId, token: &Token) -> SprayKeys {
-        SprayKeys::new(&self.prefix, room, token)
+    pub fn keys(&self, room: &RoomId, token: &Token) -> GateKeys {
+        GateKeys::new(&self.prefix, room, token)
     }
 
     /// Runs one script on the spray's keys: bounded in time, skipped during the back-off,
@@ -150,7 +150,7 @@ impl RedisGate {
     async fn run(
         &self,
         script: &Script,
-        keys: &SprayKeys,
+        keys: &GateKeys,
         args: Vec<String>,
     ) -> Result<Value, GateUnavailable> {
         if self.elapsed_ms() < self.resume_at.load(Ordering::Relaxed) {
@@ -216,7 +216,7 @@ impl RedisGate {
     /// is taken over when no slot is free.
     pub async fn claim(
         &self,
-        keys: &SprayKeys,
+        keys: &GateKeys,
         user: UserId,
         now: DateTime<Utc>,
         lease: TimeDelta,
@@ -240,7 +240,7 @@ impl RedisGate {
     /// service's clock: the keys live until [`KEEP_AFTER_WINDOW`] after the window closes.
     pub async fn rebuild(
         &self,
-        keys: &SprayKeys,
+        keys: &GateKeys,
         snapshot: &ClaimSnapshot,
         now: DateTime<Utc>,
     ) -> Result<(), GateUnavailable> {
@@ -267,21 +267,21 @@ impl RedisGate {
     }
 
     /// Gives a slot back after SQL failed to record it.
-    pub async fn release(&self, keys: &SprayKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
+    pub async fn release(&self, keys: &GateKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
         self.run(&self.release, keys, vec![user.to_string(), slot.to_string()])
             .await
             .map(drop)
     }
 
     /// Marks the user's hold of `slot` as recorded in SQL, so it is never taken over.
-    pub async fn confirm(&self, keys: &SprayKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
+    pub async fn confirm(&self, keys: &GateKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
         self.run(&self.confirm, keys, vec![user.to_string(), slot.to_string()])
             .await
             .map(drop)
     }
 
     /// Forgets a slot that SQL says belongs to someone else.
-    pub async fn forget(&self, keys: &SprayKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
+    pub async fn forget(&self, keys: &GateKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
         self.run(&self.forget, keys, vec![user.to_string(), slot.to_string()])
             .await
             .map(drop)

@@ -19,7 +19,7 @@ use super::middleware::EffectStarted;
 use super::openapi::{IdempotencyHeader, IdentityHeaders};
 use crate::domain::{Amount, SplitMode, SprayCommand, SprayStatus, Token, UserId};
 use crate::service::{CreatedSpray, RenderSpray, SprayService};
-use crate::store::{IdempotencySlot, IdempotencyWrite, StoredAnswer};
+use crate::store::{IdempotencyWrite, PendingKey, StoredAnswer};
 
 /// `POST /api/v1/spray`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -198,7 +198,7 @@ fn received_answer(received_amount: Amount) -> StoredAnswer {
 )]
 pub async fn create_spray(
     State(service): State<Arc<SprayService>>,
-    idempotency: Option<Extension<IdempotencySlot>>,
+    idempotency: Option<Extension<PendingKey>>,
     effect: Option<Extension<EffectStarted>>,
     request: JsonRequest<SprayRequest>,
 ) -> Result<Response, ApiError> {
@@ -215,7 +215,7 @@ pub async fn create_spray(
     .map_err(ApiError::InvalidRequest)?;
     let mode = command.mode();
     let render: RenderSpray = spray_answer;
-    let kept = idempotency.map(|Extension(slot)| (slot, render));
+    let kept = idempotency.map(|Extension(pending)| (pending, render));
     if let Some(Extension(effect)) = effect {
         effect.mark();
     }
@@ -246,7 +246,7 @@ pub async fn create_spray(
 // `idempotency`: see `create_spray`.
 pub async fn receive(
     State(service): State<Arc<SprayService>>,
-    idempotency: Option<Extension<IdempotencySlot>>,
+    idempotency: Option<Extension<PendingKey>>,
     effect: Option<Extension<EffectStarted>>,
     request: JsonRequest<ReceiveRequest>,
 ) -> Result<Response, ApiError> {
@@ -254,8 +254,8 @@ pub async fn receive(
     let room = caller.required_room(body.room_id.as_deref(), "room_id")?;
     let token = parse_token(&body.token)?;
     tracing::Span::current().record("token", token.as_str());
-    let kept = idempotency.map(|Extension(slot)| IdempotencyWrite {
-        slot,
+    let kept = idempotency.map(|Extension(pending)| IdempotencyWrite {
+        pending,
         render: Arc::new(received_answer),
     });
     if let Some(Extension(effect)) = effect {

@@ -10,7 +10,7 @@
 //!    room) and begins it in the store, which answers at once with a replay, `422
 //!    IDEMPOTENCY_KEY_REUSED` or `409 IDEMPOTENCY_IN_PROGRESS`, or lets it run holding a
 //!    pending row;
-//! 3. runs the handler with the pending row's [`IdempotencySlot`] in the request's
+//! 3. runs the handler with the pending row's [`PendingKey`] in the request's
 //!    extensions. A handler whose effect succeeds keeps its answer in the effect's own
 //!    transaction (so the money and the answer a retry gets commit together); any other
 //!    answer is dealt with here: a 4xx (no effect) is kept in its own transaction, a 5xx
@@ -46,7 +46,7 @@ use super::error::ApiError;
 use super::extract::CheckedBody;
 use crate::domain::{Endpoint, Fingerprint, IdempotencyKey};
 use crate::service::ServiceError;
-use crate::store::{Begin, IdempotencySlot, IdempotentRequest, Store, StoredAnswer};
+use crate::store::{Begin, IdempotentRequest, PendingKey, Store, StoredAnswer};
 
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -113,7 +113,7 @@ pub async fn guard(
     // conditional on this request's own lease: it can never touch another request's row.
     let mut held = Held {
         store: Some(store.clone()),
-        slot: IdempotencySlot {
+        pending: PendingKey {
             user: caller.user,
             endpoint,
             key,
@@ -135,13 +135,13 @@ pub async fn guard(
     }
 
     let mut request = request;
-    request.extensions_mut().insert(held.slot.clone());
+    request.extensions_mut().insert(held.pending.clone());
     let response = next.run(request).await;
     let status = response.status();
     let response = if status.is_client_error() {
-        keep(&store, &held.slot, retry_for, response, service.clock().now()).await
+        keep(&store, &held.pending, retry_for, response, service.clock().now()).await
     } else if status.is_server_error() {
-        release(&store, &held.slot, retry_for).await;
+        release(&store, &held.pending, retry_for).await;
         response
     } else {
         // A success: the effect's transaction kept the answer.
@@ -181,7 +181,7 @@ pub fn respond(answer: StoredAnswer, replayed: bool) -> Result<Response, ApiErro
 /// Keeps a 4xx answer for replay, in its own transaction, and sends it on.
 async fn keep(
     store: &Arc<dyn Store>,
-    slot: &IdempotencySlot,
+    pending: &PendingKey,
     retry_for: Duration,
     response: Response,
     now: DateTime<Utc>,
@@ -189,7 +189,7 @@ async fn keep(
     let (parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, KEPT_BODY_LIMIT).await else {
         tracing::error!("a 4xx answer could not be read back to be kept");
-        release(store, slot, retry_for).await;
+        release(store, pending, retry_for).await;
         return ApiError::Internal.into_response();
     };
     let header_text = |name: &HeaderName| {
@@ -206,16 +206,16 @@ async fn keep(
         location: header_text(&header::LOCATION),
         body: bytes.to_vec(),
     };
-    match store.finish_idempotent(slot, &answer, now).await {
+    match store.finish_idempotent(pending, &answer, now).await {
         Ok(true) => {}
         // Taken over by a retry after the lease: the retry's answer stands.
         Ok(false) => {
-            tracing::warn!(endpoint = %slot.endpoint, "idempotency row taken over before its answer was kept")
+            tracing::warn!(endpoint = %pending.endpoint, "idempotency row taken over before its answer was kept")
         }
         // The answer is still true; without it kept, the retry will run afresh.
         Err(e) => {
             tracing::warn!(error = %e, "a 4xx answer could not be kept for replay");
-            release(store, slot, retry_for).await;
+            release(store, pending, retry_for).await;
         }
     }
     Response::from_parts(parts, Body::from(bytes))
@@ -223,10 +223,10 @@ async fn keep(
 
 /// Releases the pending row so that a retry runs afresh. When the store cannot take the
 /// release now, it is tried again in the background (see [`release_later`]).
-async fn release(store: &Arc<dyn Store>, slot: &IdempotencySlot, retry_for: Duration) {
-    if let Err(e) = store.release_idempotent(slot).await {
+async fn release(store: &Arc<dyn Store>, pending: &PendingKey, retry_for: Duration) {
+    if let Err(e) = store.release_idempotent(pending).await {
         tracing::warn!(error = %e, "a pending idempotency row could not be released; retrying in the background");
-        release_later(store.clone(), slot.clone(), retry_for);
+        release_later(store.clone(), pending.clone(), retry_for);
     }
 }
 
@@ -235,7 +235,7 @@ async fn release(store: &Arc<dyn Store>, slot: &IdempotencySlot, retry_for: Dura
 /// the key over anyway, so retrying longer would add nothing. Retrying is always safe: the
 /// release deletes the row only while it is still pending under this request's lease, so
 /// it can never touch a kept answer or another request's row.
-fn release_later(store: Arc<dyn Store>, slot: IdempotencySlot, retry_for: Duration) {
+fn release_later(store: Arc<dyn Store>, pending: PendingKey, retry_for: Duration) {
     let Ok(permit) = RELEASES_RETRYING.try_acquire() else {
         tracing::warn!("too many releases waiting for the store; this key is freed by its lease");
         return;
@@ -249,9 +249,9 @@ fn release_later(store: Arc<dyn Store>, slot: IdempotencySlot, retry_for: Durati
         let mut pause = RELEASE_RETRY_FIRST_PAUSE;
         loop {
             tokio::time::sleep(pause).await;
-            match store.release_idempotent(&slot).await {
+            match store.release_idempotent(&pending).await {
                 Ok(()) => {
-                    tracing::info!(endpoint = %slot.endpoint, "a pending idempotency row was released once the store answered");
+                    tracing::info!(endpoint = %pending.endpoint, "a pending idempotency row was released once the store answered");
                     return;
                 }
                 Err(e) if tokio::time::Instant::now() + pause < give_up => {
@@ -274,7 +274,7 @@ fn release_later(store: Arc<dyn Store>, slot: IdempotencySlot, retry_for: Durati
 /// finds the answer kept (committed) or the row pending (rolled back).
 struct Held {
     store: Option<Arc<dyn Store>>,
-    slot: IdempotencySlot,
+    pending: PendingKey,
     /// How long a failed release is retried: the lease.
     retry_for: Duration,
 }
@@ -290,10 +290,10 @@ impl Drop for Held {
         let Some(store) = self.store.take() else {
             return;
         };
-        let slot = self.slot.clone();
+        let pending = self.pending.clone();
         let retry_for = self.retry_for;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { release(&store, &slot, retry_for).await });
+            runtime.spawn(async move { release(&store, &pending, retry_for).await });
         }
     }
 }

@@ -19,8 +19,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ClaimSnapshot;
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray, PoolUse,
-    SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
+    Begin, Claim, ClaimOutcome, IdempotencyWrite, IdempotentRequest, NewSpray, PendingKey, PoolUse,
+    SettleOutcome, SlotClaim, SprayLookup, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, RoomId, SprayRecord, Token, UserId};
 use crate::telemetry::metrics::{StoreCallAdmitted, record_store_shed, time_store};
@@ -82,7 +82,7 @@ impl Store for GuardedStore {
         time_store("claim_share", self.inner.claim_share(claim, idempotency)).await
     }
 
-    async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
+    async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
         let _admitted = self.admit()?;
         time_store("find_spray", self.inner.find_spray(key)).await
     }
@@ -147,19 +147,19 @@ impl Store for GuardedStore {
 
     async fn finish_idempotent(
         &self,
-        slot: &IdempotencySlot,
+        pending: &PendingKey,
         answer: &StoredAnswer,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         time_store(
             "finish_idempotent",
-            self.inner.finish_idempotent(slot, answer, now),
+            self.inner.finish_idempotent(pending, answer, now),
         )
         .await
     }
 
-    async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError> {
-        time_store("release_idempotent", self.inner.release_idempotent(slot)).await
+    async fn release_idempotent(&self, pending: &PendingKey) -> Result<(), StoreError> {
+        time_store("release_idempotent", self.inner.release_idempotent(pending)).await
     }
 
     async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {

@@ -38,7 +38,7 @@ pub struct IdempotentRequest {
 
 /// A pending idempotency row that this request holds and must complete or release.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencySlot {
+pub struct PendingKey {
     pub user: UserId,
     pub endpoint: Endpoint,
     pub key: IdempotencyKey,
@@ -58,8 +58,8 @@ pub struct StoredAnswer {
 /// What [`Store::begin_idempotent`](super::Store::begin_idempotent) found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
-    /// No answer yet: run the request, holding this slot.
-    Run(IdempotencySlot),
+    /// No answer yet: run the request, holding this pending key.
+    Run(PendingKey),
     /// The same request was answered before: give this answer again.
     Replay(StoredAnswer),
     /// The key was used for a different request.
@@ -73,18 +73,18 @@ pub enum Begin {
 pub type RenderAnswer = std::sync::Arc<dyn Fn(Amount) -> StoredAnswer + Send + Sync>;
 
 /// The idempotency row an effect completes inside its own transaction. The effect is
-/// rolled back if the row is no longer pending under this slot's lease. Owned, so that an
+/// rolled back if the row is no longer pending under this key's lease. Owned, so that an
 /// effect can run to its end in a task of its own after its request is gone.
 #[derive(Clone)]
 pub struct IdempotencyWrite {
-    pub slot: IdempotencySlot,
+    pub pending: PendingKey,
     pub render: RenderAnswer,
 }
 
 impl std::fmt::Debug for IdempotencyWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyWrite")
-            .field("slot", &self.slot)
+            .field("pending", &self.pending)
             .finish_non_exhaustive()
     }
 }
@@ -139,9 +139,9 @@ impl IdempotencyRow {
 }
 
 impl IdempotentRequest {
-    /// The slot this request holds once it gets to run.
-    pub(super) fn slot(&self) -> IdempotencySlot {
-        IdempotencySlot {
+    /// The pending key this request holds once it gets to run.
+    pub(super) fn pending(&self) -> PendingKey {
+        PendingKey {
             user: self.user,
             endpoint: self.endpoint,
             key: self.key.clone(),

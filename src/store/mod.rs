@@ -21,9 +21,7 @@ use chrono::{DateTime, Utc};
 
 pub use error::StoreError;
 pub use guarded::GuardedStore;
-pub use idempotency::{
-    Begin, IdempotencySlot, IdempotencyWrite, IdempotentRequest, RenderAnswer, StoredAnswer,
-};
+pub use idempotency::{Begin, IdempotencyWrite, IdempotentRequest, PendingKey, RenderAnswer, StoredAnswer};
 
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
 
@@ -74,7 +72,7 @@ pub enum ClaimOutcome {
 
 /// How a spray is looked up: by the room it was sprayed in, or among the caller's own.
 #[derive(Debug, Clone)]
-pub enum SprayKey {
+pub enum SprayLookup {
     Room(RoomId, Token),
     Owner(UserId, Token),
 }
@@ -110,7 +108,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<ClaimOutcome, StoreError>;
 
     /// The newest spray under this key, with its receipts in order of receipt.
-    async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError>;
+    async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError>;
 
     /// Runs one read-only audit query that counts rows breaking an invariant.
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError>;
@@ -167,14 +165,14 @@ pub trait Store: Send + Sync + 'static {
     /// at `now`. `false` when the row is no longer pending under this lease.
     async fn finish_idempotent(
         &self,
-        slot: &IdempotencySlot,
+        pending: &PendingKey,
         answer: &StoredAnswer,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
     /// Deletes the row `slot` holds if it is still pending under its lease, so that a
     /// retry runs afresh (after a 5xx, or a request that was cancelled).
-    async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError>;
+    async fn release_idempotent(&self, pending: &PendingKey) -> Result<(), StoreError>;
 
     /// Deletes up to `limit` idempotency rows untouched since before `touched_before`.
     async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;

@@ -33,8 +33,8 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray, PoolUse,
-    SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
+    Begin, Claim, ClaimOutcome, IdempotencyWrite, IdempotentRequest, NewSpray, PendingKey, PoolUse,
+    SettleOutcome, SlotClaim, SprayLookup, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 
@@ -276,7 +276,7 @@ impl Store for MySqlStore {
         retrying!(self.try_claim_share(claim, idempotency))
     }
 
-    async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
+    async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         portable::find_in(&mut conn, key).await
     }
@@ -360,7 +360,7 @@ impl Store for MySqlStore {
                 .execute(&self.pool)
                 .await;
             match inserted {
-                Ok(_) => return Ok(Begin::Run(request.slot())),
+                Ok(_) => return Ok(Begin::Run(request.pending())),
                 Err(e) if unique_violation(&e) == Some(Unique::IdempotencyKey) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -388,7 +388,7 @@ impl Store for MySqlStore {
                         .execute(&self.pool)
                         .await?;
                     if taken.rows_affected() == 1 {
-                        return Ok(Begin::Run(request.slot()));
+                        return Ok(Begin::Run(request.pending()));
                     }
                 }
             }
@@ -399,15 +399,15 @@ impl Store for MySqlStore {
 
     async fn finish_idempotent(
         &self,
-        slot: &IdempotencySlot,
+        pending: &PendingKey,
         answer: &StoredAnswer,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        Ok(portable::complete_row(&self.pool, slot, answer, now).await? == 1)
+        Ok(portable::complete_row(&self.pool, pending, answer, now).await? == 1)
     }
 
-    async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError> {
-        portable::release_row(&self.pool, slot).await
+    async fn release_idempotent(&self, pending: &PendingKey) -> Result<(), StoreError> {
+        portable::release_row(&self.pool, pending).await
     }
 
     async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {

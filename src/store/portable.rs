@@ -139,21 +139,21 @@ macro_rules! portable_sql_functions {
         /// the receipts is a consistent view.
         pub async fn find_in(
             conn: &mut <$db as sqlx::Database>::Connection,
-            key: &crate::store::SprayKey,
+            key: &crate::store::SprayLookup,
         ) -> Result<Option<crate::domain::SprayRecord>, StoreError> {
-            use crate::store::SprayKey;
+            use crate::store::SprayLookup;
             use crate::store::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow};
             let (filter, token) = match key {
-                SprayKey::Room(_, token) => ("room_id = ?", token),
-                SprayKey::Owner(_, token) => ("owner_id = ?", token),
+                SprayLookup::Room(_, token) => ("room_id = ?", token),
+                SprayLookup::Owner(_, token) => ("owner_id = ?", token),
             };
             let sql = format!(
                 "SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1"
             );
             let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
             let query = match key {
-                SprayKey::Room(room, _) => query.bind(room.as_str().to_owned()),
-                SprayKey::Owner(owner, _) => query.bind(owner.get()),
+                SprayLookup::Room(room, _) => query.bind(room.as_str().to_owned()),
+                SprayLookup::Owner(owner, _) => query.bind(owner.get()),
             };
             let Some(row) = query
                 .bind(token.as_str().to_owned())
@@ -336,7 +336,7 @@ macro_rules! portable_sql_functions {
         /// pending under the slot's lease; how many rows that changed (0 or 1).
         pub async fn complete_row<'e, E>(
             executor: E,
-            slot: &crate::store::IdempotencySlot,
+            slot: &crate::store::PendingKey,
             answer: &crate::store::StoredAnswer,
             now: chrono::DateTime<chrono::Utc>,
         ) -> Result<u64, StoreError>
@@ -372,7 +372,7 @@ macro_rules! portable_sql_functions {
                 return Ok(());
             };
             let answer = (write.render)(amount);
-            if complete_row(&mut **tx, &write.slot, &answer, now).await? == 1 {
+            if complete_row(&mut **tx, &write.pending, &answer, now).await? == 1 {
                 Ok(())
             } else {
                 Err(crate::store::idempotency::lease_lost())
@@ -382,7 +382,7 @@ macro_rules! portable_sql_functions {
         /// Deletes the row `slot` holds if it is still pending under its lease.
         pub async fn release_row(
             writer: &sqlx::Pool<$db>,
-            slot: &crate::store::IdempotencySlot,
+            slot: &crate::store::PendingKey,
         ) -> Result<(), StoreError> {
             sqlx::query(crate::store::idempotency::RELEASE_SQL)
                 .bind(slot.user.get())

@@ -23,8 +23,8 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencySlot, IdempotencyWrite, IdempotentRequest, NewSpray, PoolUse,
-    SettleOutcome, SlotClaim, SprayKey, Store, StoreError, StoredAnswer,
+    Begin, Claim, ClaimOutcome, IdempotencyWrite, IdempotentRequest, NewSpray, PendingKey, PoolUse,
+    SettleOutcome, SlotClaim, SprayLookup, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 
@@ -118,7 +118,7 @@ impl Store for SqliteStore {
         )
     }
 
-    async fn find_spray(&self, key: &SprayKey) -> Result<Option<SprayRecord>, StoreError> {
+    async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
         // One read transaction, so the spray and its receipts are one snapshot; ended
         // explicitly, since an open read transaction would hold back WAL checkpoints.
         let mut tx = self.reader.begin().await?;
@@ -224,15 +224,15 @@ impl Store for SqliteStore {
 
     async fn finish_idempotent(
         &self,
-        slot: &IdempotencySlot,
+        pending: &PendingKey,
         answer: &StoredAnswer,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        Ok(portable::complete_row(&self.writer, slot, answer, now).await? == 1)
+        Ok(portable::complete_row(&self.writer, pending, answer, now).await? == 1)
     }
 
-    async fn release_idempotent(&self, slot: &IdempotencySlot) -> Result<(), StoreError> {
-        portable::release_row(&self.writer, slot).await
+    async fn release_idempotent(&self, pending: &PendingKey) -> Result<(), StoreError> {
+        portable::release_row(&self.writer, pending).await
     }
 
     async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
@@ -364,7 +364,7 @@ async fn begin_in(
                 .bind(now)
                 .execute(&mut **tx)
                 .await?;
-            Ok(Begin::Run(request.slot()))
+            Ok(Begin::Run(request.pending()))
         }
         Some(Judgement::Answer(answer)) => Ok(answer),
         Some(Judgement::TakeOver { lease }) => {
@@ -380,7 +380,7 @@ async fn begin_in(
                 .execute(&mut **tx)
                 .await?;
             if taken.rows_affected() == 1 {
-                Ok(Begin::Run(request.slot()))
+                Ok(Begin::Run(request.pending()))
             } else {
                 Ok(Begin::InProgress)
             }

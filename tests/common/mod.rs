@@ -425,8 +425,8 @@ impl RawRedis {
 
 impl TestApp {
     /// The gate's keys of the spray `token` in `ROOM`.
-    pub fn gate_keys(&self, token: &str) -> spray::gate::SprayKeys {
-        spray::gate::SprayKeys::new(
+    pub fn gate_keys(&self, token: &str) -> spray::gate::GateKeys {
+        spray::gate::GateKeys::new(
             &self.settings.redis_key_prefix,
             &spray::domain::RoomId::parse(ROOM).unwrap(),
             &spray::domain::Token::parse(token).unwrap(),

@@ -336,7 +336,7 @@ async fn a_request_still_running_answers_in_progress_until_it_counts_as_abandone
         body: b"{}".to_vec(),
     };
     let write = IdempotencyWrite {
-        slot: stale.clone(),
+        pending: stale.clone(),
         render: std::sync::Arc::new(stale_answer),
     };
     assert!(app.store.insert_spray(&spray, Some(&write)).await.is_err());

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::Request;
 use chrono::TimeDelta;
 use spray::domain::{Amount, RoomId, Token, UserId};
-use spray::gate::{GateVerdict, RedisGate, SprayKeys};
+use spray::gate::{GateKeys, GateVerdict, RedisGate};
 use spray::store::{Claim, SlotClaim};
 use sqlx::Connection;
 use tower::ServiceExt;
@@ -47,7 +47,7 @@ fn claim_of(app: &TestApp, token: &str, id: i64) -> Claim {
 
 /// The gate hands `id` a slot, and nothing records it: the claim's instance was killed
 /// right after the gate's answer. Returns the spray id and the slot.
-async fn dead_claim(app: &TestApp, keys: &SprayKeys, id: i64) -> (i64, i64) {
+async fn dead_claim(app: &TestApp, keys: &GateKeys, id: i64) -> (i64, i64) {
     match gate(app)
         .claim(keys, user(id), app.now(), lease(app))
         .await
@@ -58,7 +58,7 @@ async fn dead_claim(app: &TestApp, keys: &SprayKeys, id: i64) -> (i64, i64) {
     }
 }
 
-async fn holds(redis: &mut RawRedis, keys: &SprayKeys) -> i64 {
+async fn holds(redis: &mut RawRedis, keys: &GateKeys) -> i64 {
     redis.query(redis::cmd("ZCARD").arg(&keys.holds)).await
 }
 
