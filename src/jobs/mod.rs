@@ -17,9 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use purge::{
-    IDEMPOTENCY_RETENTION_HOURS, purge_expired_once, purge_idempotency_once, purge_settled_once,
-};
+pub use purge::{IDEMPOTENCY_RETENTION_HOURS, purge_expired_once, purge_idempotency_once};
 pub use settle::settle_expired_once;
 
 use crate::clock::Clock;
@@ -60,7 +58,7 @@ async fn sweep(store: &dyn Store, clock: &dyn Clock, settings: SweepSettings) ->
         Err(e) => tracing::warn!(error = %e, "settling failed; will retry"),
     }
     // Settled just above: purge without settling again.
-    match purge_settled_once(store, clock.now(), settings.retention_grace, SWEEP_BATCH).await {
+    match purge_expired_once(store, clock.now(), settings.retention_grace, SWEEP_BATCH).await {
         Ok(0) => {}
         Ok(purged) => {
             tracing::info!(purged, "purged sprays past their lookup window");

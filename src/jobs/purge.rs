@@ -3,31 +3,18 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::settle::settle_expired_once;
 use crate::store::{Store, StoreError};
 
 /// How long an idempotency key is kept after it was last used (the contract: "at least
 /// 24 hours").
 pub const IDEMPOTENCY_RETENTION_HOURS: i64 = 24;
 
-/// Deletes up to `batch` sprays whose lookup window closed at least `grace` before `now`,
-/// with their shares; returns how many. Only settled sprays are deleted, so it first
-/// settles a batch of the sprays still waiting for it (normally the settlement sweeper
-/// has done so long before). Once a spray is purged, its token is free again in its room
-/// and for its sprayer, and a lookup answers 404.
+/// Deletes up to `batch` settled sprays whose lookup window closed at least `grace` before
+/// `now`, with their shares; returns how many. An unsettled spray is never purged: the
+/// settlement sweep (`settle_expired_once`, run just before in each pass) settles it first,
+/// long before its lookup window closes. Once a spray is purged, its token is free again
+/// in its room and for its sprayer, and a lookup answers 404.
 pub async fn purge_expired_once(
-    store: &dyn Store,
-    now: DateTime<Utc>,
-    grace: TimeDelta,
-    batch: u32,
-) -> Result<usize, StoreError> {
-    settle_expired_once(store, now, batch).await?;
-    purge_settled_once(store, now, grace, batch).await
-}
-
-/// Like [`purge_expired_once`], without settling first: for a caller that has just run
-/// the settlement sweep itself (the sweeper loop), so the same query does not run twice.
-pub async fn purge_settled_once(
     store: &dyn Store,
     now: DateTime<Utc>,
     grace: TimeDelta,

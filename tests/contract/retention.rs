@@ -14,10 +14,14 @@ fn purgeable() -> DateTime<Utc> {
     start_time() + TimeDelta::days(7) + GRACE
 }
 
+/// One pass of the sweepers at `at`: settle, then purge; how many sprays were purged.
 async fn purge(app: &TestApp, at: DateTime<Utc>) -> usize {
-    purge_expired_once(app.store.as_ref(), at, GRACE, 100)
-        .await
-        .unwrap()
+    sweep(app.store.as_ref(), at, GRACE, 100).await
+}
+
+async fn sweep(store: &dyn spray::store::Store, at: DateTime<Utc>, grace: TimeDelta, batch: u32) -> usize {
+    settle_expired_once(store, at, batch).await.unwrap();
+    purge_expired_once(store, at, grace, batch).await.unwrap()
 }
 
 async fn rows(app: &TestApp, table: &str) -> i64 {
@@ -100,17 +104,17 @@ async fn purging_goes_in_small_batches_oldest_first() {
         app.advance(TimeDelta::seconds(1));
     }
     let all_purgeable = purgeable() + TimeDelta::seconds(4);
-    let purge_two = || purge_expired_once(app.store.as_ref(), all_purgeable, GRACE, 2);
-    assert_eq!(purge_two().await.unwrap(), 2);
+    let purge_two = || sweep(app.store.as_ref(), all_purgeable, GRACE, 2);
+    assert_eq!(purge_two().await, 2);
     let oldest_gone = app
         .store
         .count("SELECT COUNT(*) FROM sprays WHERE total_amount IN (100, 200)")
         .await
         .unwrap();
     assert_eq!(oldest_gone, 0);
-    assert_eq!(purge_two().await.unwrap(), 2);
-    assert_eq!(purge_two().await.unwrap(), 1);
-    assert_eq!(purge_two().await.unwrap(), 0);
+    assert_eq!(purge_two().await, 2);
+    assert_eq!(purge_two().await, 1);
+    assert_eq!(purge_two().await, 0);
     let debits = app
         .store
         .count("SELECT COUNT(*) FROM ledger WHERE kind = 'DEBIT'")
@@ -128,15 +132,10 @@ async fn without_grace_a_spray_goes_when_its_lookup_window_closes() {
     let none = TimeDelta::zero();
     let store = app.store.as_ref();
     assert_eq!(
-        purge_expired_once(store, lookup_closes - TimeDelta::milliseconds(1), none, 10)
-            .await
-            .unwrap(),
+        sweep(store, lookup_closes - TimeDelta::milliseconds(1), none, 10).await,
         0
     );
-    assert_eq!(
-        purge_expired_once(store, lookup_closes, none, 10).await.unwrap(),
-        1
-    );
+    assert_eq!(sweep(store, lookup_closes, none, 10).await, 1);
     assert_eq!(rows(&app, "sprays").await, 0);
     app.assert_audit_clean().await;
 }
