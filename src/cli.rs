@@ -10,6 +10,11 @@ use crate::telemetry;
 pub async fn run(cli: Cli) -> ExitCode {
     let settings = cli.settings;
     telemetry::init(settings.log_format);
+    // Checked alike for every command, before any store is opened or created.
+    if let Err(problem) = settings.validate() {
+        eprintln!("invalid settings: {problem}");
+        return ExitCode::from(2);
+    }
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             tracing::info!(?settings, "starting");

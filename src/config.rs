@@ -213,6 +213,32 @@ impl Settings {
 }
 
 impl Settings {
+    /// Every check of the settings, the same for every command, before anything is opened
+    /// or written: first those that would give a service unable to keep money (an SQLite
+    /// store that is no file, no database connection, a gateway check turned off by an
+    /// empty secret), then the policy, the claim lease and the sweepers. The message names
+    /// the setting and says what to write instead.
+    pub fn validate(&self) -> Result<(), String> {
+        check_database_url(&self.database_url)?;
+        if self.database_max_connections == 0 {
+            return Err(
+                "--database-max-connections is 0, so no request could reach the database: write at least 1 (the default is 16)"
+                    .into(),
+            );
+        }
+        if self
+            .gateway_secret
+            .as_deref()
+            .is_some_and(|secret| secret.trim().is_empty())
+        {
+            return Err("--gateway-secret is empty, which would turn the gateway check off: set the secret the gateway sends, or leave the setting out to trust the identity headers as they come".into());
+        }
+        self.policy()?;
+        self.claim_lease()?;
+        self.sweep()?;
+        Ok(())
+    }
+
     /// Checks the claim lease: long enough for a claim to record its share (a few
     /// round trips), and, with Redis, shorter than the request time-out, so that a share
     /// held by a claim that died is back before its member's retry would time out.
@@ -280,6 +306,24 @@ impl fmt::Debug for Settings {
             .field("idempotency_lease", &self.idempotency_lease)
             .finish()
     }
+}
+
+/// Refuses an SQLite URL that names no file (`sqlite://`, as an unset variable in a script
+/// leaves it) or an in-memory database: either would accept money and lose it.
+fn check_database_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return Ok(());
+    };
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.trim().is_empty() {
+        return Err("--database-url sqlite:// names no file (an unset variable?): write sqlite://spray.db, or the path of the file to keep the money in".into());
+    }
+    let in_memory = path.starts_with(":memory:") || options.split('&').any(|option| option == "mode=memory");
+    if in_memory {
+        return Err("--database-url names an in-memory SQLite database, which loses every record when the process stops: write sqlite://FILE, for example sqlite://spray.db".into());
+    }
+    Ok(())
 }
 
 /// Parses `500ms`, `10s`, `10m`, `2h`, `7d` (and combinations such as `1h 30m`).

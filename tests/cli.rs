@@ -592,3 +592,82 @@ async fn serve_starts_and_answers_with_redis_unreachable() {
     .await
     .expect("the test finished in time");
 }
+
+/// Settings that cannot keep money, each refused by every command before anything is
+/// opened or written: exit 2, a message naming the setting, and no file in the directory
+/// the command ran in.
+#[tokio::test]
+async fn settings_that_cannot_keep_money_are_refused_by_every_command_and_write_nothing() {
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "an SQLite URL with no file",
+            &["--database-url", "sqlite://"],
+            "--database-url",
+        ),
+        (
+            "SQLite with no file and options",
+            &["--database-url", "sqlite://?mode=rwc"],
+            "--database-url",
+        ),
+        (
+            "in-memory SQLite",
+            &["--database-url", "sqlite::memory:"],
+            "in-memory",
+        ),
+        (
+            "in-memory SQLite by option",
+            &["--database-url", "sqlite://x.db?mode=memory"],
+            "in-memory",
+        ),
+        (
+            "no database connection",
+            &["--database-max-connections", "0"],
+            "--database-max-connections",
+        ),
+        (
+            "an empty gateway secret",
+            &["--gateway-secret", ""],
+            "--gateway-secret",
+        ),
+        (
+            "a blank gateway secret",
+            &["--gateway-secret", "  "],
+            "--gateway-secret",
+        ),
+    ];
+    let logs = tempfile::tempdir().expect("a directory for the output");
+    for command in ["serve", "migrate", "audit", "config"] {
+        for (what, flags, says) in cases {
+            // The command runs in an empty directory of its own: whatever it writes there
+            // (a database file) shows; its output goes elsewhere.
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let stderr_path = logs
+                .path()
+                .join(format!("{command}-{}.stderr", what.replace(' ', "-")));
+            let child = spray_command()
+                .current_dir(dir.path())
+                .arg(command)
+                .args(["--listen", "127.0.0.1:0"])
+                .args(*flags)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&stderr_path).expect("the stderr file"))
+                .spawn()
+                .expect("run spray");
+            // Killed by PID when dropped: a command that wrongly starts is stopped.
+            let mut child = ChildGuard(child);
+            let status = child.wait_for_exit(REFUSAL_LIMIT).await;
+            let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(2),
+                "{command} with {what}: {stderr}"
+            );
+            assert!(
+                stderr.contains(says),
+                "{command} with {what} does not say why: {stderr}"
+            );
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert!(left.is_empty(), "{command} with {what} wrote {left:?}");
+        }
+    }
+}
