@@ -6,11 +6,14 @@
 //! Run it with `bench/hot-spray.sh` (which builds the release binary first). Loopback
 //! only; bounded in requests and time. Prints a Markdown report.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/server.rs"]
+mod server;
+
 use serde_json::{Value, json};
+use server::Server;
 use sqlx::Connection;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -22,72 +25,13 @@ const ROUNDS: usize = 3;
 const MYSQL_ADMIN: &str = "mysql://root@127.0.0.1:3306/test";
 const REDIS: &str = "redis://127.0.0.1:6379";
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spray_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    // target/release/examples/hot_spray -> target/release/spray
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join("spray")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// The hot spray measures how many receives the store can do with 256 at a time, so every
+/// request is let in; by default past 64 store calls at once requests are refused with 503
+/// (see bench/overload.sh).
 async fn start(database_url: &str, extra: &[&str]) -> (Server, String) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(spray_binary())
-        .args([
-            "serve",
-            "--listen",
-            &listen,
-            "--database-url",
-            database_url,
-            "--database-max-connections",
-            "32",
-            // This benchmark measures how many receives the store can do with 256 at a
-            // time, so every request is let in; by default past 64 store calls at once
-            // requests are refused with 503 (see bench/overload.sh).
-            "--store-concurrency",
-            "1024",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run bench/hot-spray.sh, which builds target/release/spray first");
-    let server = Server(child);
-    let base = format!("http://{listen}");
-    let client = reqwest::Client::new();
-    for _ in 0..400 {
-        if client
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return (server, base);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("spray serve did not start");
+    let mut flags = vec!["--database-max-connections", "32", "--store-concurrency", "1024"];
+    flags.extend_from_slice(extra);
+    server::start(database_url, &flags, "warn").await
 }
 
 struct Run {

@@ -16,13 +16,16 @@
 //! Run it with `bench/overload.sh` (which builds the release binary first). Loopback
 //! only; bounded in time and requests. Prints a Markdown report.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "common/server.rs"]
+mod server;
+
 use serde_json::json;
+use server::binary;
 use tokio::task::JoinSet;
 
 /// Clients of the capacity phase: fewer than the default --store-concurrency (64), so
@@ -34,54 +37,6 @@ const PHASE: Duration = Duration::from_secs(5);
 const OVERLOAD: u32 = 3;
 /// No request waits longer than this for its answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    // target/release/examples/overload -> target/release/spray
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join(name)
-}
-
-async fn start(database_url: &str, extra: &[String]) -> (Server, String) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let listen = listener.local_addr().unwrap().to_string();
-    drop(listener);
-    let child = Command::new(binary("spray"))
-        .args(["serve", "--listen", &listen, "--database-url", database_url])
-        .args(extra)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run bench/overload.sh, which builds target/release/spray first");
-    let server = Server(child);
-    let base = format!("http://{listen}");
-    let client = reqwest::Client::new();
-    for _ in 0..400 {
-        if client
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return (server, base);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("spray serve did not start");
-}
 
 /// One answer: status (0 when no answer came), latency, whether a 503 said Retry-After.
 struct Answer {
@@ -254,7 +209,8 @@ async fn main() {
     let extra: Vec<String> = std::env::args().skip(1).collect();
     let dir = tempfile::tempdir().unwrap();
     let database_url = format!("sqlite://{}", dir.path().join("spray.db").display());
-    let (server, base) = start(&database_url, &extra).await;
+    let flags: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (server, base) = server::start(&database_url, &flags, "error").await;
     let next_sprayer = Arc::new(AtomicI64::new(1));
 
     // A short warm-up, so the first phase does not measure an empty file's growth.
