@@ -1,6 +1,8 @@
 //! Durability, black-box: the real `spray` binary is killed with SIGKILL while receipts
-//! are in flight, restarted on the same SQLite file, and must still hold every receipt it
-//! acknowledged, with the money invariants intact (`spray audit`).
+//! and new sprays are in flight, restarted on the same SQLite file, and must still hold
+//! every receipt and every spray it acknowledged, with the money invariants intact
+//! (`spray audit`). The writes are group-committed (`store/batch.rs`); the test checks
+//! that batches of several writes were being committed when the kill came.
 
 mod common;
 
@@ -25,6 +27,10 @@ const RECEIVERS: i64 = 200;
 const FIRST_RECEIVER: i64 = 2;
 /// The server is killed once this many receipts have been acknowledged.
 const ACKS_BEFORE_KILL: usize = 50;
+/// New sprays created while the receipts are in flight, each by its own sprayer in its
+/// own room (users and rooms no receiver uses).
+const SPRAYERS: i64 = 100;
+const FIRST_SPRAYER: i64 = 100_000;
 
 fn json_u64(value: &Value, what: &str) -> u64 {
     value
@@ -42,6 +48,8 @@ fn json_i64(value: &Value, what: &str) -> i64 {
 #[derive(Default)]
 struct Outcomes {
     acknowledged: Vec<(i64, u64)>,
+    /// Sprays acknowledged with 201: their sprayer and token.
+    sprays: Vec<(i64, String)>,
     other_statuses: HashMap<u16, usize>,
     transport_errors: usize,
     finished: usize,
@@ -55,6 +63,50 @@ enum Outcome {
     Refused(u16),
     /// No complete answer: the server died first.
     Lost,
+}
+
+/// One sprayer: POST /api/v1/spray in a room of its own, and record what came back.
+async fn spray(client: reqwest::Client, url: String, sprayer: i64, outcomes: Arc<Mutex<Outcomes>>) {
+    let answer = client
+        .post(url)
+        .header("x-user-id", sprayer.to_string())
+        .header("x-room-id", format!("room-{sprayer}"))
+        .json(&json!({ "amount": 1_000, "recipient_count": 5 }))
+        .send()
+        .await;
+    let token = match answer {
+        Ok(answer) if answer.status() == reqwest::StatusCode::CREATED => answer
+            .json::<Value>()
+            .await
+            .ok()
+            .and_then(|body| body["token"].as_str().map(str::to_owned)),
+        _ => None,
+    };
+    if let Some(token) = token {
+        outcomes.lock().expect("outcomes lock").sprays.push((sprayer, token));
+    }
+}
+
+/// How many group commits held more than one write, and how many there were, from the
+/// server's `spray_store_batch_writes` histogram.
+async fn batches(client: &reqwest::Client, server: &Server) -> (f64, f64) {
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("the metrics");
+    let value = |prefix: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let all = value("spray_store_batch_writes_count ");
+    let single = value("spray_store_batch_writes_bucket{le=\"1\"} ");
+    (all - single, all)
 }
 
 /// One receiver: POST /api/v1/receive, and record what came back.
@@ -138,6 +190,14 @@ async fn kill_9_scenario() {
         ));
     }
     drop(progress);
+    for sprayer in FIRST_SPRAYER..FIRST_SPRAYER + SPRAYERS {
+        receivers.spawn(spray(
+            client.clone(),
+            server.url("/api/v1/spray"),
+            sprayer,
+            outcomes.clone(),
+        ));
+    }
 
     // Kill as soon as enough receipts are acknowledged, with the rest still in flight.
     let enough = |o: &Outcomes| o.acknowledged.len() >= ACKS_BEFORE_KILL || o.finished == receivers.len();
@@ -153,7 +213,12 @@ async fn kill_9_scenario() {
             server.log_text()
         )
     });
+    let (grouped, all) = batches(&client, &server).await;
     server.kill_9().await;
+    assert!(
+        grouped >= 1.0,
+        "no group commit held more than one write before the kill ({all} commits): the test did not exercise batching"
+    );
     let acknowledged_at_kill = outcomes.lock().expect("outcomes lock").acknowledged.len();
 
     // The requests still in flight now fail (or deliver answers already sent).
@@ -166,8 +231,9 @@ async fn kill_9_scenario() {
     .expect("every receiver finished after the kill");
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes lock"));
     eprintln!(
-        "acknowledged {} ({acknowledged_at_kill} when killed), transport errors {}, other statuses {:?}",
+        "acknowledged {} receipts ({acknowledged_at_kill} when killed) and {} sprays, {grouped} of {all} commits held several writes, transport errors {}, other statuses {:?}",
         outcomes.acknowledged.len(),
+        outcomes.sprays.len(),
         outcomes.transport_errors,
         outcomes.other_statuses
     );
@@ -226,6 +292,26 @@ async fn kill_9_scenario() {
         .fold(0_u64, |sum, amount| sum.checked_add(amount).expect("no overflow"));
     assert_eq!(sum, json_u64(&spray["received_amount"], "received_amount"));
     assert!(sum <= AMOUNT);
+
+    // Every spray acknowledged before the kill is there, whole, with its DEBIT (the audit
+    // below checks the ledger).
+    for (sprayer, token) in &outcomes.sprays {
+        let lookup = client
+            .get(server.url(&format!("/api/v1/spray/{token}")))
+            .header("x-user-id", sprayer.to_string())
+            .header("x-room-id", format!("room-{sprayer}"))
+            .send()
+            .await
+            .expect("look an acknowledged spray up");
+        assert_eq!(
+            lookup.status(),
+            reqwest::StatusCode::OK,
+            "the spray {token} acknowledged to {sprayer} was lost by kill -9"
+        );
+        let found: Value = lookup.json().await.expect("the lookup answer");
+        assert_eq!(json_u64(&found["total_amount"], "total_amount"), 1_000);
+        assert_eq!(json_u64(&found["recipient_count"], "recipient_count"), 5);
+    }
 
     // A user whose receipt was acknowledged is refused a second one, after the crash too.
     let (user, _) = outcomes.acknowledged[0];

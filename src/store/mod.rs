@@ -5,6 +5,7 @@
 //! holds however many service instances run in front of the database. One module per
 //! backend, each with its own migrations; [`open`] picks the backend by URL scheme.
 
+mod batch;
 mod commit;
 mod convert;
 mod error;

@@ -18,7 +18,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Sqlite, SqlitePool};
 
 use super::ClaimSnapshot;
-use super::commit::{TakenShare, Written, finish, finish_confirming};
+use super::batch::{BatchWriter, GroupCommit, WriteOp, WriteOutcome};
+use super::commit::{Written, finish};
 use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
@@ -36,6 +37,59 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// The money writes (sprays, claims, settlements), many to a commit: see
+    /// `store/batch.rs`. They go through the single writer like every other write.
+    batches: GroupCommit,
+}
+
+/// The single writer as the group commit uses it.
+struct BatchedWrites {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+#[async_trait]
+impl BatchWriter for BatchedWrites {
+    type Db = Sqlite;
+
+    /// IMMEDIATE takes the write lock up front, so the transaction never has to upgrade a
+    /// read lock (which SQLite may refuse with SQLITE_BUSY).
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    async fn run(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+        // The single writer orders every write, settlements included, and each sees all
+        // the writes before it (in this batch or committed).
+        Ok(match op {
+            WriteOp::Spray { spray, idempotency } => {
+                WriteOutcome::Sprayed(portable::spray_in(tx, spray, idempotency.as_ref()).await?)
+            }
+            WriteOp::ClaimShare { claim, idempotency } => {
+                WriteOutcome::Claimed(portable::claim_share_in(tx, claim, idempotency.as_ref()).await?)
+            }
+            WriteOp::ClaimSlot {
+                claim,
+                spray_id,
+                slot,
+                idempotency,
+            } => WriteOutcome::ClaimedSlot(
+                portable::claim_given_slot_in(tx, claim, *spray_id, *slot, idempotency.as_ref()).await?,
+            ),
+            WriteOp::Settle { spray_id, now } => WriteOutcome::Settled(portable::settle_in(tx, *spray_id, *now).await?),
+        })
+    }
+
+    async fn execute(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, statement: &'static str) -> Result<(), StoreError> {
+        sqlx::raw_sql(statement).execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// Read through a reader: a connection other than the writer whose commit failed,
+    /// which sees every committed transaction.
+    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
+        portable::landed(&self.reader, &written).await
+    }
 }
 
 impl SqliteStore {
@@ -58,13 +112,15 @@ impl SqliteStore {
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with(options.read_only(true));
-        Ok(SqliteStore { writer, reader })
-    }
-
-    /// Whether `written` is in the database, read through a reader: a connection other
-    /// than the writer whose commit failed, which sees every committed transaction.
-    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
-        portable::landed(&self.reader, &written).await
+        let batches = GroupCommit::start(BatchedWrites {
+            writer: writer.clone(),
+            reader: reader.clone(),
+        });
+        Ok(SqliteStore {
+            writer,
+            reader,
+            batches,
+        })
     }
 
     /// A write transaction. IMMEDIATE takes the write lock up front, so the transaction
@@ -91,15 +147,11 @@ impl Store for SqliteStore {
         spray: &NewSpray,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<i64, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let outcome = portable::spray_in(&mut tx, spray, idempotency).await;
-        finish_confirming(
-            tx,
-            outcome,
-            |id| Some(Written::spray(*id, spray)),
-            |w| self.landed(w),
-        )
-        .await
+        let op = WriteOp::Spray {
+            spray: spray.clone(),
+            idempotency: idempotency.cloned(),
+        };
+        self.batches.write(op).await?.sprayed()
     }
 
     async fn claim_share(
@@ -107,15 +159,11 @@ impl Store for SqliteStore {
         claim: &Claim,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<ClaimOutcome, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let outcome = portable::claim_share_in(&mut tx, claim, idempotency).await;
-        let written = |taken: &Result<TakenShare, _>| taken.as_ref().ok().map(|t| Written::share(t, claim));
-        Ok(
-            match finish_confirming(tx, outcome, written, |w| self.landed(w)).await? {
-                Ok(taken) => ClaimOutcome::Received(taken.amount),
-                Err(refusal) => ClaimOutcome::Refused(refusal),
-            },
-        )
+        let op = WriteOp::ClaimShare {
+            claim: claim.clone(),
+            idempotency: idempotency.cloned(),
+        };
+        self.batches.write(op).await?.claimed()
     }
 
     async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
@@ -161,21 +209,13 @@ impl Store for SqliteStore {
         slot: i64,
         idempotency: Option<&IdempotencyWrite>,
     ) -> Result<SlotClaim, StoreError> {
-        // The single writer orders this after any settlement, which it then sees.
-        let mut tx = self.begin_write().await?;
-        let outcome = portable::claim_given_slot_in(&mut tx, claim, spray_id, slot, idempotency).await;
-        let written = |outcome: &SlotClaim| match *outcome {
-            SlotClaim::Received(amount) => Some(Written::share(
-                &TakenShare {
-                    spray_id,
-                    slot,
-                    amount,
-                },
-                claim,
-            )),
-            _ => None,
+        let op = WriteOp::ClaimSlot {
+            claim: claim.clone(),
+            spray_id,
+            slot,
+            idempotency: idempotency.cloned(),
         };
-        finish_confirming(tx, outcome, written, |w| self.landed(w)).await
+        self.batches.write(op).await?.claimed_slot()
     }
 
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
@@ -187,16 +227,9 @@ impl Store for SqliteStore {
     }
 
     async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
-        // One writer at a time: no claim runs while this transaction does, and every claim
-        // after it sees `settled_at` (see `portable::unsettled_in`). A failed commit is not read back:
-        // nobody is answered, and the next sweeper pass settles the spray or finds it
-        // settled (the update is conditional).
-        let mut tx = self.begin_write().await?;
-        let outcome = portable::settle_in(&mut tx, spray_id, now).await;
-        finish(tx, outcome, |o| {
-            matches!(o, SettleOutcome::Refunded(_) | SettleOutcome::Completed)
-        })
-        .await
+        // Through the single writer like the claims: no claim runs while it does, and every
+        // claim after it sees `settled_at` (see `portable::unsettled_in`).
+        self.batches.write(WriteOp::Settle { spray_id, now }).await?.settled()
     }
 
     async fn purge_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
@@ -395,6 +428,10 @@ mod tests {
     use super::*;
     use crate::domain::SplitMode;
 
+    async fn landed(store: &SqliteStore, written: Written) -> Result<bool, StoreError> {
+        portable::landed(&store.reader, &written).await
+    }
+
     /// The read-back after a failed commit must find exactly what each transaction wrote,
     /// and nothing else (on MySQL the fault tests show it through a proxy).
     #[tokio::test]
@@ -430,10 +467,10 @@ mod tests {
             owner: 1,
             created_at,
         };
-        assert!(store.landed(sprayed(id, "ABC", millis(now))).await.unwrap());
-        assert!(!store.landed(sprayed(id + 1, "ABC", millis(now))).await.unwrap());
-        assert!(!store.landed(sprayed(id, "XYZ", millis(now))).await.unwrap());
-        assert!(!store.landed(sprayed(id, "ABC", millis(now) + 1)).await.unwrap());
+        assert!(landed(&store, sprayed(id, "ABC", millis(now))).await.unwrap());
+        assert!(!landed(&store, sprayed(id + 1, "ABC", millis(now))).await.unwrap());
+        assert!(!landed(&store, sprayed(id, "XYZ", millis(now))).await.unwrap());
+        assert!(!landed(&store, sprayed(id, "ABC", millis(now) + 1)).await.unwrap());
 
         let claim = Claim {
             room,
@@ -449,16 +486,245 @@ mod tests {
             user,
             received_at: millis(now),
         };
-        assert!(store.landed(share(0, 2)).await.unwrap());
-        assert!(!store.landed(share(1, 2)).await.unwrap());
-        assert!(!store.landed(share(0, 3)).await.unwrap());
+        assert!(landed(&store, share(0, 2)).await.unwrap());
+        assert!(!landed(&store, share(1, 2)).await.unwrap());
+        assert!(!landed(&store, share(0, 3)).await.unwrap());
         let other = Claim {
             user: UserId::from_stored(3).unwrap(),
             ..claim.clone()
         };
         let through_gate = store.claim_slot(&other, id, 1, None).await.unwrap();
         assert_eq!(through_gate, SlotClaim::Received(Amount::new(5)));
-        assert!(store.landed(share(1, 3)).await.unwrap());
+        assert!(landed(&store, share(1, 3)).await.unwrap());
         store.close().await;
+    }
+
+    /// A store on a fresh file, with one spray of three shares of 5 by user 1 in room
+    /// `ROOM` under the token `ABC`; the claim of `user` on it at the same time.
+    async fn store_with_a_spray() -> (tempfile::TempDir, SqliteStore, impl Fn(i64) -> Claim) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("spray.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let now = DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        store.insert_spray(&spray_at(now, "ABC", 1), None).await.unwrap();
+        let claim = move |user| Claim {
+            room: RoomId::parse("ROOM").unwrap(),
+            token: Token::parse("ABC").unwrap(),
+            user: UserId::from_stored(user).unwrap(),
+            now,
+        };
+        (dir, store, claim)
+    }
+
+    fn spray_at(now: DateTime<Utc>, token: &str, owner: i64) -> NewSpray {
+        NewSpray {
+            token: Token::parse(token).unwrap(),
+            room: RoomId::parse("ROOM").unwrap(),
+            owner: UserId::from_stored(owner).unwrap(),
+            mode: SplitMode::Even,
+            total_amount: Amount::new(15),
+            shares: vec![Amount::new(5); 3],
+            created_at: now,
+            receive_until: now + TimeDelta::minutes(10),
+            lookup_until: now + TimeDelta::days(7),
+        }
+    }
+
+    fn claim_op(claim: Claim, idempotency: Option<IdempotencyWrite>) -> WriteOp {
+        WriteOp::ClaimShare { claim, idempotency }
+    }
+
+    /// Runs `ops` as one batch through `writer`, and their answers in order.
+    async fn one_batch(
+        writer: &impl BatchWriter,
+        ops: Vec<WriteOp>,
+    ) -> Vec<Result<WriteOutcome, StoreError>> {
+        let mut answers = Vec::new();
+        let mut batch = Vec::new();
+        for op in ops {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            batch.push((op, reply));
+            answers.push(answer);
+        }
+        super::super::batch::write_batch(writer, batch).await;
+        let mut out = Vec::new();
+        for answer in answers {
+            out.push(answer.await.expect("every write of a batch is answered"));
+        }
+        out
+    }
+
+    async fn receivers(store: &SqliteStore) -> Vec<i64> {
+        sqlx::query_scalar("SELECT receiver_id FROM shares WHERE receiver_id IS NOT NULL ORDER BY receiver_id")
+            .fetch_all(&store.reader)
+            .await
+            .unwrap()
+    }
+
+    async fn credits(store: &SqliteStore) -> i64 {
+        store.count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'").await.unwrap()
+    }
+
+    fn writer_of(store: &SqliteStore) -> BatchedWrites {
+        BatchedWrites {
+            writer: store.writer.clone(),
+            reader: store.reader.clone(),
+        }
+    }
+
+    /// An idempotency write for a pending row that does not exist: its lease counts as
+    /// lost, which fails the write it is part of.
+    fn lost_lease(user: i64) -> IdempotencyWrite {
+        IdempotencyWrite {
+            pending: PendingKey {
+                user: UserId::from_stored(user).unwrap(),
+                endpoint: crate::domain::Endpoint::Receive,
+                key: crate::domain::IdempotencyKey::parse("gone").unwrap(),
+                lease: 1,
+            },
+            render: std::sync::Arc::new(|_| StoredAnswer {
+                status: 200,
+                content_type: "application/json".into(),
+                location: None,
+                body: b"{}".to_vec(),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_or_failed_write_in_a_batch_leaves_its_neighbours_committed() {
+        let (_dir, store, claim) = store_with_a_spray().await;
+        let now = claim(2).now;
+        let answers = one_batch(
+            &writer_of(&store),
+            vec![
+                claim_op(claim(2), None),
+                // Refused by a rule: the sprayer.
+                claim_op(claim(1), None),
+                // Refused on what the batch wrote before it: user 2 holds a share now.
+                claim_op(claim(2), None),
+                // Fails (its idempotency lease is lost) after taking a share: rolled back.
+                claim_op(claim(3), Some(lost_lease(3))),
+                // Fails on a named constraint: the token is taken in the room.
+                WriteOp::Spray {
+                    spray: spray_at(now, "ABC", 9),
+                    idempotency: None,
+                },
+                claim_op(claim(4), None),
+            ],
+        )
+        .await;
+        let outcomes: Vec<_> = answers
+            .into_iter()
+            .map(|a| a.map(|o| format!("{o:?}")).map_err(|e| e.to_string()))
+            .collect();
+        assert!(outcomes[0].as_ref().unwrap().starts_with("Claimed(Ok("), "{outcomes:?}");
+        assert_eq!(outcomes[1].as_deref(), Ok("Claimed(Err(OwnSpray))"));
+        assert_eq!(outcomes[2].as_deref(), Ok("Claimed(Err(AlreadyReceived))"));
+        assert!(outcomes[3].is_err(), "{outcomes:?}");
+        assert!(outcomes[4].as_ref().is_err_and(|e| e.contains("token")), "{outcomes:?}");
+        assert!(outcomes[5].as_ref().unwrap().starts_with("Claimed(Ok("), "{outcomes:?}");
+
+        assert_eq!(receivers(&store).await, vec![2, 4], "user 3's share was rolled back alone");
+        assert_eq!(credits(&store).await, 2);
+        assert_eq!(store.count("SELECT COUNT(*) FROM sprays").await.unwrap(), 1);
+        assert!(crate::audit::run(&store).await.unwrap().is_clean());
+    }
+
+    /// A writer whose commits fail: every transaction it begins also writes a share of a
+    /// spray that does not exist, under a foreign-key check deferred to `COMMIT`, so the
+    /// real `COMMIT` is refused and nothing of the transaction is written.
+    struct CommitFails(BatchedWrites);
+
+    #[async_trait]
+    impl BatchWriter for CommitFails {
+        type Db = Sqlite;
+
+        async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+            let mut tx = self.0.begin().await?;
+            self.0.execute(&mut tx, "PRAGMA defer_foreign_keys = ON").await?;
+            self.0
+                .execute(&mut tx, "INSERT INTO shares (spray_id, slot, amount) VALUES (-1, 0, 1)")
+                .await?;
+            Ok(tx)
+        }
+
+        async fn run(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+            self.0.run(tx, op).await
+        }
+
+        async fn execute(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, statement: &'static str) -> Result<(), StoreError> {
+            self.0.execute(tx, statement).await
+        }
+
+        async fn landed(&self, written: Written) -> Result<bool, StoreError> {
+            self.0.landed(written).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_commit_fails_answers_503_to_all_and_a_keyed_retry_succeeds_once() {
+        let (_dir, store, claim) = store_with_a_spray().await;
+        let now = claim(2).now;
+        let request = IdempotentRequest {
+            user: UserId::from_stored(2).unwrap(),
+            endpoint: crate::domain::Endpoint::Receive,
+            key: crate::domain::IdempotencyKey::parse("k1").unwrap(),
+            fingerprint: crate::domain::Fingerprint::of(&serde_json::json!({"token": "ABC"}), Some("ROOM")),
+            now,
+            abandoned_before: now - TimeDelta::seconds(10),
+            lease: 1,
+        };
+        let keyed = |pending: PendingKey| IdempotencyWrite {
+            pending,
+            render: std::sync::Arc::new(|amount: Amount| StoredAnswer {
+                status: 200,
+                content_type: "application/json".into(),
+                location: None,
+                body: format!("{{\"received_amount\":{}}}", amount.units()).into_bytes(),
+            }),
+        };
+        let Begin::Run(pending) = store.begin_idempotent(&request).await.unwrap() else {
+            panic!("a new key runs");
+        };
+
+        let answers = one_batch(
+            &CommitFails(writer_of(&store)),
+            vec![
+                claim_op(claim(2), Some(keyed(pending.clone()))),
+                claim_op(claim(3), None),
+                claim_op(claim(1), None),
+            ],
+        )
+        .await;
+        assert!(matches!(answers[0], Err(StoreError::Unavailable(_))), "{:?}", answers[0]);
+        assert!(matches!(answers[1], Err(StoreError::Unavailable(_))), "{:?}", answers[1]);
+        assert!(
+            matches!(answers[2], Ok(WriteOutcome::Claimed(Err(ReceiveRefusal::OwnSpray)))),
+            "a refusal stands: {:?}",
+            answers[2]
+        );
+        assert_eq!(receivers(&store).await, Vec::<i64>::new(), "nothing of the batch was written");
+        assert_eq!(credits(&store).await, 0);
+
+        // What the HTTP layer does after a 503: release the key, so the retry runs afresh.
+        store.release_idempotent(&pending).await.unwrap();
+        let retry = IdempotentRequest { lease: 2, ..request.clone() };
+        let Begin::Run(pending) = store.begin_idempotent(&retry).await.unwrap() else {
+            panic!("the retry runs");
+        };
+        let received = store.claim_share(&claim(2), Some(&keyed(pending))).await.unwrap();
+        assert_eq!(received, ClaimOutcome::Received(Amount::new(5)));
+        let again = IdempotentRequest { lease: 3, ..request };
+        match store.begin_idempotent(&again).await.unwrap() {
+            Begin::Replay(answer) => assert_eq!(answer.body, b"{\"received_amount\":5}"),
+            other => panic!("the second retry replays, got {other:?}"),
+        }
+        assert_eq!(receivers(&store).await, vec![2], "paid exactly once");
+        assert_eq!(credits(&store).await, 1);
+        assert!(crate::audit::run(&store).await.unwrap().is_clean());
     }
 }

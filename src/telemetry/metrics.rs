@@ -22,6 +22,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The writes one group commit held (see `store/batch.rs`), and its buckets: powers of two
+/// up to the largest batch.
+const BATCH_METRIC: &str = "spray_store_batch_writes";
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
 /// How often histogram samples are folded into their buckets when nobody scrapes.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -34,6 +39,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             let installed = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_METRIC.into()), BATCH_BUCKETS))
                 .and_then(PrometheusBuilder::install_recorder);
             match installed {
                 Ok(handle) => {
@@ -116,6 +122,11 @@ fn describe() {
         "spray_store_duration_seconds",
         Unit::Seconds,
         "Time spent in one store call, by operation and outcome (ok or error)."
+    );
+    describe_histogram!(
+        BATCH_METRIC,
+        Unit::Count,
+        "Writes held by one group commit (one transaction, one durable commit)."
     );
     describe_gauge!(
         "spray_store_pool_connections",
@@ -271,4 +282,9 @@ pub fn method_label(method: &axum::http::Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "OTHER",
     }
+}
+
+/// One group commit of `writes` writes (kept or refused) ended.
+pub fn record_batch(writes: usize) {
+    histogram!(BATCH_METRIC).record(writes as f64);
 }
