@@ -12,9 +12,7 @@ use crate::domain::{
     Amount, LookupRefusal, LookupScope, Policy, ReceiveRefusal, RoomId, SplitMode, SplitRandomness,
     SprayCommand, SprayRecord, SprayState, Token, TokenSource, UserId, split,
 };
-use crate::store::{
-    Claim, ClaimOutcome, IdempotencyWrite, NewSpray, PendingKey, SprayLookup, Store, StoreError, StoredAnswer,
-};
+use crate::store::{Claim, ClaimOutcome, NewSpray, PendingKey, SprayLookup, Store, StoreError};
 
 /// How many fresh tokens to try before giving up on a crowded room or sprayer. With
 /// 238,328 tokens, a room would need well over 100,000 live sprays before eight draws in
@@ -40,18 +38,8 @@ impl Sources {
     }
 }
 
-/// The answer to a successful spray.
-#[derive(Debug, Clone)]
-pub struct CreatedSpray {
-    pub token: Token,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-    pub receive_until: chrono::DateTime<chrono::Utc>,
-    pub lookup_until: chrono::DateTime<chrono::Utc>,
-}
-
-/// Renders the answer to a spray, to be kept with it for idempotent retries. The token is
-/// only known once drawn, so the answer is rendered for each attempt.
-pub type RenderSpray = fn(&CreatedSpray) -> StoredAnswer;
+/// The answer to a successful spray (what the store records as its effect).
+pub use crate::store::CreatedSpray;
 
 /// Everything that can go wrong in the service, before it becomes problem+json.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +100,7 @@ impl SprayService {
     pub async fn spray(
         &self,
         command: SprayCommand,
-        idempotency: Option<(PendingKey, RenderSpray)>,
+        idempotency: Option<PendingKey>,
     ) -> Result<CreatedSpray, ServiceError> {
         let mut rng = self.randomness.generator().map_err(ServiceError::NoToken)?;
         let (amount, count) = (command.amount(), command.recipient_count());
@@ -158,7 +146,7 @@ impl SprayService {
         user: UserId,
         room: RoomId,
         token: Token,
-        idempotency: Option<IdempotencyWrite>,
+        idempotency: Option<PendingKey>,
     ) -> Result<Amount, ServiceError> {
         let claim = Claim {
             room,
@@ -231,7 +219,7 @@ impl SprayWriter {
     async fn write(
         self,
         draft: SprayDraft,
-        idempotency: Option<(PendingKey, RenderSpray)>,
+        idempotency: Option<PendingKey>,
     ) -> Result<CreatedSpray, ServiceError> {
         for _ in 0..TOKEN_ATTEMPTS {
             let token = self
@@ -249,23 +237,10 @@ impl SprayWriter {
                 receive_until: draft.receive_until,
                 lookup_until: draft.lookup_until,
             };
-            let created = CreatedSpray {
-                token,
-                created_at: draft.created_at,
-                receive_until: draft.receive_until,
-                lookup_until: draft.lookup_until,
-            };
-            let write = idempotency.as_ref().map(|(pending, render)| {
-                let answer = render(&created);
-                IdempotencyWrite {
-                    pending: pending.clone(),
-                    render: Arc::new(move |_| answer.clone()),
-                }
-            });
-            match self.store.insert_spray(&spray, write.as_ref()).await {
+            match self.store.insert_spray(&spray, idempotency.as_ref()).await {
                 Ok(spray_id) => {
                     self.claims.sprayed(spray_id, &spray).await;
-                    return Ok(created);
+                    return Ok(spray.created());
                 }
                 Err(StoreError::TokenTaken) => {
                     tracing::debug!("token collision, drawing another");

@@ -83,7 +83,11 @@ async fn spray(client: reqwest::Client, url: String, sprayer: i64, outcomes: Arc
         _ => None,
     };
     if let Some(token) = token {
-        outcomes.lock().expect("outcomes lock").sprays.push((sprayer, token));
+        outcomes
+            .lock()
+            .expect("outcomes lock")
+            .sprays
+            .push((sprayer, token));
     }
 }
 

@@ -18,9 +18,7 @@ use super::{ClaimPath, RedisStatus};
 use crate::domain::ReceiveRefusal;
 use crate::domain::rules::window_open;
 use crate::gate::{GateKeys, GateVerdict, RedisGate};
-use crate::store::{
-    Claim, ClaimOutcome, ClaimSnapshot, IdempotencyWrite, NewSpray, SlotClaim, Store, StoreError,
-};
+use crate::store::{Claim, ClaimOutcome, ClaimSnapshot, NewSpray, PendingKey, SlotClaim, Store, StoreError};
 use crate::telemetry;
 
 pub struct GatedClaim {
@@ -39,7 +37,7 @@ impl GatedClaim {
     async fn sql_claim(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         telemetry::record_gate_fallback();
         self.store.claim_share(claim, idempotency).await
@@ -52,7 +50,7 @@ impl GatedClaim {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         let recorded = self.store.claim_slot(claim, spray_id, slot, idempotency).await;
         match recorded {
@@ -89,7 +87,7 @@ impl ClaimPath for GatedClaim {
     async fn claim(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         let keys = self.gate.keys(&claim.room, &claim.token);
         // One rebuild per request at most: if the keys vanish again at once (Redis being

@@ -19,7 +19,7 @@ use chrono::TimeDelta;
 pub use gated::GatedClaim;
 pub use sql::SqlClaim;
 
-use crate::store::{Claim, ClaimOutcome, IdempotencyWrite, NewSpray, StoreError};
+use crate::store::{Claim, ClaimOutcome, NewSpray, PendingKey, StoreError};
 
 /// Whether Redis answers, for `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ pub trait ClaimPath: Send + Sync + 'static {
     async fn claim(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError>;
 
     /// A new spray was written under `spray_id`: get ready for its claims. Best effort.

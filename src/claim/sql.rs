@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{ClaimPath, RedisStatus};
-use crate::store::{Claim, ClaimOutcome, IdempotencyWrite, NewSpray, Store, StoreError};
+use crate::store::{Claim, ClaimOutcome, NewSpray, PendingKey, Store, StoreError};
 
 pub struct SqlClaim {
     store: Arc<dyn Store>,
@@ -22,7 +22,7 @@ impl ClaimPath for SqlClaim {
     async fn claim(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         self.store.claim_share(claim, idempotency).await
     }

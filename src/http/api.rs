@@ -18,8 +18,8 @@ use super::idempotency::respond;
 use super::middleware::EffectStarted;
 use super::openapi::{IdempotencyHeader, IdentityHeaders};
 use crate::domain::{Amount, SplitMode, SprayCommand, SprayStatus, Token, UserId};
-use crate::service::{CreatedSpray, RenderSpray, SprayService};
-use crate::store::{IdempotencyWrite, PendingKey, StoredAnswer};
+use crate::service::{CreatedSpray, SprayService};
+use crate::store::{Effect, PendingKey, StoredAnswer};
 
 /// `POST /api/v1/spray`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -148,7 +148,16 @@ fn parse_token(text: &str) -> Result<Token, ApiError> {
     Token::parse(text).ok_or_else(|| ApiError::invalid("token must be exactly 3 characters of A-Z, a-z, 0-9"))
 }
 
-/// The answer to a spray, as sent and as kept for idempotent retries: the same bytes.
+/// The answer to an effect, as sent the first time and to every retry under its
+/// idempotency key: the same bytes.
+pub(super) fn effect_answer(effect: &Effect) -> StoredAnswer {
+    match effect {
+        Effect::Sprayed(created) => spray_answer(created),
+        Effect::Received(amount) => received_answer(*amount),
+    }
+}
+
+/// The answer to a spray.
 fn spray_answer(created: &CreatedSpray) -> StoredAnswer {
     let body = SprayCreated {
         token: created.token.clone(),
@@ -164,7 +173,7 @@ fn spray_answer(created: &CreatedSpray) -> StoredAnswer {
     }
 }
 
-/// The answer to a receive, as sent and as kept for idempotent retries: the same bytes.
+/// The answer to a receive.
 fn received_answer(received_amount: Amount) -> StoredAnswer {
     StoredAnswer {
         status: StatusCode::OK.as_u16(),
@@ -214,15 +223,14 @@ pub async fn create_spray(
     )
     .map_err(ApiError::InvalidRequest)?;
     let mode = command.mode();
-    let render: RenderSpray = spray_answer;
-    let kept = idempotency.map(|Extension(pending)| (pending, render));
+    let kept = idempotency.map(|Extension(pending)| pending);
     if let Some(Extension(effect)) = effect {
         effect.mark();
     }
     let created = service.spray(command, kept).await?;
     tracing::Span::current().record("token", created.token.as_str());
     crate::telemetry::record_spray_created(mode);
-    respond(spray_answer(&created), false)
+    respond(effect_answer(&Effect::Sprayed(created)), false)
 }
 
 /// Receive a share
@@ -254,16 +262,13 @@ pub async fn receive(
     let room = caller.required_room(body.room_id.as_deref(), "room_id")?;
     let token = parse_token(&body.token)?;
     tracing::Span::current().record("token", token.as_str());
-    let kept = idempotency.map(|Extension(pending)| IdempotencyWrite {
-        pending,
-        render: Arc::new(received_answer),
-    });
+    let kept = idempotency.map(|Extension(pending)| pending);
     if let Some(Extension(effect)) = effect {
         effect.mark();
     }
     let received_amount = service.receive(caller.user, room, token, kept).await?;
     crate::telemetry::record_claim();
-    respond(received_answer(received_amount), false)
+    respond(effect_answer(&Effect::Received(received_amount)), false)
 }
 
 /// Look a spray up (the sprayer only)

@@ -46,7 +46,7 @@ use super::error::ApiError;
 use super::extract::CheckedBody;
 use crate::domain::{Endpoint, Fingerprint, IdempotencyKey};
 use crate::service::ServiceError;
-use crate::store::{Begin, IdempotentRequest, PendingKey, Store, StoredAnswer};
+use crate::store::{Begin, IdempotentRequest, Kept, PendingKey, Store, StoredAnswer};
 
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -123,7 +123,13 @@ pub async fn guard(
     };
     let refused = match store.begin_idempotent(&begin).await {
         Ok(Begin::Run(_)) => None,
-        Ok(Begin::Replay(answer)) => Some(respond(answer, true).unwrap_or_else(IntoResponse::into_response)),
+        Ok(Begin::Replay(kept)) => {
+            let answer = match kept {
+                Kept::Effect(effect) => super::api::effect_answer(&effect),
+                Kept::Answer(answer) => answer,
+            };
+            Some(respond(answer, true).unwrap_or_else(IntoResponse::into_response))
+        }
         Ok(Begin::KeyReused) => Some(ApiError::IdempotencyKeyReused.into_response()),
         Ok(Begin::InProgress) => Some(ApiError::IdempotencyInProgress.into_response()),
         // The insert may have committed before the error reached us: `held` releases it.

@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::commit::{TakenShare, Written, commit_and_confirm};
-use super::{Claim, ClaimOutcome, IdempotencyWrite, NewSpray, SettleOutcome, SlotClaim, StoreError};
+use super::{Claim, ClaimOutcome, NewSpray, PendingKey, SettleOutcome, SlotClaim, StoreError};
 use crate::domain::ReceiveRefusal;
 
 /// The most writes one transaction holds. A batch this size holds its write lock for a
@@ -45,19 +45,19 @@ pub(super) enum WriteOp {
     /// `Store::insert_spray`.
     Spray {
         spray: NewSpray,
-        idempotency: Option<IdempotencyWrite>,
+        idempotency: Option<PendingKey>,
     },
     /// `Store::claim_share`: the SQL-only claim.
     ClaimShare {
         claim: Claim,
-        idempotency: Option<IdempotencyWrite>,
+        idempotency: Option<PendingKey>,
     },
     /// `Store::claim_slot`: the gate's point update.
     ClaimSlot {
         claim: Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<IdempotencyWrite>,
+        idempotency: Option<PendingKey>,
     },
     /// `Store::settle_spray`.
     Settle {
@@ -96,7 +96,10 @@ impl WriteOutcome {
             (
                 WriteOutcome::ClaimedSlot(SlotClaim::Received(amount)),
                 WriteOp::ClaimSlot {
-                    claim, spray_id, slot, ..
+                    claim,
+                    spray_id,
+                    slot,
+                    ..
                 },
             ) => Keep::Yes(Some(Written::share(
                 &TakenShare {
@@ -108,7 +111,9 @@ impl WriteOutcome {
             ))),
             // A settlement is not read back: nobody is answered, and the next sweeper pass
             // settles the spray or finds it settled (the update is conditional).
-            (WriteOutcome::Settled(SettleOutcome::Refunded(_) | SettleOutcome::Completed), _) => Keep::Yes(None),
+            (WriteOutcome::Settled(SettleOutcome::Refunded(_) | SettleOutcome::Completed), _) => {
+                Keep::Yes(None)
+            }
             _ => Keep::No,
         }
     }
@@ -131,8 +136,11 @@ pub(super) trait BatchWriter: Send + Sync + 'static {
     ) -> Result<WriteOutcome, StoreError>;
 
     /// Runs a statement without arguments in `tx` (the savepoints).
-    async fn execute(&self, tx: &mut sqlx::Transaction<'static, Self::Db>, statement: &'static str)
-    -> Result<(), StoreError>;
+    async fn execute(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Self::Db>,
+        statement: &'static str,
+    ) -> Result<(), StoreError>;
 
     /// Whether `written` is in the database, read on a connection of its own.
     async fn landed(&self, written: Written) -> Result<bool, StoreError>;
@@ -202,10 +210,16 @@ pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp,
         let ended = match keep {
             Keep::Yes(what) => {
                 written = written.or(what);
-                writer.execute(&mut tx, "RELEASE SAVEPOINT w").await.map(|()| true)
+                writer
+                    .execute(&mut tx, "RELEASE SAVEPOINT w")
+                    .await
+                    .map(|()| true)
             }
             Keep::No => match writer.execute(&mut tx, "ROLLBACK TO SAVEPOINT w").await {
-                Ok(()) => writer.execute(&mut tx, "RELEASE SAVEPOINT w").await.map(|()| false),
+                Ok(()) => writer
+                    .execute(&mut tx, "RELEASE SAVEPOINT w")
+                    .await
+                    .map(|()| false),
                 Err(e) => Err(e),
             },
         };
@@ -235,7 +249,11 @@ pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp,
             let failed = unavailable(&e);
             for r in ran {
                 // A refusal stands as it was decided; only what was to be kept is lost.
-                let answer = if r.kept { Err(failed.clone_for_reply()) } else { r.outcome };
+                let answer = if r.kept {
+                    Err(failed.clone_for_reply())
+                } else {
+                    r.outcome
+                };
                 let _ = r.reply.send(answer);
             }
         }

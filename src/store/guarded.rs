@@ -19,8 +19,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ClaimSnapshot;
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencyWrite, IdempotentRequest, NewSpray, PendingKey, PoolUse,
-    SettleOutcome, SlotClaim, SprayLookup, Store, StoreError, StoredAnswer,
+    Begin, Claim, ClaimOutcome, IdempotentRequest, NewSpray, PendingKey, PoolUse, SettleOutcome, SlotClaim,
+    SprayLookup, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, RoomId, SprayRecord, Token, UserId};
 use crate::telemetry::metrics::{StoreCallAdmitted, record_store_shed, time_store};
@@ -67,7 +67,7 @@ impl Store for GuardedStore {
     async fn insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<i64, StoreError> {
         let _admitted = self.admit()?;
         time_store("insert_spray", self.inner.insert_spray(spray, idempotency)).await
@@ -76,7 +76,7 @@ impl Store for GuardedStore {
     async fn claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         let _admitted = self.admit()?;
         time_store("claim_share", self.inner.claim_share(claim, idempotency)).await
@@ -113,7 +113,7 @@ impl Store for GuardedStore {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<SlotClaim, StoreError> {
         let _admitted = self.admit()?;
         time_store(

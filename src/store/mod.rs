@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 
 pub use error::StoreError;
 pub use guarded::GuardedStore;
-pub use idempotency::{Begin, IdempotencyWrite, IdempotentRequest, PendingKey, RenderAnswer, StoredAnswer};
+pub use idempotency::{Begin, Effect, IdempotentRequest, Kept, PendingKey, StoredAnswer};
 
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SplitMode, SprayRecord, Token, UserId};
 
@@ -35,6 +35,27 @@ pub struct NewSpray {
     pub mode: SplitMode,
     pub total_amount: Amount,
     pub shares: Vec<Amount>,
+    pub created_at: DateTime<Utc>,
+    pub receive_until: DateTime<Utc>,
+    pub lookup_until: DateTime<Utc>,
+}
+
+impl NewSpray {
+    /// What writing this spray did, as its sprayer is answered.
+    pub fn created(&self) -> CreatedSpray {
+        CreatedSpray {
+            token: self.token.clone(),
+            created_at: self.created_at,
+            receive_until: self.receive_until,
+            lookup_until: self.lookup_until,
+        }
+    }
+}
+
+/// A spray written: its token and its windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSpray {
+    pub token: Token,
     pub created_at: DateTime<Utc>,
     pub receive_until: DateTime<Utc>,
     pub lookup_until: DateTime<Utc>,
@@ -89,23 +110,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes the spray, its shares and the sprayer's DEBIT in one transaction, and
     /// returns the new spray's id. `StoreError::TokenTaken` when a live spray of the room or of the sprayer holds the
-    /// token; nothing is written then. With `idempotency`, the same transaction completes
-    /// that pending row with the answer (rendered with the spray's amount).
+    /// token; nothing is written then. With `idempotency`, the same transaction records the
+    /// spray on that pending row ([`Effect::Sprayed`]).
     async fn insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<i64, StoreError>;
 
     /// Applies the receive rules and, if they allow it, gives the caller one free share
     /// and records the CREDIT, all in one transaction. A settled spray counts as closed
     /// (rule 4), whatever `claim.now` says. With `idempotency`, a claim that takes a share
-    /// completes that pending row, in the same transaction, with the answer rendered from
-    /// the share's amount; a refused claim leaves the row to the caller.
+    /// records it on that pending row in the same transaction ([`Effect::Received`]); a
+    /// refused claim leaves the row to the caller.
     async fn claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError>;
 
     /// The newest spray under this key, with its receipts in order of receipt.
@@ -130,14 +151,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records that `claim.user` received the share in `slot`, if that share is still
     /// free, the window is still open at `claim.now` and the spray is not settled: one
-    /// point update and the CREDIT (and, with `idempotency`, the kept answer), in one
+    /// point update and the CREDIT (and, with `idempotency`, the kept effect), in one
     /// transaction.
     async fn claim_slot(
         &self,
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<SlotClaim, StoreError>;
 
     /// The share `user` holds in the spray, if any (one indexed read).

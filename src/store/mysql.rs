@@ -33,8 +33,8 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencyWrite, IdempotentRequest, NewSpray, PendingKey, PoolUse,
-    SettleOutcome, SlotClaim, SprayLookup, Store, StoreError, StoredAnswer,
+    Begin, Claim, ClaimOutcome, IdempotentRequest, NewSpray, PendingKey, PoolUse, SettleOutcome, SlotClaim,
+    SprayLookup, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 
@@ -78,7 +78,7 @@ impl MySqlStore {
     async fn try_insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = portable::spray_in(&mut tx, spray, idempotency).await;
@@ -113,7 +113,7 @@ impl MySqlStore {
     async fn try_claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = portable::claim_share_in(&mut tx, claim, idempotency).await;
@@ -127,13 +127,13 @@ impl MySqlStore {
     }
 
     /// The gate's point update: the spray row first, under the same shared lock as every
-    /// claim (see the module doc), then the one share, then the kept answer.
+    /// claim (see the module doc), then the one share, then the kept effect.
     async fn try_claim_slot(
         &self,
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<SlotClaim, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outcome = portable::claim_given_slot_in(&mut tx, claim, spray_id, slot, idempotency).await;
@@ -263,7 +263,7 @@ impl Store for MySqlStore {
     async fn insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<i64, StoreError> {
         retrying!(self.try_insert_spray(spray, idempotency))
     }
@@ -271,7 +271,7 @@ impl Store for MySqlStore {
     async fn claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         retrying!(self.try_claim_share(claim, idempotency))
     }
@@ -311,7 +311,7 @@ impl Store for MySqlStore {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<SlotClaim, StoreError> {
         retrying!(self.try_claim_slot(claim, spray_id, slot, idempotency))
     }

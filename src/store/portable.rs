@@ -23,26 +23,27 @@ macro_rules! portable_sql_functions {
         use crate::store::StoreError;
 
         /// A new spray in the caller's transaction: its row, its shares, the sprayer's
-        /// DEBIT and, with `idempotency`, the kept answer. Its id.
+        /// DEBIT and, with `idempotency`, the kept effect. Its id.
         pub async fn spray_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             spray: &crate::store::NewSpray,
-            idempotency: Option<&crate::store::IdempotencyWrite>,
+            idempotency: Option<&crate::store::PendingKey>,
         ) -> Result<i64, StoreError> {
             let spray_id = $insert_spray_row(tx, spray).await?;
             insert_shares_and_debit_in(tx, spray_id, spray).await?;
-            complete_in(tx, idempotency, spray.total_amount, spray.created_at).await?;
+            let effect = crate::store::Effect::Sprayed(spray.created());
+            record_effect_in(tx, idempotency, &effect, spray.created_at).await?;
             Ok(spray_id)
         }
 
         /// The SQL-only claim in the caller's transaction: rules 1 to 4, settlement,
         /// rule 5 (the dialect's way to take a free share), the CREDIT and, with
-        /// `idempotency`, the kept answer. The share taken (its slot kept, to find it again
+        /// `idempotency`, the kept effect. The share taken (its slot kept, to find it again
         /// if the commit fails), or the rule that refused it.
         pub async fn claim_share_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
-            idempotency: Option<&crate::store::IdempotencyWrite>,
+            idempotency: Option<&crate::store::PendingKey>,
         ) -> Result<Result<crate::store::commit::TakenShare, crate::domain::ReceiveRefusal>, StoreError> {
             use crate::domain::ReceiveRefusal;
             let (spray_id, recipient_count) = match receive_rules_in(tx, claim).await? {
@@ -61,7 +62,13 @@ macro_rules! portable_sql_functions {
                 Err(refusal) => return Ok(Err(refusal)),
             };
             credit_in(tx, spray_id, claim, amount).await?;
-            complete_in(tx, idempotency, amount, claim.now).await?;
+            record_effect_in(
+                tx,
+                idempotency,
+                &crate::store::Effect::Received(amount),
+                claim.now,
+            )
+            .await?;
             Ok(Ok(crate::store::commit::TakenShare {
                 spray_id,
                 slot,
@@ -70,13 +77,13 @@ macro_rules! portable_sql_functions {
         }
 
         /// The gate's claim of one slot in the caller's transaction: settlement first (see
-        /// `unsettled_in`), then the point update and its CREDIT, then the kept answer.
+        /// `unsettled_in`), then the point update and its CREDIT, then the kept effect.
         pub async fn claim_given_slot_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
             spray_id: i64,
             slot: i64,
-            idempotency: Option<&crate::store::IdempotencyWrite>,
+            idempotency: Option<&crate::store::PendingKey>,
         ) -> Result<crate::store::SlotClaim, StoreError> {
             use crate::store::SlotClaim;
             if !unsettled_in(tx, spray_id).await? {
@@ -84,7 +91,13 @@ macro_rules! portable_sql_functions {
             }
             match claim_slot_in(tx, claim, spray_id, slot).await? {
                 SlotClaim::Received(amount) => {
-                    complete_in(tx, idempotency, amount, claim.now).await?;
+                    record_effect_in(
+                        tx,
+                        idempotency,
+                        &crate::store::Effect::Received(amount),
+                        claim.now,
+                    )
+                    .await?;
                     Ok(SlotClaim::Received(amount))
                 }
                 other => Ok(other),
@@ -359,20 +372,28 @@ macro_rules! portable_sql_functions {
             Ok(done.rows_affected())
         }
 
-        /// Completes the idempotency row, if any, with the answer rendered from `amount`,
-        /// inside the effect's transaction: the money and the kept answer commit together.
-        /// A lost lease (the row was taken over) fails the whole transaction.
-        pub async fn complete_in(
+        /// Records `effect` on the pending idempotency row, if any, inside the effect's
+        /// transaction: the money and what a retry is answered from commit together. A lost
+        /// lease (the row was taken over) fails the whole transaction.
+        pub async fn record_effect_in(
             tx: &mut sqlx::Transaction<'static, $db>,
-            idempotency: Option<&crate::store::IdempotencyWrite>,
-            amount: crate::domain::Amount,
+            pending: Option<&crate::store::PendingKey>,
+            effect: &crate::store::Effect,
             now: chrono::DateTime<chrono::Utc>,
         ) -> Result<(), StoreError> {
-            let Some(write) = idempotency else {
+            let Some(pending) = pending else {
                 return Ok(());
             };
-            let answer = (write.render)(amount);
-            if complete_row(&mut **tx, &write.pending, &answer, now).await? == 1 {
+            let recorded = sqlx::query(crate::store::idempotency::RECORD_EFFECT_SQL)
+                .bind(effect.to_column()?)
+                .bind(crate::store::convert::millis(now))
+                .bind(pending.user.get())
+                .bind(pending.endpoint.as_str())
+                .bind(pending.key.as_str())
+                .bind(pending.lease)
+                .execute(&mut **tx)
+                .await?;
+            if recorded.rows_affected() == 1 {
                 Ok(())
             } else {
                 Err(crate::store::idempotency::lease_lost())

@@ -24,8 +24,8 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::{
-    Begin, Claim, ClaimOutcome, IdempotencyWrite, IdempotentRequest, NewSpray, PendingKey, PoolUse,
-    SettleOutcome, SlotClaim, SprayLookup, Store, StoreError, StoredAnswer,
+    Begin, Claim, ClaimOutcome, IdempotentRequest, NewSpray, PendingKey, PoolUse, SettleOutcome, SlotClaim,
+    SprayLookup, Store, StoreError, StoredAnswer,
 };
 use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
 
@@ -58,7 +58,11 @@ impl BatchWriter for BatchedWrites {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    async fn run(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+    async fn run(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Sqlite>,
+        op: &WriteOp,
+    ) -> Result<WriteOutcome, StoreError> {
         // The single writer orders every write, settlements included, and each sees all
         // the writes before it (in this batch or committed).
         Ok(match op {
@@ -76,11 +80,17 @@ impl BatchWriter for BatchedWrites {
             } => WriteOutcome::ClaimedSlot(
                 portable::claim_given_slot_in(tx, claim, *spray_id, *slot, idempotency.as_ref()).await?,
             ),
-            WriteOp::Settle { spray_id, now } => WriteOutcome::Settled(portable::settle_in(tx, *spray_id, *now).await?),
+            WriteOp::Settle { spray_id, now } => {
+                WriteOutcome::Settled(portable::settle_in(tx, *spray_id, *now).await?)
+            }
         })
     }
 
-    async fn execute(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, statement: &'static str) -> Result<(), StoreError> {
+    async fn execute(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Sqlite>,
+        statement: &'static str,
+    ) -> Result<(), StoreError> {
         sqlx::raw_sql(statement).execute(&mut **tx).await?;
         Ok(())
     }
@@ -145,7 +155,7 @@ impl Store for SqliteStore {
     async fn insert_spray(
         &self,
         spray: &NewSpray,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<i64, StoreError> {
         let op = WriteOp::Spray {
             spray: spray.clone(),
@@ -157,7 +167,7 @@ impl Store for SqliteStore {
     async fn claim_share(
         &self,
         claim: &Claim,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
         let op = WriteOp::ClaimShare {
             claim: claim.clone(),
@@ -207,7 +217,7 @@ impl Store for SqliteStore {
         claim: &Claim,
         spray_id: i64,
         slot: i64,
-        idempotency: Option<&IdempotencyWrite>,
+        idempotency: Option<&PendingKey>,
     ) -> Result<SlotClaim, StoreError> {
         let op = WriteOp::ClaimSlot {
             claim: claim.clone(),
@@ -229,7 +239,10 @@ impl Store for SqliteStore {
     async fn settle_spray(&self, spray_id: i64, now: DateTime<Utc>) -> Result<SettleOutcome, StoreError> {
         // Through the single writer like the claims: no claim runs while it does, and every
         // claim after it sees `settled_at` (see `portable::unsettled_in`).
-        self.batches.write(WriteOp::Settle { spray_id, now }).await?.settled()
+        self.batches
+            .write(WriteOp::Settle { spray_id, now })
+            .await?
+            .settled()
     }
 
     async fn purge_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
@@ -427,6 +440,7 @@ mod tests {
 
     use super::*;
     use crate::domain::SplitMode;
+    use crate::store::{Effect, Kept};
 
     async fn landed(store: &SqliteStore, written: Written) -> Result<bool, StoreError> {
         portable::landed(&store.reader, &written).await
@@ -533,7 +547,7 @@ mod tests {
         }
     }
 
-    fn claim_op(claim: Claim, idempotency: Option<IdempotencyWrite>) -> WriteOp {
+    fn claim_op(claim: Claim, idempotency: Option<PendingKey>) -> WriteOp {
         WriteOp::ClaimShare { claim, idempotency }
     }
 
@@ -558,14 +572,19 @@ mod tests {
     }
 
     async fn receivers(store: &SqliteStore) -> Vec<i64> {
-        sqlx::query_scalar("SELECT receiver_id FROM shares WHERE receiver_id IS NOT NULL ORDER BY receiver_id")
-            .fetch_all(&store.reader)
-            .await
-            .unwrap()
+        sqlx::query_scalar(
+            "SELECT receiver_id FROM shares WHERE receiver_id IS NOT NULL ORDER BY receiver_id",
+        )
+        .fetch_all(&store.reader)
+        .await
+        .unwrap()
     }
 
     async fn credits(store: &SqliteStore) -> i64 {
-        store.count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'").await.unwrap()
+        store
+            .count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'")
+            .await
+            .unwrap()
     }
 
     fn writer_of(store: &SqliteStore) -> BatchedWrites {
@@ -575,22 +594,14 @@ mod tests {
         }
     }
 
-    /// An idempotency write for a pending row that does not exist: its lease counts as
-    /// lost, which fails the write it is part of.
-    fn lost_lease(user: i64) -> IdempotencyWrite {
-        IdempotencyWrite {
-            pending: PendingKey {
-                user: UserId::from_stored(user).unwrap(),
-                endpoint: crate::domain::Endpoint::Receive,
-                key: crate::domain::IdempotencyKey::parse("gone").unwrap(),
-                lease: 1,
-            },
-            render: std::sync::Arc::new(|_| StoredAnswer {
-                status: 200,
-                content_type: "application/json".into(),
-                location: None,
-                body: b"{}".to_vec(),
-            }),
+    /// A pending row that does not exist: its lease counts as lost, which fails the write
+    /// it is part of.
+    fn lost_lease(user: i64) -> PendingKey {
+        PendingKey {
+            user: UserId::from_stored(user).unwrap(),
+            endpoint: crate::domain::Endpoint::Receive,
+            key: crate::domain::IdempotencyKey::parse("gone").unwrap(),
+            lease: 1,
         }
     }
 
@@ -621,14 +632,27 @@ mod tests {
             .into_iter()
             .map(|a| a.map(|o| format!("{o:?}")).map_err(|e| e.to_string()))
             .collect();
-        assert!(outcomes[0].as_ref().unwrap().starts_with("Claimed(Ok("), "{outcomes:?}");
+        assert!(
+            outcomes[0].as_ref().unwrap().starts_with("Claimed(Ok("),
+            "{outcomes:?}"
+        );
         assert_eq!(outcomes[1].as_deref(), Ok("Claimed(Err(OwnSpray))"));
         assert_eq!(outcomes[2].as_deref(), Ok("Claimed(Err(AlreadyReceived))"));
         assert!(outcomes[3].is_err(), "{outcomes:?}");
-        assert!(outcomes[4].as_ref().is_err_and(|e| e.contains("token")), "{outcomes:?}");
-        assert!(outcomes[5].as_ref().unwrap().starts_with("Claimed(Ok("), "{outcomes:?}");
+        assert!(
+            outcomes[4].as_ref().is_err_and(|e| e.contains("token")),
+            "{outcomes:?}"
+        );
+        assert!(
+            outcomes[5].as_ref().unwrap().starts_with("Claimed(Ok("),
+            "{outcomes:?}"
+        );
 
-        assert_eq!(receivers(&store).await, vec![2, 4], "user 3's share was rolled back alone");
+        assert_eq!(
+            receivers(&store).await,
+            vec![2, 4],
+            "user 3's share was rolled back alone"
+        );
         assert_eq!(credits(&store).await, 2);
         assert_eq!(store.count("SELECT COUNT(*) FROM sprays").await.unwrap(), 1);
         assert!(crate::audit::run(&store).await.unwrap().is_clean());
@@ -647,16 +671,27 @@ mod tests {
             let mut tx = self.0.begin().await?;
             self.0.execute(&mut tx, "PRAGMA defer_foreign_keys = ON").await?;
             self.0
-                .execute(&mut tx, "INSERT INTO shares (spray_id, slot, amount) VALUES (-1, 0, 1)")
+                .execute(
+                    &mut tx,
+                    "INSERT INTO shares (spray_id, slot, amount) VALUES (-1, 0, 1)",
+                )
                 .await?;
             Ok(tx)
         }
 
-        async fn run(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+        async fn run(
+            &self,
+            tx: &mut sqlx::Transaction<'static, Sqlite>,
+            op: &WriteOp,
+        ) -> Result<WriteOutcome, StoreError> {
             self.0.run(tx, op).await
         }
 
-        async fn execute(&self, tx: &mut sqlx::Transaction<'static, Sqlite>, statement: &'static str) -> Result<(), StoreError> {
+        async fn execute(
+            &self,
+            tx: &mut sqlx::Transaction<'static, Sqlite>,
+            statement: &'static str,
+        ) -> Result<(), StoreError> {
             self.0.execute(tx, statement).await
         }
 
@@ -678,15 +713,6 @@ mod tests {
             abandoned_before: now - TimeDelta::seconds(10),
             lease: 1,
         };
-        let keyed = |pending: PendingKey| IdempotencyWrite {
-            pending,
-            render: std::sync::Arc::new(|amount: Amount| StoredAnswer {
-                status: 200,
-                content_type: "application/json".into(),
-                location: None,
-                body: format!("{{\"received_amount\":{}}}", amount.units()).into_bytes(),
-            }),
-        };
         let Begin::Run(pending) = store.begin_idempotent(&request).await.unwrap() else {
             panic!("a new key runs");
         };
@@ -694,33 +720,51 @@ mod tests {
         let answers = one_batch(
             &CommitFails(writer_of(&store)),
             vec![
-                claim_op(claim(2), Some(keyed(pending.clone()))),
+                claim_op(claim(2), Some(pending.clone())),
                 claim_op(claim(3), None),
                 claim_op(claim(1), None),
             ],
         )
         .await;
-        assert!(matches!(answers[0], Err(StoreError::Unavailable(_))), "{:?}", answers[0]);
-        assert!(matches!(answers[1], Err(StoreError::Unavailable(_))), "{:?}", answers[1]);
         assert!(
-            matches!(answers[2], Ok(WriteOutcome::Claimed(Err(ReceiveRefusal::OwnSpray)))),
+            matches!(answers[0], Err(StoreError::Unavailable(_))),
+            "{:?}",
+            answers[0]
+        );
+        assert!(
+            matches!(answers[1], Err(StoreError::Unavailable(_))),
+            "{:?}",
+            answers[1]
+        );
+        assert!(
+            matches!(
+                answers[2],
+                Ok(WriteOutcome::Claimed(Err(ReceiveRefusal::OwnSpray)))
+            ),
             "a refusal stands: {:?}",
             answers[2]
         );
-        assert_eq!(receivers(&store).await, Vec::<i64>::new(), "nothing of the batch was written");
+        assert_eq!(
+            receivers(&store).await,
+            Vec::<i64>::new(),
+            "nothing of the batch was written"
+        );
         assert_eq!(credits(&store).await, 0);
 
         // What the HTTP layer does after a 503: release the key, so the retry runs afresh.
         store.release_idempotent(&pending).await.unwrap();
-        let retry = IdempotentRequest { lease: 2, ..request.clone() };
+        let retry = IdempotentRequest {
+            lease: 2,
+            ..request.clone()
+        };
         let Begin::Run(pending) = store.begin_idempotent(&retry).await.unwrap() else {
             panic!("the retry runs");
         };
-        let received = store.claim_share(&claim(2), Some(&keyed(pending))).await.unwrap();
+        let received = store.claim_share(&claim(2), Some(&pending)).await.unwrap();
         assert_eq!(received, ClaimOutcome::Received(Amount::new(5)));
         let again = IdempotentRequest { lease: 3, ..request };
         match store.begin_idempotent(&again).await.unwrap() {
-            Begin::Replay(answer) => assert_eq!(answer.body, b"{\"received_amount\":5}"),
+            Begin::Replay(kept) => assert_eq!(kept, Kept::Effect(Effect::Received(Amount::new(5)))),
             other => panic!("the second retry replays, got {other:?}"),
         }
         assert_eq!(receivers(&store).await, vec![2], "paid exactly once");

@@ -7,7 +7,7 @@ use chrono::TimeDelta;
 use serde_json::json;
 use spray::domain::{Amount, Endpoint, Fingerprint, IdempotencyKey, RoomId, SplitMode, Token, UserId};
 use spray::jobs::{purge_idempotency_once, settle_expired_once};
-use spray::store::{Begin, IdempotencyWrite, IdempotentRequest, NewSpray, StoredAnswer};
+use spray::store::{Begin, IdempotentRequest, NewSpray, StoredAnswer};
 
 use crate::common::{Answer, OWNER, ROOM, TestApp};
 
@@ -329,20 +329,16 @@ async fn a_request_still_running_answers_in_progress_until_it_counts_as_abandone
         receive_until: app.now() + TimeDelta::minutes(10),
         lookup_until: app.now() + TimeDelta::days(7),
     };
-    let stale_answer = |_| StoredAnswer {
-        status: 201,
-        content_type: "application/json".into(),
+    let stale_answer = StoredAnswer {
+        status: 409,
+        content_type: "application/problem+json".into(),
         location: None,
         body: b"{}".to_vec(),
     };
-    let write = IdempotencyWrite {
-        pending: stale.clone(),
-        render: std::sync::Arc::new(stale_answer),
-    };
-    assert!(app.store.insert_spray(&spray, Some(&write)).await.is_err());
+    assert!(app.store.insert_spray(&spray, Some(&stale)).await.is_err());
     assert!(
         !app.store
-            .finish_idempotent(&stale, &stale_answer(Amount::ZERO), app.now())
+            .finish_idempotent(&stale, &stale_answer, app.now())
             .await
             .unwrap()
     );

@@ -34,8 +34,11 @@ async fn a_cancelled_request_releases_its_key_so_the_retry_runs() {
         })
     };
     // The key is pending while the claim waits; then the client goes away.
-    app.eventually_count("SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL", 1)
-        .await;
+    app.eventually_count(
+        "SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL AND effect IS NULL",
+        1,
+    )
+    .await;
     request.abort();
     assert!(request.await.unwrap_err().is_cancelled());
     app.eventually_count("SELECT COUNT(*) FROM idempotency", 0).await;

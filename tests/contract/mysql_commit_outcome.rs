@@ -154,7 +154,7 @@ async fn a_key_whose_release_failed_is_free_again_as_soon_as_the_database_is_bac
     let answer = receive_keyed(&app, &token, "outage").await;
     assert_eq!(proxy.fired(), 1, "the database went away at BEGIN");
     answer.assert_problem(503, "UNAVAILABLE");
-    let pending = "SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL";
+    let pending = "SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL AND effect IS NULL";
     assert_eq!(
         direct_count(&app, pending).await,
         1,

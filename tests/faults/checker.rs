@@ -66,7 +66,7 @@ type LedgerTuple = (i64, String, i64, i64);
 const SPRAYS_SQL: &str = "SELECT id, room_id, token, owner_id, total_amount, recipient_count, settled_at, refunded_amount FROM sprays";
 const SHARES_SQL: &str = "SELECT spray_id, slot, amount, receiver_id, received_at FROM shares";
 const LEDGER_SQL: &str = "SELECT spray_id, kind, user_id, amount FROM ledger";
-const PENDING_SQL: &str = "SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL";
+const PENDING_SQL: &str = "SELECT COUNT(*) FROM idempotency WHERE status_code IS NULL AND effect IS NULL";
 
 /// The same reads on either backend (the pools are of different types).
 macro_rules! read_store {

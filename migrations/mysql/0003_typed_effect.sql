@@ -1,0 +1,8 @@
+-- The effect an idempotent request had (a spray created, a share received), kept typed
+-- with its key so that a retry is answered by rendering it again, the same bytes: the
+-- store keeps what happened, the HTTP layer decides how it is said. JSON, written and read
+-- only by `store/idempotency.rs`. A row is pending while it has neither an effect nor an
+-- answer (`status_code`, kept for answers without effect: 4xx).
+ALTER TABLE idempotency
+    ADD COLUMN effect VARCHAR(512) CHARACTER SET ascii COLLATE ascii_bin NULL,
+    ADD CONSTRAINT idempotency_effect_or_answer CHECK (effect IS NULL OR status_code IS NULL);
