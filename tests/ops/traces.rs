@@ -329,6 +329,17 @@ async fn with_otlp_export_on_request_spans_reach_the_collector_by_shutdown() {
     assert_eq!(hex(&span.parent_span_id), CALLER_SPAN);
     assert_eq!(span.name, "POST /api/v1/spray");
     assert_eq!(span.kind, i32::from(SpanKind::Server));
+    // The request span's fields are attributes, its log lines events.
+    let route = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "route")
+        .and_then(|kv| kv.value.as_ref()?.value.clone());
+    assert_eq!(route, Some(AnyValue::StringValue("/api/v1/spray".into())));
+    assert!(
+        span.events.iter().any(|event| event.name == "answered"),
+        "{span:#?}"
+    );
     let fresh_span = spans
         .iter()
         .find(|span| hex(&span.trace_id) == fresh_trace)
