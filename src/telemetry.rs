@@ -39,9 +39,8 @@ pub fn init(format: LogFormat, traces: &Traces) {
     let _ = subscriber(format, filter, std::io::stderr, ansi, traces).try_init();
 }
 
-/// The subscriber [`init`] installs, writing to `writer`: tests install it for a while
-/// over a buffer of their own.
-pub fn subscriber<W>(
+/// The subscriber [`init`] installs, writing to `writer`.
+fn subscriber<W>(
     format: LogFormat,
     filter: EnvFilter,
     writer: W,

@@ -112,15 +112,6 @@ impl Traces {
             }
         }
     }
-
-    /// Like [`Traces::shutdown`] without stopping: for tests that read what was exported.
-    pub async fn flush(&self) {
-        let Some(provider) = self.provider.clone() else {
-            return;
-        };
-        let flushed = tokio::task::spawn_blocking(move || provider.force_flush());
-        let _ = tokio::time::timeout(FLUSH_TIMEOUT, flushed).await;
-    }
 }
 
 /// The trace a request belongs to and its own (server) span in it.
@@ -180,10 +171,6 @@ impl RequestTrace {
         if let Ok(id) = HeaderValue::from_str(&self.context.trace_id().to_string()) {
             headers.insert(X_TRACE_ID.clone(), id);
         }
-    }
-
-    pub fn trace_id(&self) -> String {
-        self.context.trace_id().to_string()
     }
 }
 
