@@ -130,6 +130,10 @@ pub struct Settings {
     /// How long a spray is kept after its lookup window before it is purged, e.g. `1d`.
     #[arg(long, env = "SPRAY_RETENTION_GRACE", default_value = "1d", value_parser = parse_duration, global = true)]
     pub retention_grace: Duration,
+    /// An OpenTelemetry collector's OTLP/HTTP address, e.g. `http://127.0.0.1:4318`, to
+    /// export every request's span to; none: no export (trace ids are still logged).
+    #[arg(long, env = "SPRAY_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Settings {
@@ -155,6 +159,7 @@ impl Default for Settings {
             sweep_interval: Duration::from_secs(10),
             retention_grace: Duration::from_secs(24 * 60 * 60),
             idempotency_lease: DEFAULT_IDEMPOTENCY_LEASE,
+            otlp_endpoint: None,
         }
     }
 }
@@ -236,7 +241,37 @@ impl Settings {
         self.policy()?;
         self.claim_lease()?;
         self.sweep()?;
+        self.otlp_traces_url()?;
         Ok(())
+    }
+
+    /// The URL spans are posted to: `--otlp-endpoint` as given when it has a path, else
+    /// with the OTLP/HTTP traces path `/v1/traces` (so `http://collector:4318` works, as
+    /// the collector's base address). Plain `http` only: no TLS client is built in (send
+    /// to a collector agent beside the instance).
+    pub fn otlp_traces_url(&self) -> Result<Option<String>, String> {
+        let Some(endpoint) = self.otlp_endpoint.as_deref() else {
+            return Ok(None);
+        };
+        let refused = |why: &str| {
+            format!(
+                "--otlp-endpoint {}: {why}; write the collector's OTLP/HTTP address, e.g. http://127.0.0.1:4318",
+                redact_url(endpoint)
+            )
+        };
+        let uri: axum::http::Uri = endpoint.parse().map_err(|_| refused("not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(refused(
+                "only http:// is supported (no TLS client is built in: send to a collector agent beside the instance)",
+            ));
+        }
+        let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+            return Err(refused("no host"));
+        };
+        match (uri.path(), uri.query()) {
+            ("" | "/", None) => Ok(Some(format!("http://{authority}/v1/traces"))),
+            _ => Ok(Some(endpoint.to_owned())),
+        }
     }
 
     /// Checks the claim lease: long enough for a claim to record its share (a few
@@ -304,6 +339,7 @@ impl fmt::Debug for Settings {
             .field("sweep_interval", &self.sweep_interval)
             .field("retention_grace", &self.retention_grace)
             .field("idempotency_lease", &self.idempotency_lease)
+            .field("otlp_endpoint", &self.otlp_endpoint.as_deref().map(redact_url))
             .finish()
     }
 }
@@ -435,6 +471,48 @@ mod tests {
             ..Settings::default()
         };
         assert!(long.policy().is_err());
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_off_by_default_and_gets_the_traces_path_when_it_has_none() {
+        assert_eq!(Settings::default().otlp_traces_url(), Ok(None));
+        let url = |endpoint: &str| {
+            Settings {
+                otlp_endpoint: Some(endpoint.to_owned()),
+                ..Settings::default()
+            }
+            .otlp_traces_url()
+        };
+        assert_eq!(
+            url("http://127.0.0.1:4318"),
+            Ok(Some("http://127.0.0.1:4318/v1/traces".into()))
+        );
+        assert_eq!(
+            url("http://collector:4318/"),
+            Ok(Some("http://collector:4318/v1/traces".into()))
+        );
+        assert_eq!(
+            url("http://collector:4318/otlp/v1/traces"),
+            Ok(Some("http://collector:4318/otlp/v1/traces".into()))
+        );
+        for bad in [
+            "",
+            "collector:4318",
+            "https://collector:4318",
+            "grpc://c:4317",
+            "http://",
+            "not a url",
+        ] {
+            let refused = url(bad).unwrap_err();
+            assert!(refused.starts_with("--otlp-endpoint"), "{bad}: {refused}");
+            let settings = Settings {
+                otlp_endpoint: Some(bad.to_owned()),
+                ..Settings::default()
+            };
+            assert!(settings.validate().is_err(), "{bad}");
+        }
+        let cli = Cli::try_parse_from(["spray", "--otlp-endpoint", "http://c:4318"]).unwrap();
+        assert_eq!(cli.settings.otlp_endpoint.as_deref(), Some("http://c:4318"));
     }
 
     #[test]

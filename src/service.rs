@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use crate::claim::ClaimPath;
 use crate::clock::Clock;
 use crate::domain::rules::check_lookup;
@@ -133,7 +135,8 @@ impl SprayService {
             tokens: self.tokens.clone(),
             claims: self.claims.clone(),
         };
-        tokio::spawn(async move { writer.write(draft, idempotency).await })
+        // In the request's span, so that its lines carry the request and trace ids.
+        tokio::spawn(async move { writer.write(draft, idempotency).await }.in_current_span())
             .await
             .map_err(|e| ServiceError::Task(e.to_string()))?
     }
@@ -155,9 +158,10 @@ impl SprayService {
             now: self.clock.now(),
         };
         let claims = self.claims.clone();
-        let outcome = tokio::spawn(async move { claims.claim(&claim, idempotency.as_ref()).await })
-            .await
-            .map_err(|e| ServiceError::Task(e.to_string()))??;
+        let outcome =
+            tokio::spawn(async move { claims.claim(&claim, idempotency.as_ref()).await }.in_current_span())
+                .await
+                .map_err(|e| ServiceError::Task(e.to_string()))??;
         match outcome {
             ClaimOutcome::Received(amount) => Ok(amount),
             ClaimOutcome::Refused(refusal) => Err(ServiceError::Receive(refusal)),

@@ -1,5 +1,5 @@
 //! The request span: every line logged while serving a request carries its method,
-//! route, request id, user and token, and health checks stay out of the info log.
+//! route, request id, trace id, user and token, and health checks stay out of the info log.
 //!
 //! Alone in its test binary on purpose: tracing caches per call site whether anyone
 //! listens, and a test on another thread of the same binary hitting the same call sites
@@ -63,6 +63,10 @@ async fn log_lines_carry_the_request_span_and_health_checks_stay_out_of_the_info
         .header("x-user-id", "7")
         .header("x-room-id", ROOM)
         .header("x-request-id", "trace-me-1")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .body(Body::from(format!(r#"{{"token":"{token}"}}"#)))
         .unwrap();
     app.send(request).await.assert_status(200);
@@ -86,6 +90,7 @@ async fn log_lines_carry_the_request_span_and_health_checks_stay_out_of_the_info
     assert_eq!(receive["span"]["route"], "/api/v1/receive");
     assert_eq!(receive["span"]["user_id"], 7);
     assert_eq!(receive["span"]["token"], "IEY");
+    assert_eq!(receive["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(receive["fields"]["status"], 200);
     let spray = answered
         .iter()

@@ -14,6 +14,7 @@ use tracing::field::Empty;
 
 use super::error::{ApiError, ProblemCode};
 use crate::telemetry::metrics as measure;
+use crate::telemetry::trace::RequestTrace;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -25,8 +26,9 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// The outermost layer: gives the request an id (the client's `X-Request-Id` when it is
-/// sane, else a fresh UUID), runs it inside one span, echoes the id back, logs the
-/// outcome and records the request's metrics.
+/// sane, else a fresh UUID) and a trace (the caller's W3C `traceparent` when it is
+/// well-formed, else a fresh one), runs it inside one span, echoes the id and the trace
+/// back, logs the outcome and records the request's metrics.
 pub async fn observe(mut request: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = measure::method_label(request.method());
@@ -54,8 +56,11 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
             method,
             route = route.as_str(),
             request_id = id,
+            trace_id = Empty,
             user_id = Empty,
-            token = Empty
+            token = Empty,
+            otel.name = Empty,
+            otel.kind = Empty
         )
     } else {
         tracing::info_span!(
@@ -63,10 +68,14 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
             method,
             route = route.as_str(),
             request_id = id,
+            trace_id = Empty,
             user_id = Empty,
-            token = Empty
+            token = Empty,
+            otel.name = Empty,
+            otel.kind = Empty
         )
     };
+    let trace = RequestTrace::start(&span, request.headers(), || format!("{method} {route}"));
 
     let in_flight = measure::InFlight::start();
     let mut response = next.run(request).instrument(span.clone()).await;
@@ -81,6 +90,7 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     measure::record_request(method, &route, status.as_u16(), elapsed);
     // Whole microseconds, so the log shows 0.757 rather than 0.7568889999999999.
     let latency_ms = f64::from(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)) / 1000.0;
+    trace.answered(&span, status.as_u16());
     span.in_scope(|| {
         let status = status.as_u16();
         if status >= 500 {
@@ -92,6 +102,7 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         }
     });
     response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    trace.write_headers(response.headers_mut());
     response
 }
 

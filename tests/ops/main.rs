@@ -1,5 +1,5 @@
 //! The operations surface: the config file, the operations endpoints, protection from
-//! slow and flooding clients, and request ids, in one test binary (on SQLite: see
+//! slow and flooding clients, request ids and traces, in one test binary (on SQLite: see
 //! `tests/common/mod.rs`).
 //!
 //! Two operations suites keep binaries of their own, because they read state that is one
@@ -13,3 +13,4 @@ mod config;
 mod endpoints;
 mod protection;
 mod request_ids;
+mod traces;
