@@ -44,9 +44,10 @@ pub async fn run(
     tracing::info!("sweepers stopped");
 }
 
-/// One pass of every sweeper; `true` when any of them found a full batch (more may be
-/// waiting). A failure is logged and the pass goes on: the next pass retries it.
-async fn sweep(store: &dyn Store, clock: &dyn Clock, settings: SweepSettings) -> bool {
+/// One pass of every sweeper, as [`run`] does it; `true` when any of them found a full
+/// batch (more may be waiting). A failure is logged and counted
+/// (`spray_sweeper_passes_total`), and the pass goes on: the next pass retries it.
+pub async fn sweep(store: &dyn Store, clock: &dyn Clock, settings: SweepSettings) -> bool {
     use crate::telemetry::metrics::{record_settlement_overdue, record_sweep};
     let full = |done: usize| u32::try_from(done).is_ok_and(|done| done >= SWEEP_BATCH);
     let mut busy = false;
