@@ -10,6 +10,7 @@ mod common;
 use common::metrics::{scrape, value};
 use common::{OWNER, ROOM, RawRedis, TestApp, window_closes};
 use serde_json::json;
+use spray::clock::Clock;
 use spray::config::Settings;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -229,4 +230,60 @@ async fn the_pool_gauge_reports_the_stores_connections_at_each_scrape() {
     // readers). How many are idle depends on when the pool takes a connection back.
     let open = state("idle") + state("in_use");
     assert!((2.0..=5.0).contains(&open), "open connections: {open}");
+}
+
+#[tokio::test]
+async fn a_sweep_reports_its_passes_its_last_success_and_the_settlements_it_is_late_with() {
+    let _turn = SERIAL.lock().await;
+    let app = TestApp::new().await;
+    let settings = app.settings.sweep().unwrap();
+    app.spray(100, 2).await;
+    let sweep = || spray::jobs::sweep(app.store.as_ref(), app.clock.as_ref(), settings);
+    let passes = |samples: &[common::metrics::Sample], outcome: &str| {
+        value(
+            samples,
+            "spray_sweeper_passes_total",
+            &[("sweeper", "settle"), ("outcome", outcome)],
+        )
+    };
+    let last_success = |samples: &[common::metrics::Sample]| {
+        value(
+            samples,
+            "spray_sweeper_last_success_timestamp_seconds",
+            &[("sweeper", "settle")],
+        )
+    };
+    // Past the receive window, but not yet past what a healthy sweeper is allowed
+    // (two sweep intervals and a minute): not overdue.
+    app.advance(chrono::TimeDelta::minutes(10) + chrono::TimeDelta::seconds(5));
+    let before = scrape(&app).await;
+    sweep().await;
+    let after = scrape(&app).await;
+    assert_eq!(value(&after, "spray_settlement_overdue_sprays", &[]), 0.0);
+    assert_eq!(passes(&after, "ok") - passes(&before, "ok"), 1.0);
+    let now = app.clock.now();
+    let seconds = f64::from(u32::try_from(now.timestamp()).unwrap())
+        + f64::from(now.timestamp_subsec_millis()) / 1000.0;
+    assert_eq!(last_success(&after), seconds);
+
+    // Another spray's window closes and nobody settles it for longer than that: the next
+    // sweep counts it overdue before settling it, and the one after finds none.
+    app.spray(100, 2).await;
+    app.advance(chrono::TimeDelta::minutes(10) + chrono::TimeDelta::seconds(81));
+    sweep().await;
+    assert_eq!(
+        value(&scrape(&app).await, "spray_settlement_overdue_sprays", &[]),
+        1.0
+    );
+    sweep().await;
+    let settled = scrape(&app).await;
+    assert_eq!(value(&settled, "spray_settlement_overdue_sprays", &[]), 0.0);
+
+    // A pass that fails (the store is gone) counts as an error and moves no success time.
+    app.store.close().await;
+    app.advance(chrono::TimeDelta::minutes(1));
+    sweep().await;
+    let failed = scrape(&app).await;
+    assert_eq!(passes(&failed, "error") - passes(&settled, "error"), 1.0);
+    assert_eq!(last_success(&failed), last_success(&settled));
 }

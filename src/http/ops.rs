@@ -65,6 +65,15 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
     responses((status = 200, description = "Every metric, in the Prometheus text format.", body = String, content_type = "text/plain"))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    // The dependencies are asked at each scrape, each within a bound, so that a stalled
+    // database makes the scrape say "down" instead of timing it out (no data at all).
+    let bound = std::time::Duration::from_secs(1);
+    let (sql, redis) = tokio::join!(
+        tokio::time::timeout(bound, state.service.store().ping()),
+        tokio::time::timeout(bound, state.service.claims().redis_status()),
+    );
+    let redis = redis.unwrap_or(crate::claim::RedisStatus::Down);
+    crate::telemetry::metrics::record_dependencies(matches!(sql, Ok(Ok(()))), redis);
     let pool = state.service.store().pool_use();
     crate::telemetry::record_pool_use(pool.backend, pool.open, pool.idle);
     let text = crate::telemetry::metrics::render();

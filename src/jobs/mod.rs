@@ -44,21 +44,42 @@ pub async fn run(
     tracing::info!("sweepers stopped");
 }
 
-/// One pass of every sweeper; `true` when any of them found a full batch (more may be
-/// waiting). A failure is logged and the pass goes on: the next pass retries it.
-async fn sweep(store: &dyn Store, clock: &dyn Clock, settings: SweepSettings) -> bool {
+/// One pass of every sweeper, as [`run`] does it; `true` when any of them found a full
+/// batch (more may be waiting). A failure is logged and counted
+/// (`spray_sweeper_passes_total`), and the pass goes on: the next pass retries it.
+pub async fn sweep(store: &dyn Store, clock: &dyn Clock, settings: SweepSettings) -> bool {
+    use crate::telemetry::metrics::{record_settlement_overdue, record_sweep};
     let full = |done: usize| u32::try_from(done).is_ok_and(|done| done >= SWEEP_BATCH);
     let mut busy = false;
+    // Sprays the settlement is late with: closed for longer than a healthy sweeper leaves
+    // them (two pauses and a minute), counted before this pass settles any. Every
+    // instance sees the same number; it stays above 0 only while settling fails.
+    let overdue_by = chrono::TimeDelta::from_std(settings.interval.saturating_mul(2))
+        .unwrap_or(chrono::TimeDelta::MAX)
+        .checked_add(&chrono::TimeDelta::minutes(1))
+        .unwrap_or(chrono::TimeDelta::MAX);
+    if let Some(closed_by) = clock.now().checked_sub_signed(overdue_by) {
+        match store.unsettled_sprays(closed_by, SWEEP_BATCH).await {
+            Ok(overdue) => record_settlement_overdue(overdue.len()),
+            Err(e) => tracing::warn!(error = %e, "counting overdue sprays failed"),
+        }
+    }
     match settle_expired_once(store, clock.now(), SWEEP_BATCH).await {
-        Ok(0) => {}
+        Ok(0) => record_sweep("settle", true, clock.now()),
         Ok(settled) => {
+            record_sweep("settle", true, clock.now());
             tracing::info!(settled, "settled sprays whose receive window closed");
             busy |= full(settled);
         }
-        Err(e) => tracing::warn!(error = %e, "settling failed; will retry"),
+        Err(e) => {
+            record_sweep("settle", false, clock.now());
+            tracing::warn!(error = %e, "settling failed; will retry");
+        }
     }
     // Settled just above: purge without settling again.
-    match purge_expired_once(store, clock.now(), settings.retention_grace, SWEEP_BATCH).await {
+    let purged = purge_expired_once(store, clock.now(), settings.retention_grace, SWEEP_BATCH).await;
+    record_sweep("purge", purged.is_ok(), clock.now());
+    match purged {
         Ok(0) => {}
         Ok(purged) => {
             tracing::info!(purged, "purged sprays past their lookup window");
@@ -66,7 +87,9 @@ async fn sweep(store: &dyn Store, clock: &dyn Clock, settings: SweepSettings) ->
         }
         Err(e) => tracing::warn!(error = %e, "purging sprays failed; will retry"),
     }
-    match purge_idempotency_once(store, clock.now(), SWEEP_BATCH).await {
+    let forgotten = purge_idempotency_once(store, clock.now(), SWEEP_BATCH).await;
+    record_sweep("idempotency", forgotten.is_ok(), clock.now());
+    match forgotten {
         Ok(0) => {}
         Ok(forgotten) => {
             tracing::debug!(forgotten, "purged old idempotency keys");

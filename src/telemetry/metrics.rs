@@ -16,6 +16,83 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::domain::{Amount, SplitMode};
 
+/// Every problem `code` an answer can carry (the contract's table, plus `NOT_FOUND`,
+/// `METHOD_NOT_ALLOWED` and `INTERNAL`): `spray_rejections_total` starts with each at 0,
+/// so that an alert on a code sees 0 and not "no data". A unit test below keeps the list
+/// equal to `ApiError`'s codes.
+pub const PROBLEM_CODES: &[&str] = &[
+    "INVALID_REQUEST",
+    "INVALID_USER",
+    "INVALID_GATEWAY",
+    "OWN_SPRAY",
+    "NOT_OWNER",
+    "SPRAY_NOT_FOUND",
+    "ALREADY_RECEIVED",
+    "SPRAY_EXHAUSTED",
+    "RECEIVE_EXPIRED",
+    "LOOKUP_EXPIRED",
+    "PAYLOAD_TOO_LARGE",
+    "UNSUPPORTED_MEDIA_TYPE",
+    "NOT_FOUND",
+    "METHOD_NOT_ALLOWED",
+    "UNAVAILABLE",
+    "INTERNAL",
+    "IDEMPOTENCY_KEY_REUSED",
+    "IDEMPOTENCY_IN_PROGRESS",
+];
+
+/// The Redis gate's events (`spray_gate_events_total{event}`).
+pub const GATE_EVENTS: &[&str] = &["hit", "miss", "rebuild", "takeover", "fallback"];
+
+/// Every store call `store/guarded.rs` times (`spray_store_duration_seconds{operation}`);
+/// a unit test below reads that file so that the two cannot drift apart.
+pub const STORE_OPERATIONS: &[&str] = &[
+    "migrate",
+    "ping",
+    "insert_spray",
+    "claim_share",
+    "find_spray",
+    "count",
+    "claim_snapshot",
+    "claim_slot",
+    "share_of",
+    "unsettled_sprays",
+    "settle_spray",
+    "purge_sprays",
+    "begin_idempotent",
+    "finish_idempotent",
+    "release_idempotent",
+    "purge_idempotency",
+];
+
+/// The outcomes of a store call or of a sweeper pass.
+const OUTCOMES: &[&str] = &["ok", "error"];
+
+/// The sweepers (`spray_sweeper_*{sweeper}`): settlement, the purge of old sprays, the
+/// purge of old idempotency keys.
+pub const SWEEPERS: &[&str] = &["settle", "purge", "idempotency"];
+
+/// The API routes, by method, with every status the contract lets each answer: the
+/// request series that exist before the first request. Other routes and statuses
+/// (`unmatched`, the operations endpoints) appear when first answered.
+const API_ANSWERS: &[(&str, &str, &[u16])] = &[
+    (
+        "POST",
+        "/api/v1/spray",
+        &[201, 400, 401, 409, 413, 415, 422, 500, 503],
+    ),
+    (
+        "POST",
+        "/api/v1/receive",
+        &[200, 400, 401, 403, 404, 409, 410, 413, 415, 422, 500, 503],
+    ),
+    (
+        "GET",
+        "/api/v1/spray/{token}",
+        &[200, 400, 401, 403, 404, 410, 500, 503],
+    ),
+];
+
 /// Upper bounds of the latency buckets, in seconds: from 1 ms (a cached SQLite read) to
 /// 10 s (the default request timeout).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -45,6 +122,8 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 Ok(handle) => {
                     describe();
                     gauge!("spray_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+                    register_at_zero();
+                    process_collector().describe();
                     Some(handle)
                 }
                 Err(error) => {
@@ -56,9 +135,71 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Every metric in the Prometheus text format.
+/// Every metric in the Prometheus text format, the process metrics read just now.
 pub fn render() -> String {
-    install().map(PrometheusHandle::render).unwrap_or_default()
+    let Some(handle) = install() else {
+        return String::new();
+    };
+    process_collector().collect();
+    handle.render()
+}
+
+/// The process metrics (CPU seconds, resident and virtual memory, open and maximum file
+/// descriptors, threads, start time), named as Prometheus' own process collector names
+/// them (`process_cpu_seconds_total`, `process_resident_memory_bytes`, ...), so that the
+/// usual dashboards and alerts work unchanged. Read from `/proc` at each scrape.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Registers every series whose label values are known in advance, at 0, so that the
+/// first scrape already shows them: a rate or an alert over a series that does not exist
+/// yet sees "no data" rather than 0, and cannot tell a quiet instance from a broken one.
+fn register_at_zero() {
+    for (method, route, statuses) in API_ANSWERS {
+        for status in *statuses {
+            let labels = [
+                ("method", (*method).to_owned()),
+                ("route", (*route).to_owned()),
+                ("status", status.to_string()),
+            ];
+            counter!("http_requests_total", &labels).increment(0);
+            // Registered without a sample: rendered with every bucket at 0.
+            let _ = histogram!("http_request_duration_seconds", &labels);
+        }
+    }
+    gauge!("http_requests_in_flight").increment(0.0);
+    counter!("http_requests_shed_total").increment(0);
+    counter!("http_request_timeouts_total").increment(0);
+    for mode in [SplitMode::Even, SplitMode::Random] {
+        counter!("spray_sprays_created_total", "mode" => mode_label(mode)).increment(0);
+    }
+    counter!("spray_claims_total").increment(0);
+    for code in PROBLEM_CODES {
+        counter!("spray_rejections_total", "code" => *code).increment(0);
+    }
+    counter!("spray_refunds_total").increment(0);
+    counter!("spray_refunded_amount_total").increment(0);
+    for event in GATE_EVENTS {
+        counter!("spray_gate_events_total", "event" => *event).increment(0);
+    }
+    gauge!("spray_store_calls_admitted").increment(0.0);
+    counter!("spray_store_shed_total").increment(0);
+    for operation in STORE_OPERATIONS {
+        for outcome in OUTCOMES {
+            let _ =
+                histogram!("spray_store_duration_seconds", "operation" => *operation, "outcome" => *outcome);
+        }
+    }
+    for sweeper in SWEEPERS {
+        for outcome in OUTCOMES {
+            counter!("spray_sweeper_passes_total", "sweeper" => *sweeper, "outcome" => *outcome).increment(0);
+        }
+        // 0 = never: the first pass runs as soon as the service starts.
+        gauge!("spray_sweeper_last_success_timestamp_seconds", "sweeper" => *sweeper).set(0.0);
+    }
+    gauge!("spray_settlement_overdue_sprays").set(0.0);
 }
 
 /// Folds histogram samples into buckets now and then, so that memory stays bounded
@@ -132,6 +273,23 @@ fn describe() {
         "spray_store_pool_connections",
         "Database pool connections, by backend and state (idle or in_use)."
     );
+    describe_counter!(
+        "spray_sweeper_passes_total",
+        "Passes of each sweeper (settle, purge, idempotency), by outcome (ok or error)."
+    );
+    describe_gauge!(
+        "spray_sweeper_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of each sweeper's last pass that succeeded on this instance; 0 before the first."
+    );
+    describe_gauge!(
+        "spray_settlement_overdue_sprays",
+        "Sprays whose receive window closed more than two sweep intervals and a minute ago and that are still not settled, counted at the start of each sweep (at most one batch, 200)."
+    );
+    describe_gauge!(
+        "spray_dependency_up",
+        "1 when the dependency (sql; redis when configured) answered a ping at this scrape, else 0."
+    );
     describe_gauge!(
         "spray_build_info",
         "Always 1; the version label says which build runs."
@@ -178,11 +336,14 @@ pub fn record_timeout() {
 
 /// A spray was created.
 pub fn record_spray_created(mode: SplitMode) {
-    let mode = match mode {
+    counter!("spray_sprays_created_total", "mode" => mode_label(mode)).increment(1);
+}
+
+fn mode_label(mode: SplitMode) -> &'static str {
+    match mode {
         SplitMode::Even => "even",
         SplitMode::Random => "random",
-    };
-    counter!("spray_sprays_created_total", "mode" => mode).increment(1);
+    }
 }
 
 /// A share was received.
@@ -255,6 +416,37 @@ pub fn record_pool_use(backend: &'static str, size: u32, idle: u32) {
         .set(size.saturating_sub(idle));
 }
 
+/// One pass of a sweeper ended; `now` is the service clock's time of its end.
+pub fn record_sweep(sweeper: &'static str, ok: bool, now: chrono::DateTime<chrono::Utc>) {
+    let outcome = if ok { "ok" } else { "error" };
+    counter!("spray_sweeper_passes_total", "sweeper" => sweeper, "outcome" => outcome).increment(1);
+    if ok {
+        // u32 seconds last until 2106; a time before 1970 (a broken clock) shows as 0.
+        let whole = u32::try_from(now.timestamp()).unwrap_or(0);
+        let seconds = f64::from(whole) + f64::from(now.timestamp_subsec_millis()) / 1000.0;
+        gauge!("spray_sweeper_last_success_timestamp_seconds", "sweeper" => sweeper).set(seconds);
+    }
+}
+
+/// How many sprays the settlement is late with (see `jobs::sweep`).
+pub fn record_settlement_overdue(sprays: usize) {
+    gauge!("spray_settlement_overdue_sprays").set(u32::try_from(sprays).unwrap_or(u32::MAX));
+}
+
+/// What the SQL store and the Redis gate answered at this scrape. Redis has a series only
+/// when it is configured, so that an instance without Redis never looks like one whose
+/// Redis is down.
+pub fn record_dependencies(sql_up: bool, redis: crate::claim::RedisStatus) {
+    use crate::claim::RedisStatus;
+    let up = |up: bool| if up { 1.0 } else { 0.0 };
+    gauge!("spray_dependency_up", "dependency" => "sql").set(up(sql_up));
+    match redis {
+        RedisStatus::Disabled => {}
+        RedisStatus::Up => gauge!("spray_dependency_up", "dependency" => "redis").set(1.0),
+        RedisStatus::Down => gauge!("spray_dependency_up", "dependency" => "redis").set(0.0),
+    }
+}
+
 /// Runs one store call and records how long it took under `operation`.
 pub async fn time_store<T, E>(
     operation: &'static str,
@@ -287,4 +479,82 @@ pub fn method_label(method: &axum::http::Method) -> &'static str {
 /// One group commit of `writes` writes (kept or refused) ended.
 pub fn record_batch(writes: usize) {
     histogram!(BATCH_METRIC).record(writes as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::http::error::ApiError;
+
+    /// One value of every `ApiError` variant. The match makes this fail to compile when a
+    /// variant is added, so that its code cannot be left out of `PROBLEM_CODES`.
+    fn every_api_error() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::InvalidRequest(String::new()),
+            ApiError::InvalidUser,
+            ApiError::InvalidGateway,
+            ApiError::OwnSpray,
+            ApiError::NotOwner,
+            ApiError::SprayNotFound,
+            ApiError::AlreadyReceived,
+            ApiError::SprayExhausted { shares: 1 },
+            ApiError::ReceiveExpired,
+            ApiError::LookupExpired,
+            ApiError::PayloadTooLarge,
+            ApiError::UnsupportedMediaType,
+            ApiError::RouteNotFound,
+            ApiError::MethodNotAllowed,
+            ApiError::Unavailable("down"),
+            ApiError::Internal,
+            ApiError::IdempotencyKeyReused,
+            ApiError::IdempotencyInProgress,
+        ];
+        for error in &all {
+            match error {
+                ApiError::InvalidRequest(_)
+                | ApiError::InvalidUser
+                | ApiError::InvalidGateway
+                | ApiError::OwnSpray
+                | ApiError::NotOwner
+                | ApiError::SprayNotFound
+                | ApiError::AlreadyReceived
+                | ApiError::SprayExhausted { .. }
+                | ApiError::ReceiveExpired
+                | ApiError::LookupExpired
+                | ApiError::PayloadTooLarge
+                | ApiError::UnsupportedMediaType
+                | ApiError::RouteNotFound
+                | ApiError::MethodNotAllowed
+                | ApiError::Unavailable(_)
+                | ApiError::Internal
+                | ApiError::IdempotencyKeyReused
+                | ApiError::IdempotencyInProgress => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn the_rejection_counter_starts_with_every_problem_code_and_no_other() {
+        let answered: BTreeSet<&str> = every_api_error().iter().map(|e| e.parts().1).collect();
+        let listed: BTreeSet<&str> = PROBLEM_CODES.iter().copied().collect();
+        assert_eq!(listed, answered);
+        assert_eq!(listed.len(), PROBLEM_CODES.len(), "a code is listed twice");
+    }
+
+    #[test]
+    fn the_store_histogram_starts_with_every_operation_the_guarded_store_times() {
+        let source = include_str!("../store/guarded.rs");
+        // Each call is `time_store(` then the operation's name in quotes, on the same
+        // line or the next (rustfmt breaks long calls).
+        let timed: BTreeSet<&str> = source
+            .split("time_store(")
+            .skip(1)
+            .filter_map(|rest| rest.trim_start().strip_prefix('"')?.split('"').next())
+            .collect();
+        let listed: BTreeSet<&str> = STORE_OPERATIONS.iter().copied().collect();
+        assert_eq!(listed, timed);
+    }
 }
