@@ -82,15 +82,17 @@ impl Application {
         settings.policy().map_err(StartupError::Settings)?;
         settings.claim_lease().map_err(StartupError::Settings)?;
         let sweep = settings.sweep().map_err(StartupError::Settings)?;
-        let store = open_store(settings).await?;
-        let clock = sources.clock.clone();
-        let router = build_router(settings, store.clone(), sources)?;
+        // The address first: a port that is taken must stop the start before anything is
+        // written (no database file created, no migration applied).
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|source| StartupError::Listen {
                 address: settings.listen.clone(),
                 source,
             })?;
+        let store = open_store(settings).await?;
+        let clock = sources.clock.clone();
+        let router = build_router(settings, store.clone(), sources)?;
         Ok(Application {
             listener,
             router,

@@ -671,3 +671,52 @@ async fn settings_that_cannot_keep_money_are_refused_by_every_command_and_write_
         }
     }
 }
+
+/// A port that is taken stops `spray serve` before it opens a store: exit 1, a message
+/// with the address, and no SQLite file created, no table made in a MySQL database.
+#[tokio::test]
+async fn serve_on_a_taken_port_exits_before_it_creates_or_migrates_a_store() {
+    timeout(TEST_LIMIT, async {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("take a port");
+        let address = taken.local_addr().expect("its address").to_string();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let logs = tempfile::tempdir().expect("a directory for the output");
+        let url = database_url(dir.path());
+        let run = run_spray(
+            logs.path(),
+            "sqlite",
+            &["serve", "--listen", &address, "--database-url", &url],
+            &[],
+            REFUSAL_LIMIT,
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("cannot listen on {address}")) && run.stderr.contains("in use"),
+            "{}",
+            run.stderr
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "a refused start wrote {left:?}");
+
+        let database = common::MySqlDatabase::create().await;
+        let run = run_spray(
+            logs.path(),
+            "mysql",
+            &["serve", "--listen", &address, "--database-url", &database.url],
+            &[],
+            REFUSAL_LIMIT,
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+        let pool = sqlx::MySqlPool::connect(&database.url)
+            .await
+            .expect("the test database");
+        let tables: Vec<String> = sqlx::query_scalar("SHOW TABLES").fetch_all(&pool).await.unwrap();
+        assert!(tables.is_empty(), "a refused start made {tables:?}");
+        pool.close().await;
+        drop(taken);
+    })
+    .await
+    .expect("the test finished in time");
+}
