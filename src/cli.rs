@@ -12,7 +12,15 @@ pub async fn run(cli: Cli) -> ExitCode {
     telemetry::init(settings.log_format);
     // Checked alike for every command, before any store is opened or created.
     if let Err(problem) = settings.validate() {
-        eprintln!("invalid settings: {problem}");
+        match (&settings.config, first_flag(&problem)) {
+            // The setting may come from the file, where it is written as a key.
+            (Some(file), Some(flag)) => eprintln!(
+                "invalid settings: {problem} (in {}: `{}`)",
+                file.display(),
+                flag.trim_start_matches("--").replace('-', "_")
+            ),
+            _ => eprintln!("invalid settings: {problem}"),
+        }
         return ExitCode::from(2);
     }
     match cli.command.unwrap_or(Command::Serve) {
@@ -40,7 +48,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Config => {
-            println!("{settings:#?}");
+            print!("{}", settings.to_toml());
             ExitCode::SUCCESS
         }
         Command::Migrate => match open_store(&settings).await {
@@ -80,4 +88,14 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// The first `--flag` a message names.
+fn first_flag(message: &str) -> Option<&str> {
+    let start = message.find("--")?;
+    let rest = &message[start..];
+    let end = rest[2..]
+        .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+        .map_or(rest.len(), |i| i + 2);
+    Some(&rest[..end]).filter(|flag| flag.len() > 2)
 }

@@ -308,6 +308,75 @@ impl fmt::Debug for Settings {
     }
 }
 
+impl Settings {
+    /// The settings as a TOML file that `--config` reads back to the same settings, every
+    /// key written (the defaults too), secrets excepted: a password in a URL prints as
+    /// `***` and the gateway secret as `<hidden>`, each with a comment saying so. Pasted back
+    /// unchanged, those fail closed (a refused login, every API request refused), never
+    /// open.
+    pub fn to_toml(&self) -> String {
+        use std::fmt::Write as _;
+        let text = |value: &str| toml::Value::String(value.to_owned()).to_string();
+        let duration = |value: Duration| text(&humantime::format_duration(value).to_string());
+        let mut out = String::from(
+            "# The effective settings of spray (defaults < config file < environment < flags),\n\
+             # validated as `spray serve` would. Use it as a config file: spray --config FILE\n",
+        );
+        let mut line = |key: &str, value: String| {
+            let _ = writeln!(out, "{key} = {value}");
+        };
+        line("listen", text(&self.listen));
+        line("database_url", text(&redact_url(&self.database_url)));
+        line(
+            "database_max_connections",
+            self.database_max_connections.to_string(),
+        );
+        if let Some(url) = &self.redis_url {
+            line("redis_url", text(&redact_url(url)));
+        }
+        line("redis_key_prefix", text(&self.redis_key_prefix));
+        line("claim_lease", duration(self.claim_lease));
+        line("receive_window", duration(self.receive_window));
+        line("lookup_window", duration(self.lookup_window));
+        line("max_amount", self.max_amount.to_string());
+        line("max_recipients", self.max_recipients.to_string());
+        if self.gateway_secret.is_some() {
+            line("gateway_secret", text("<hidden>"));
+        }
+        line("shutdown_timeout", duration(self.shutdown_timeout));
+        let log_format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        line("log_format", text(log_format));
+        line("request_timeout", duration(self.request_timeout));
+        line(
+            "max_concurrent_requests",
+            self.max_concurrent_requests.to_string(),
+        );
+        line("store_concurrency", self.store_concurrency.to_string());
+        line("sweep_interval", duration(self.sweep_interval));
+        line("idempotency_lease", duration(self.idempotency_lease));
+        line("retention_grace", duration(self.retention_grace));
+        let hidden_password = |url: &str| redact_url(url) != url;
+        if hidden_password(&self.database_url) || self.redis_url.as_deref().is_some_and(hidden_password) {
+            out.push_str("# A password in a URL is printed as ***: write the real one back before use.\n");
+        }
+        if self.gateway_secret.is_some() {
+            out.push_str(
+                "# gateway_secret is set and printed as <hidden>: write the real one back before use.\n",
+            );
+        }
+        if self.redis_url.is_none() {
+            out.push_str("# redis_url is not set: no Redis, claims take the SQL path alone.\n");
+        }
+        if self.gateway_secret.is_none() {
+            out.push_str("# gateway_secret is not set: the identity headers are trusted as they come.\n");
+        }
+        out
+    }
+}
+
 /// Refuses an SQLite URL that names no file (`sqlite://`, as an unset variable in a script
 /// leaves it) or an in-memory database: either would accept money and lose it.
 fn check_database_url(url: &str) -> Result<(), String> {
@@ -389,6 +458,26 @@ mod tests {
             !printed.contains("topsecret") && !printed.contains("alsosecret"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn the_printed_toml_has_a_key_for_every_setting() {
+        use clap::CommandFactory;
+        let settings = Settings {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            gateway_secret: Some("s".into()),
+            ..Settings::default()
+        };
+        let printed: toml::Table = settings.to_toml().parse().unwrap();
+        let command = Cli::command();
+        for long in command
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| !matches!(*long, "config" | "help" | "version"))
+        {
+            let key = long.replace('-', "_");
+            assert!(printed.contains_key(&key), "`spray config` does not print {key}");
+        }
     }
 
     #[test]
