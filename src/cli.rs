@@ -1,9 +1,11 @@
-//! The `spray` commands: serve (the default), migrate, audit, config.
+//! The `spray` commands: serve (the default), migrate, audit, config, healthcheck. Their
+//! exit statuses are listed once, in `config::EXIT_STATUS` (shown by `--help`).
 
 use std::process::ExitCode;
 
 use crate::audit;
-use crate::config::{Cli, Command};
+use crate::config::{AuditFormat, Cli, Command, Settings};
+use crate::healthcheck::{self, Target};
 use crate::startup::{Application, open_store, shutdown_signal};
 use crate::telemetry;
 
@@ -62,31 +64,67 @@ pub async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Audit => {
-            let store = match open_store(&settings).await {
-                Ok(store) => store,
-                Err(e) => {
-                    eprintln!("cannot open the store: {e}");
+        Command::Audit { format, json } => {
+            let json = json || format == AuditFormat::Json;
+            audit_command(&settings, json).await
+        }
+        Command::Healthcheck { url, timeout } => {
+            let target = match url.as_deref().map(Target::from_url) {
+                None => Target::from_listen(&settings.listen),
+                Some(Ok(target)) => target,
+                Some(Err(problem)) => {
+                    eprintln!("{problem}");
                     return ExitCode::from(2);
                 }
             };
-            let report = audit::run(store.as_ref()).await;
-            store.close().await;
-            match report {
-                Ok(report) => {
-                    print!("{}", report.summary());
-                    if report.is_clean() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
+            match healthcheck::probe(&target, timeout).await {
+                Ok(200) => ExitCode::SUCCESS,
+                Ok(status) => {
+                    eprintln!(
+                        "not ready: GET {}{} answered {status}",
+                        target.authority, target.path
+                    );
+                    ExitCode::FAILURE
                 }
-                Err(e) => {
-                    eprintln!("audit could not run: {e}");
-                    ExitCode::from(2)
+                Err(problem) => {
+                    eprintln!("not ready: {problem}");
+                    ExitCode::FAILURE
                 }
             }
         }
+    }
+}
+
+/// `spray audit`: 0 clean, 1 a violation, 2 could not audit. With `json`, stdout carries
+/// one JSON object in every case (`{"clean": false, "error": ...}` when it could not
+/// audit), so a monitor reads one format.
+async fn audit_command(settings: &Settings, json: bool) -> ExitCode {
+    let could_not = |problem: String| {
+        eprintln!("spray audit: {problem}");
+        if json {
+            println!("{}", serde_json::json!({"clean": false, "error": problem}));
+        }
+        ExitCode::from(2)
+    };
+    let store = match audit::open_existing(&settings.database_url, settings.database_max_connections).await {
+        Ok(store) => store,
+        Err(e) => return could_not(e.to_string()),
+    };
+    let report = audit::run(store.as_ref()).await;
+    store.close().await;
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => return could_not(format!("the audit could not run: {e}")),
+    };
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.summary());
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -26,9 +26,23 @@ pub const DEFAULT_IDEMPOTENCY_LEASE: Duration = Duration::from_secs(10);
 /// The longest lease accepted: a key must never stay blocked for long.
 pub const MAX_IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60 * 60);
 
+/// Every exit status of every command, shown by `--help` (and in the README).
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  serve        0 stopped by SIGTERM or SIGINT after draining; 1 could not start (the
+               address is taken, the store or its migrations failed) or the server
+               failed; 2 settings refused
+  migrate      0 migrations applied; 1 failed; 2 settings refused
+  audit        0 every check passed; 1 a money invariant is broken; 2 could not audit
+               (settings refused; no store, an empty store, a store of an older or newer
+               schema, unreachable)
+  config       0 settings printed; 2 settings refused
+  healthcheck  0 ready (/readyz answered 200); 1 not ready or no answer; 2 settings refused
+  any          2 a bad flag, value or config file";
+
 /// The `spray` command line.
 #[derive(Debug, Parser)]
-#[command(name = "spray", version, about = "Spray money into a chat room.")]
+#[command(name = "spray", version, about = "Spray money into a chat room.", after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -36,16 +50,56 @@ pub struct Cli {
     pub settings: Settings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
-    /// Apply pending migrations, then serve the API (the default).
+    /// Bind the address, apply pending migrations, then serve the API (the default).
     Serve,
     /// Apply the schema migrations and exit.
     Migrate,
-    /// Check every money invariant over the whole store; exit non-zero on any violation.
-    Audit,
-    /// Print the effective settings (file, environment and flags merged; secrets hidden) and exit.
+    /// Check every money invariant over an existing store, read-only (never creates or
+    /// migrates one); exit 1 on any violation, 2 if it could not audit.
+    #[command(after_help = EXIT_STATUS)]
+    Audit {
+        /// `text` for people, `json` (one object on stdout) for monitoring.
+        #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
+        format: AuditFormat,
+        /// The same as `--format json`.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+    },
+    /// Print the effective settings as TOML (file, environment and flags merged, validated
+    /// as serve would; secrets hidden) and exit.
     Config,
+    /// Ask a running `spray serve` whether it is ready (GET /readyz): exit 0 when it
+    /// answers 200, 1 otherwise. For container health checks (no curl needed).
+    #[command(after_help = EXIT_STATUS)]
+    Healthcheck {
+        /// The URL to ask, e.g. `http://127.0.0.1:8080/readyz`; by default /readyz on the
+        /// `--listen` address (an unspecified address such as 0.0.0.0 asks loopback).
+        #[arg(long)]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+impl Command {
+    /// `spray audit` with its default output.
+    pub const AUDIT: Command = Command::Audit {
+        format: AuditFormat::Text,
+        json: false,
+    };
+}
+
+/// How `spray audit` prints its report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum AuditFormat {
+    /// A summary for people.
+    #[default]
+    Text,
+    /// One JSON object, for monitoring.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]

@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn without_a_file_nothing_changes() {
         let cli = parse(&["audit", "--max-amount", "5"]).unwrap();
-        assert_eq!(cli.command, Some(Command::Audit));
+        assert_eq!(cli.command, Some(Command::AUDIT));
         assert_eq!(cli.settings.max_amount, 5);
         assert!(cli.settings.config.is_none());
     }

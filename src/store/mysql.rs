@@ -75,6 +75,11 @@ impl MySqlStore {
         Ok(MySqlStore { pool })
     }
 
+    /// The migrations this binary carries, to compare with those a store has applied.
+    pub fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
     async fn try_insert_spray(
         &self,
         spray: &NewSpray,

@@ -61,6 +61,29 @@ impl SqliteStore {
         Ok(SqliteStore { writer, reader })
     }
 
+    /// Opens an existing database file read-only (`spray audit`): never creates the file,
+    /// never migrates, never sets a pragma that writes. The writer pool is never used.
+    pub async fn connect_read_only(url: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(false)
+            .read_only(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let reader = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
+        Ok(SqliteStore { writer, reader })
+    }
+
+    /// The migrations this binary carries, to compare with those a store has applied.
+    pub fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
     /// Whether `written` is in the database, read through a reader: a connection other
     /// than the writer whose commit failed, which sees every committed transaction.
     async fn landed(&self, written: Written) -> Result<bool, StoreError> {

@@ -217,3 +217,25 @@ fn status_of(args: &[&str]) -> Option<i32> {
         .status
         .code()
 }
+
+/// The image sets its settings in a config file, not `ENV` (which would outrank a file an
+/// operator mounts), and that file is one spray accepts.
+#[test]
+fn the_image_sets_no_environment_and_its_config_file_is_valid() {
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    assert!(
+        !dockerfile
+            .lines()
+            .any(|line| line.trim_start().starts_with("ENV") && line.contains("SPRAY_")),
+        "the Dockerfile sets a SPRAY_ variable"
+    );
+    let (_, rest) = dockerfile
+        .split_once("COPY <<'EOF' /etc/spray/spray.toml\n")
+        .expect("the image's config file");
+    let (contents, _) = rest.split_once("\nEOF\n").expect("the end of the config file");
+    let file = config_file(contents);
+    let (ok, out, err) = spray_config(&["--config", file.path().to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("listen = \"0.0.0.0:8080\"\n"), "{out}");
+    assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/spray", "healthcheck""#));
+}
