@@ -1,6 +1,7 @@
 //! Settings: defaults, then environment variables, then flags (clap layers the three).
 
 use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -274,6 +275,9 @@ impl Settings {
     /// the setting and says what to write instead.
     pub fn validate(&self) -> Result<(), String> {
         check_database_url(&self.database_url)?;
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url)?;
+        }
         if self.database_max_connections == 0 {
             return Err(
                 "--database-max-connections is 0, so no request could reach the database: write at least 1 (the default is 16)"
@@ -434,9 +438,18 @@ impl Settings {
 /// Refuses an SQLite URL that names no file (`sqlite://`, as an unset variable in a script
 /// leaves it) or an in-memory database: either would accept money and lose it.
 fn check_database_url(url: &str) -> Result<(), String> {
+    if url.starts_with("mysql:") {
+        return check_mysql_url(url);
+    }
     let Some(rest) = url.strip_prefix("sqlite:") else {
-        return Ok(());
+        return Err(format!(
+            "--database-url {} is neither sqlite://FILE nor mysql://USER:PASSWORD@HOST:PORT/DATABASE",
+            redact_url(url)
+        ));
     };
+    if let Err(e) = sqlx::sqlite::SqliteConnectOptions::from_str(url) {
+        return Err(format!("--database-url {}: {e}", redact_url(url)));
+    }
     let rest = rest.strip_prefix("//").unwrap_or(rest);
     let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
     if path.trim().is_empty() {
@@ -445,6 +458,81 @@ fn check_database_url(url: &str) -> Result<(), String> {
     let in_memory = path.starts_with(":memory:") || options.split('&').any(|option| option == "mode=memory");
     if in_memory {
         return Err("--database-url names an in-memory SQLite database, which loses every record when the process stops: write sqlite://FILE, for example sqlite://spray.db".into());
+    }
+    Ok(())
+}
+
+/// The options a `mysql://` URL may carry (sqlx ignores any other without a word, so a
+/// misspelt `ssl-mode` would silently connect without TLS).
+const MYSQL_URL_OPTIONS: &[&str] = &[
+    "ssl-mode",
+    "sslmode",
+    "ssl-ca",
+    "sslca",
+    "ssl-cert",
+    "sslcert",
+    "ssl-key",
+    "sslkey",
+    "charset",
+    "collation",
+    "statement-cache-capacity",
+    "socket",
+    "timezone",
+    "time-zone",
+];
+
+/// A `mysql://` URL that sqlx reads, names a database, carries only options it knows,
+/// and names certificate files that exist.
+fn check_mysql_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    let options = sqlx::mysql::MySqlConnectOptions::from_str(url).map_err(|e| {
+        format!("--database-url {shown}: {e} (write mysql://USER:PASSWORD@HOST:PORT/DATABASE)")
+    })?;
+    if options.get_database().is_none_or(str::is_empty) {
+        return Err(format!(
+            "--database-url {shown} names no database: write mysql://USER:PASSWORD@HOST:PORT/DATABASE (spray keeps its tables in that database)"
+        ));
+    }
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !MYSQL_URL_OPTIONS.contains(&key) {
+            return Err(format!(
+                "--database-url {shown}: unknown option `{key}` (known: {})",
+                MYSQL_URL_OPTIONS.join(", ")
+            ));
+        }
+        let is_file = matches!(
+            key,
+            "ssl-ca" | "sslca" | "ssl-cert" | "sslcert" | "ssl-key" | "sslkey"
+        );
+        if is_file && !std::path::Path::new(value).is_file() {
+            return Err(format!(
+                "--database-url {shown}: {key}={value} is not a readable file"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Each node of a `--redis-url` is a URL the Redis client reads.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo;
+    let nodes: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .collect();
+    if nodes.is_empty() {
+        return Err("--redis-url is empty: write redis://HOST:PORT (or rediss:// for TLS), or leave it out for no Redis".into());
+    }
+    for node in nodes {
+        if let Err(e) = node.into_connection_info() {
+            return Err(format!(
+                "--redis-url {}: {e} (write redis://[:PASSWORD@]HOST:PORT, rediss:// for TLS)",
+                redact_url(node)
+            ));
+        }
     }
     Ok(())
 }

@@ -23,16 +23,42 @@ pub enum StartupError {
     Settings(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot open the store at {place}: {source}")]
+    Open { place: String, source: StoreError },
     #[error("cannot listen on {address}: {source}")]
     Listen { address: String, source: std::io::Error },
 }
 
 /// A store, migrated and ready.
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
-    let store = store::open(&settings.database_url, settings.database_max_connections).await?;
+    let store = store::open(&settings.database_url, settings.database_max_connections)
+        .await
+        .map_err(|source| StartupError::Open {
+            place: crate::config::redact_url(&settings.database_url),
+            source,
+        })?;
     let store: Arc<dyn Store> = Arc::new(store::GuardedStore::new(store, settings.store_concurrency));
     store.migrate().await?;
     Ok(store)
+}
+
+/// Says at start, not at the first request, that Redis does not answer. The service
+/// starts all the same: SQL is the truth and the gate only accelerates it
+/// (`docs/design.md` section 2); claims take the SQL path until Redis answers.
+async fn warn_if_redis_is_down(url: &str, prefix: &str) {
+    let redis = crate::config::redact_url(url);
+    let answer = match crate::gate::RedisGate::new(url, prefix) {
+        Ok(gate) => gate.check().await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(()) => tracing::info!(%redis, "redis answers"),
+        Err(error) => tracing::warn!(
+            %redis,
+            %error,
+            "redis does not answer at start: serving on the SQL path until it does"
+        ),
+    }
 }
 
 /// The router over a given store and sources (tests bring their own clock and tokens).
@@ -91,6 +117,9 @@ impl Application {
                 source,
             })?;
         let store = open_store(settings).await?;
+        if let Some(url) = &settings.redis_url {
+            warn_if_redis_is_down(url, &settings.redis_key_prefix).await;
+        }
         let clock = sources.clock.clone();
         let router = build_router(settings, store.clone(), sources)?;
         Ok(Application {

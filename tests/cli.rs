@@ -576,6 +576,12 @@ async fn serve_starts_and_answers_with_redis_unreachable() {
         let client = client();
         // Nothing listens on port 1: Redis is unreachable from the very start.
         let mut server = Server::start(dir.path(), &url, &["--redis-url", "redis://127.0.0.1:1"], &[]).await;
+        // Said at start, with the host, before any request noticed it.
+        let log = server.log_text();
+        assert!(
+            log.contains("redis does not answer at start") && log.contains("redis=redis://127.0.0.1:1"),
+            "{log}"
+        );
         let token = spray(&client, &server, &json!({ "amount": 10, "recipient_count": 2 })).await;
         receive(&client, &server, &token, 2).await;
         let (status, answer) = post(&client, &server, "/api/v1/receive", 2, &json!({ "token": token })).await;
@@ -968,6 +974,122 @@ async fn healthcheck_exits_by_the_readiness_of_the_server() {
             "{}",
             run.stderr
         );
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// Opening a store fails with the thing and the cause in words, and writes nothing:
+/// settings that can be judged without connecting are refused first (exit 2); a server or
+/// a file that cannot be opened is named with the reason (exit 1).
+#[tokio::test]
+async fn store_errors_name_the_store_and_the_cause_and_write_nothing() {
+    timeout(TEST_LIMIT, async {
+        let logs = tempfile::tempdir().expect("a directory for the output");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let refused_port = free_port();
+        let refused = format!("mysql://root@127.0.0.1:{refused_port}/spray");
+        let no_dir = dir.path().join("no-such-dir").join("spray.db");
+        let no_dir_url = format!("sqlite://{}", no_dir.display());
+        let a_dir = dir.path().join("a-dir.db");
+        std::fs::create_dir(&a_dir).unwrap();
+        let a_dir_url = format!("sqlite://{}", a_dir.display());
+        let cases: &[(&str, &[&str], i32, &[&str])] = &[
+            (
+                "a MySQL URL without a database",
+                &["--database-url", "mysql://root@127.0.0.1:3306"],
+                2,
+                &["mysql://root@127.0.0.1:3306 names no database"],
+            ),
+            (
+                "a MySQL option spelt wrong (sqlx would ignore it)",
+                &[
+                    "--database-url",
+                    "mysql://root@127.0.0.1:3306/spray?ssl_mode=REQUIRED",
+                ],
+                2,
+                &["unknown option `ssl_mode`"],
+            ),
+            (
+                "a malformed MySQL option",
+                &[
+                    "--database-url",
+                    "mysql://root@127.0.0.1:3306/spray?ssl-mode=SOMETIMES",
+                ],
+                2,
+                &["--database-url", "SOMETIMES"],
+            ),
+            (
+                "a CA file that does not exist",
+                &[
+                    "--database-url",
+                    "mysql://root@127.0.0.1:3306/spray?ssl-mode=VERIFY_CA&ssl-ca=/no/ca.pem",
+                ],
+                2,
+                &["ssl-ca=/no/ca.pem is not a readable file"],
+            ),
+            (
+                "an unknown scheme",
+                &["--database-url", "postgres://root@127.0.0.1/spray"],
+                2,
+                &["neither sqlite://FILE nor mysql://"],
+            ),
+            (
+                "a malformed Redis URL",
+                &["--redis-url", "redis://127.0.0.1:notaport"],
+                2,
+                &["--redis-url redis://127.0.0.1:notaport"],
+            ),
+            (
+                "a MySQL port nobody listens on",
+                &["--database-url", &refused],
+                1,
+                &[&format!("127.0.0.1:{refused_port}"), "Connection refused"],
+            ),
+            (
+                "an SQLite file in a directory that does not exist",
+                &["--database-url", &no_dir_url],
+                1,
+                &[&no_dir.display().to_string(), "does not exist"],
+            ),
+            (
+                "an SQLite path that is a directory",
+                &["--database-url", &a_dir_url],
+                1,
+                &[&a_dir.display().to_string(), "it is a directory"],
+            ),
+        ];
+        for command in ["migrate", "serve"] {
+            for (what, flags, code, says) in cases {
+                let mut args = vec![command, "--listen", "127.0.0.1:0"];
+                args.extend_from_slice(flags);
+                let name = format!("{command}-{}", what.replace(' ', "-"));
+                let run = run_spray(logs.path(), &name, &args, &[], REFUSAL_LIMIT).await;
+                assert_eq!(
+                    run.status.code(),
+                    Some(*code),
+                    "{command}, {what}: {}",
+                    run.stderr
+                );
+                for said in *says {
+                    assert!(
+                        run.stderr.contains(said),
+                        "{command}, {what}: no `{said}` in {}",
+                        run.stderr
+                    );
+                }
+            }
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from("a-dir.db")],
+            "something was written"
+        );
+        assert!(std::fs::read_dir(&a_dir).unwrap().next().is_none());
     })
     .await
     .expect("the test finished in time");

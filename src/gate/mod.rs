@@ -289,6 +289,11 @@ impl RedisGate {
 
     /// Whether Redis answers a PING now (for `/readyz`).
     pub async fn ping(&self) -> bool {
+        self.check().await.is_ok()
+    }
+
+    /// A PING now, and why it failed (refused, unknown host, a TLS refusal, a time-out).
+    pub async fn check(&self) -> Result<(), GateUnavailable> {
         let ping = async {
             let cmd = redis::cmd("PING");
             let value = match &self.target {
@@ -302,7 +307,11 @@ impl RedisGate {
             };
             Ok::<_, RedisError>(value)
         };
-        matches!(tokio::time::timeout(CALL_TIMEOUT, ping).await, Ok(Ok(_)))
+        match tokio::time::timeout(CALL_TIMEOUT, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(GateUnavailable::from(error)),
+            Err(_) => Err(GateUnavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        }
     }
 }
 

@@ -59,6 +59,16 @@ impl MySqlStore {
     /// Connects to the database named by a `mysql://` URL.
     pub async fn connect(url: &str, max_connections: u32) -> Result<MySqlStore, StoreError> {
         let options = MySqlConnectOptions::from_str(url)?;
+        // One connection first, alone: a pool retries a failed connection until its
+        // acquire time-out and then reports only the time-out, while this reports why
+        // (refused, unknown host, access denied, no such database, a TLS refusal).
+        {
+            use sqlx::{ConnectOptions, Connection};
+            let first = tokio::time::timeout(Duration::from_secs(10), options.connect())
+                .await
+                .map_err(|_| StoreError::Unavailable("no answer within 10s".into()))??;
+            let _ = first.close().await;
+        }
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections.max(1))
             // Fail fast when the database is gone: the caller answers 503 and retries.

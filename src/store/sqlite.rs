@@ -53,7 +53,8 @@ impl SqliteStore {
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone())
-            .await?;
+            .await
+            .map_err(|e| why_not_opened(options.get_filename(), e))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
@@ -95,6 +96,38 @@ impl SqliteStore {
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// SQLite says only "unable to open database file" (code 14); the operator needs the
+/// path and the reason, found out here without writing anything.
+fn why_not_opened(path: &std::path::Path, error: sqlx::Error) -> StoreError {
+    let is_cantopen = matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("14"));
+    if !is_cantopen {
+        return StoreError::from(error);
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let reason = if path.is_dir() {
+        "it is a directory".to_owned()
+    } else if path.exists() {
+        match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+            Err(e) => e.to_string(),
+            Ok(_) => "SQLite cannot open it (its -wal or -shm file, or the directory?)".to_owned(),
+        }
+    } else if !parent.is_dir() {
+        format!("the directory {} does not exist", parent.display())
+    } else {
+        format!(
+            "it does not exist and cannot be created in {} (is the directory writable by this user?)",
+            parent.display()
+        )
+    };
+    StoreError::Config(format!(
+        "cannot open the SQLite file {}: {reason}",
+        path.display()
+    ))
 }
 
 #[async_trait]
