@@ -133,6 +133,10 @@ pub struct Settings {
     /// Redis in front of the claim; none for a single node.
     #[arg(long, env = "SPRAY_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signed Redis's certificate, for `rediss://` (a managed Redis
+    /// with a private CA); without it, `rediss://` trusts the system's root certificates.
+    #[arg(long, env = "SPRAY_REDIS_CA", global = true)]
+    pub redis_ca: Option<std::path::PathBuf>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, env = "SPRAY_REDIS_KEY_PREFIX", default_value = "spray", global = true)]
     pub redis_key_prefix: String,
@@ -194,6 +198,7 @@ impl Default for Settings {
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             database_max_connections: 16,
             redis_url: None,
+            redis_ca: None,
             redis_key_prefix: "spray".to_owned(),
             claim_lease: Duration::from_secs(5),
             receive_window: Duration::from_secs(10 * 60),
@@ -278,6 +283,18 @@ impl Settings {
         if let Some(url) = &self.redis_url {
             check_redis_url(url)?;
         }
+        if let Some(ca) = &self.redis_ca {
+            let all_tls = self
+                .redis_url
+                .as_deref()
+                .is_some_and(|url| url.split(',').all(|node| node.trim().starts_with("rediss://")));
+            if !all_tls {
+                return Err("--redis-ca is set but --redis-url is not rediss:// (every node, for a cluster): the CA only serves TLS".into());
+            }
+            if !ca.is_file() {
+                return Err(format!("--redis-ca {} is not a readable file", ca.display()));
+            }
+        }
         if self.database_max_connections == 0 {
             return Err(
                 "--database-max-connections is 0, so no request could reach the database: write at least 1 (the default is 16)"
@@ -343,6 +360,7 @@ impl fmt::Debug for Settings {
             .field("database_url", &redact_url(&self.database_url))
             .field("database_max_connections", &self.database_max_connections)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_ca", &self.redis_ca)
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("claim_lease", &self.claim_lease)
             .field("receive_window", &self.receive_window)
@@ -391,6 +409,9 @@ impl Settings {
         );
         if let Some(url) = &self.redis_url {
             line("redis_url", text(&redact_url(url)));
+        }
+        if let Some(ca) = &self.redis_ca {
+            line("redis_ca", text(&ca.display().to_string()));
         }
         line("redis_key_prefix", text(&self.redis_key_prefix));
         line("claim_lease", duration(self.claim_lease));
@@ -606,7 +627,8 @@ mod tests {
     fn the_printed_toml_has_a_key_for_every_setting() {
         use clap::CommandFactory;
         let settings = Settings {
-            redis_url: Some("redis://127.0.0.1:6379".into()),
+            redis_url: Some("rediss://127.0.0.1:6379".into()),
+            redis_ca: Some("/etc/ssl/redis-ca.pem".into()),
             gateway_secret: Some("s".into()),
             ..Settings::default()
         };

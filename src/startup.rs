@@ -45,9 +45,12 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupEr
 /// Says at start, not at the first request, that Redis does not answer. The service
 /// starts all the same: SQL is the truth and the gate only accelerates it
 /// (`docs/design.md` section 2); claims take the SQL path until Redis answers.
-async fn warn_if_redis_is_down(url: &str, prefix: &str) {
+async fn warn_if_redis_is_down(settings: &Settings, url: &str) {
     let redis = crate::config::redact_url(url);
-    let answer = match crate::gate::RedisGate::new(url, prefix) {
+    let gate = redis_ca_pem(settings)
+        .map_err(|e| crate::gate::GateUnavailable(e.to_string()))
+        .and_then(|ca| crate::gate::RedisGate::with_ca(url, &settings.redis_key_prefix, ca));
+    let answer = match gate {
         Ok(gate) => gate.check().await,
         Err(e) => Err(e),
     };
@@ -61,6 +64,18 @@ async fn warn_if_redis_is_down(url: &str, prefix: &str) {
     }
 }
 
+/// The CA certificate `--redis-ca` names, read once at start.
+fn redis_ca_pem(settings: &Settings) -> Result<Option<Vec<u8>>, StartupError> {
+    settings
+        .redis_ca
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path)
+                .map_err(|e| StartupError::Settings(format!("--redis-ca {}: {e}", path.display())))
+        })
+        .transpose()
+}
+
 /// The router over a given store and sources (tests bring their own clock and tokens).
 pub fn build_router(
     settings: &Settings,
@@ -72,6 +87,7 @@ pub fn build_router(
     let claims = claim::for_settings(
         store.clone(),
         settings.redis_url.as_deref(),
+        redis_ca_pem(settings)?,
         &settings.redis_key_prefix,
         lease,
     )
@@ -118,7 +134,7 @@ impl Application {
             })?;
         let store = open_store(settings).await?;
         if let Some(url) = &settings.redis_url {
-            warn_if_redis_is_down(url, &settings.redis_key_prefix).await;
+            warn_if_redis_is_down(settings, url).await;
         }
         let clock = sources.clock.clone();
         let router = build_router(settings, store.clone(), sources)?;

@@ -66,7 +66,20 @@ impl MySqlStore {
             use sqlx::{ConnectOptions, Connection};
             let first = tokio::time::timeout(Duration::from_secs(10), options.connect())
                 .await
-                .map_err(|_| StoreError::Unavailable("no answer within 10s".into()))??;
+                .map_err(|_| StoreError::Unavailable("no answer within 10s".into()))?
+                .map_err(|e| {
+                    // rustls says only "invalid peer certificate: UnknownIssuer".
+                    let text = e.to_string();
+                    if text.contains("certificate") {
+                        StoreError::Config(format!(
+                            "the TLS handshake with {}:{} failed: {text} (ssl-ca must name the CA that signed the server's certificate)",
+                            options.get_host(),
+                            options.get_port()
+                        ))
+                    } else {
+                        StoreError::from(e)
+                    }
+                })?;
             let _ = first.close().await;
         }
         let pool = MySqlPoolOptions::new()
