@@ -80,7 +80,7 @@ pub async fn probe(target: &Target, limit: Duration) -> Result<u16, String> {
             .await
             .map_err(|e| format!("cannot ask {}: {e}", target.authority))?;
         // The status line is all we need; it comes first and is short.
-        let mut head = vec![0; 64];
+        let mut head = [0; 64];
         let mut read = 0;
         while read < 12 {
             let n = stream
