@@ -27,13 +27,23 @@ COPY --from=builder /out/spray /usr/local/bin/spray
 # The SQLite file's folder, writable by the non-root user (uid 65532). Mount a volume
 # here for the embedded store; with MySQL it stays empty.
 COPY --from=builder --chown=65532:65532 /out/data /data
-ENV SPRAY_LISTEN=0.0.0.0:8080 \
-    SPRAY_DATABASE_URL=sqlite:///data/spray.db \
-    SPRAY_LOG_FORMAT=json
+# The image's settings are a config file, not ENV: an ENV would outrank a config file an
+# operator mounts (environment > file), silently. So the documented precedence holds in
+# the container as anywhere: flags > environment (SPRAY_*) > this file > defaults. Mount
+# your own file over /etc/spray/spray.toml, or set SPRAY_* variables, to change them.
+COPY <<'EOF' /etc/spray/spray.toml
+# spray in the container (see spray.toml.example for every setting).
+listen = "0.0.0.0:8080"
+database_url = "sqlite:///data/spray.db"
+log_format = "json"
+EOF
 USER 65532:65532
 VOLUME ["/data"]
 EXPOSE 8080
-# No shell or curl in distroless: probe GET /healthz (liveness) and GET /readyz
-# (readiness) from the orchestrator instead of a HEALTHCHECK.
+# No shell or curl in distroless: the binary probes its own GET /readyz (exit 0 when
+# ready, 1 otherwise). It reads the listen address from the same file and environment;
+# an unspecified address (0.0.0.0) is asked on loopback.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/spray", "healthcheck", "--config", "/etc/spray/spray.toml"]
 ENTRYPOINT ["/usr/local/bin/spray"]
-CMD ["serve"]
+CMD ["serve", "--config", "/etc/spray/spray.toml"]

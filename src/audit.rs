@@ -4,7 +4,14 @@
 //! that SQLite and MySQL both accept, so every backend is audited by the same text.
 
 use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
 
+use serde_json::{Value, json};
+
+use crate::config::redact_url;
+use crate::store::mysql::MySqlStore;
+use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
 /// One invariant and the query that counts its violations.
@@ -250,4 +257,163 @@ pub async fn run(store: &dyn Store) -> Result<AuditReport, StoreError> {
         report.results.push((check.name, store.count(check.sql).await?));
     }
     Ok(report)
+}
+
+/// Why `spray audit` could not audit the store (exit status 2): it never creates,
+/// migrates or repairs one, so each of these is said rather than worked around.
+#[derive(Debug, thiserror::Error)]
+pub enum CannotAudit {
+    #[error(
+        "there is no store at {0}: spray audit never creates one (check --database-url; spray migrate creates a store)"
+    )]
+    Missing(String),
+    #[error("cannot open the store at {place}: {source}")]
+    Open { place: String, source: StoreError },
+    #[error("the store at {0} is empty (no tables): it was never migrated (run spray migrate)")]
+    Empty(String),
+    #[error("the store at {0} has tables but no spray migrations: it is not a spray store")]
+    NotSpray(String),
+    #[error(
+        "the store at {place} is of an older schema: {applied} of this binary's {expected} migrations applied (latest {applied_latest}, this binary's {expected_latest}); run spray migrate first"
+    )]
+    Older {
+        place: String,
+        applied: i64,
+        expected: i64,
+        applied_latest: i64,
+        expected_latest: i64,
+    },
+    #[error(
+        "the store at {place} is of a newer schema than this binary ({applied} migrations applied, latest {applied_latest}; this binary knows {expected}, latest {expected_latest}): audit it with the spray that migrated it"
+    )]
+    Newer {
+        place: String,
+        applied: i64,
+        expected: i64,
+        applied_latest: i64,
+        expected_latest: i64,
+    },
+    #[error("the audit could not run: {0}")]
+    Query(#[from] StoreError),
+}
+
+/// The queries that tell what schema a store has, in its dialect.
+struct SchemaQueries {
+    tables: &'static str,
+    migrations_table: &'static str,
+}
+
+const SQLITE_SCHEMA: SchemaQueries = SchemaQueries {
+    tables: "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+    migrations_table: "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+};
+
+const MYSQL_SCHEMA: SchemaQueries = SchemaQueries {
+    tables: "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE()",
+    migrations_table: "SELECT COUNT(*) FROM information_schema.tables
+                       WHERE table_schema = DATABASE() AND table_name = '_sqlx_migrations'",
+};
+
+const APPLIED_COUNT: &str = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success = 1";
+const APPLIED_LATEST: &str =
+    "SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM _sqlx_migrations WHERE success = 1";
+
+/// Opens the store named by `url` for an audit: an existing one, read-only on SQLite
+/// (MySQL is only read: the audit runs nothing but `SELECT`), never created or migrated;
+/// and only when its schema is exactly the one this binary migrates to.
+pub async fn open_existing(url: &str, max_connections: u32) -> Result<Arc<dyn Store>, CannotAudit> {
+    let place = redact_url(url);
+    let open_error = |source: StoreError| CannotAudit::Open {
+        place: place.clone(),
+        source,
+    };
+    let (store, schema, migrator): (Arc<dyn Store>, _, _) = if url.starts_with("sqlite:") {
+        let options =
+            sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(|e| open_error(StoreError::from(e)))?;
+        let file = options.get_filename();
+        if !file.is_file() {
+            return Err(CannotAudit::Missing(file.display().to_string()));
+        }
+        let store = SqliteStore::connect_read_only(url).await.map_err(open_error)?;
+        (Arc::new(store), SQLITE_SCHEMA, SqliteStore::migrator())
+    } else if url.starts_with("mysql:") {
+        let store = MySqlStore::connect(url, max_connections)
+            .await
+            .map_err(open_error)?;
+        (Arc::new(store), MYSQL_SCHEMA, MySqlStore::migrator())
+    } else {
+        return Err(open_error(StoreError::Config(format!(
+            "unsupported database URL scheme in {place}; use sqlite:// or mysql://"
+        ))));
+    };
+    let expected: Vec<i64> = migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| m.version)
+        .collect();
+    let checked = check_schema(store.as_ref(), &schema, &expected, &place).await;
+    if let Err(error) = checked {
+        store.close().await;
+        return Err(error);
+    }
+    Ok(store)
+}
+
+async fn check_schema(
+    store: &dyn Store,
+    schema: &SchemaQueries,
+    expected: &[i64],
+    place: &str,
+) -> Result<(), CannotAudit> {
+    if store.count(schema.tables).await? == 0 {
+        return Err(CannotAudit::Empty(place.to_owned()));
+    }
+    if store.count(schema.migrations_table).await? == 0 {
+        return Err(CannotAudit::NotSpray(place.to_owned()));
+    }
+    let applied = store.count(APPLIED_COUNT).await?;
+    let applied_latest = store.count(APPLIED_LATEST).await?;
+    let expected_count = i64::try_from(expected.len()).unwrap_or(i64::MAX);
+    let expected_latest = expected.iter().copied().max().unwrap_or(0);
+    if applied_latest > expected_latest || applied > expected_count {
+        return Err(CannotAudit::Newer {
+            place: place.to_owned(),
+            applied,
+            expected: expected_count,
+            applied_latest,
+            expected_latest,
+        });
+    }
+    if applied != expected_count || applied_latest != expected_latest {
+        return Err(CannotAudit::Older {
+            place: place.to_owned(),
+            applied,
+            expected: expected_count,
+            applied_latest,
+            expected_latest,
+        });
+    }
+    Ok(())
+}
+
+impl AuditReport {
+    /// The report for monitoring (`spray audit --format json`): one JSON object.
+    pub fn to_json(&self) -> Value {
+        let totals: serde_json::Map<String, Value> = self
+            .totals
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), json!(value)))
+            .collect();
+        let checks: Vec<Value> = self
+            .results
+            .iter()
+            .map(|(name, violations)| json!({"name": name, "violations": violations, "ok": *violations == 0}))
+            .collect();
+        json!({
+            "clean": self.is_clean(),
+            "violations": self.violations(),
+            "totals": totals,
+            "checks": checks,
+        })
+    }
 }

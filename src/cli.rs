@@ -1,9 +1,11 @@
-//! The `spray` commands: serve (the default), migrate, audit, config.
+//! The `spray` commands: serve (the default), migrate, audit, config, healthcheck. Their
+//! exit statuses are listed once, in `config::EXIT_STATUS` (shown by `--help`).
 
 use std::process::ExitCode;
 
 use crate::audit;
-use crate::config::{Cli, Command, Settings};
+use crate::config::{AuditFormat, Cli, Command, Settings};
+use crate::healthcheck::{self, Target};
 use crate::startup::{Application, open_store, shutdown_signal};
 use crate::telemetry::{self, Traces};
 
@@ -12,11 +14,19 @@ pub async fn run(cli: Cli) -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve);
     // Checked alike for every command, before any store is opened or created.
     if let Err(problem) = settings.validate() {
-        eprintln!("invalid settings: {problem}");
+        match (&settings.config, first_flag(&problem)) {
+            // The setting may come from the file, where it is written as a key.
+            (Some(file), Some(flag)) => eprintln!(
+                "invalid settings: {problem} (in {}: `{}`)",
+                file.display(),
+                flag.trim_start_matches("--").replace('-', "_")
+            ),
+            _ => eprintln!("invalid settings: {problem}"),
+        }
         return ExitCode::from(2);
     }
     // Only the server exports spans; the other commands serve no request.
-    let traces = match (command, settings.otlp_traces_url()) {
+    let traces = match (&command, settings.otlp_traces_url()) {
         (Command::Serve, Ok(Some(url))) => match Traces::export_to(&url) {
             Ok(traces) => traces,
             Err(problem) => {
@@ -35,7 +45,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             served
         }
         Command::Config => {
-            println!("{settings:#?}");
+            print!("{}", settings.to_toml());
             ExitCode::SUCCESS
         }
         Command::Migrate => match open_store(&settings).await {
@@ -49,28 +59,31 @@ pub async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Audit => {
-            let store = match open_store(&settings).await {
-                Ok(store) => store,
-                Err(e) => {
-                    eprintln!("cannot open the store: {e}");
+        Command::Audit { format, json } => {
+            let json = json || format == AuditFormat::Json;
+            audit_command(&settings, json).await
+        }
+        Command::Healthcheck { url, timeout } => {
+            let target = match url.as_deref().map(Target::from_url) {
+                None => Target::from_listen(&settings.listen),
+                Some(Ok(target)) => target,
+                Some(Err(problem)) => {
+                    eprintln!("{problem}");
                     return ExitCode::from(2);
                 }
             };
-            let report = audit::run(store.as_ref()).await;
-            store.close().await;
-            match report {
-                Ok(report) => {
-                    print!("{}", report.summary());
-                    if report.is_clean() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
+            match healthcheck::probe(&target, timeout).await {
+                Ok(200) => ExitCode::SUCCESS,
+                Ok(status) => {
+                    eprintln!(
+                        "not ready: GET {}{} answered {status}",
+                        target.authority, target.path
+                    );
+                    ExitCode::FAILURE
                 }
-                Err(e) => {
-                    eprintln!("audit could not run: {e}");
-                    ExitCode::from(2)
+                Err(problem) => {
+                    eprintln!("not ready: {problem}");
+                    ExitCode::FAILURE
                 }
             }
         }
@@ -99,4 +112,47 @@ async fn serve(settings: &Settings) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `spray audit`: 0 clean, 1 a violation, 2 could not audit. With `json`, stdout carries
+/// one JSON object in every case (`{"clean": false, "error": ...}` when it could not
+/// audit), so a monitor reads one format.
+async fn audit_command(settings: &Settings, json: bool) -> ExitCode {
+    let could_not = |problem: String| {
+        eprintln!("spray audit: {problem}");
+        if json {
+            println!("{}", serde_json::json!({"clean": false, "error": problem}));
+        }
+        ExitCode::from(2)
+    };
+    let store = match audit::open_existing(&settings.database_url, settings.database_max_connections).await {
+        Ok(store) => store,
+        Err(e) => return could_not(e.to_string()),
+    };
+    let report = audit::run(store.as_ref()).await;
+    store.close().await;
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => return could_not(format!("the audit could not run: {e}")),
+    };
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.summary());
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The first `--flag` a message names.
+fn first_flag(message: &str) -> Option<&str> {
+    let start = message.find("--")?;
+    let rest = &message[start..];
+    let end = rest[2..]
+        .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+        .map_or(rest.len(), |i| i + 2);
+    Some(&rest[..end]).filter(|flag| flag.len() > 2)
 }

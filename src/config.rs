@@ -1,6 +1,7 @@
 //! Settings: defaults, then environment variables, then flags (clap layers the three).
 
 use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -26,9 +27,23 @@ pub const DEFAULT_IDEMPOTENCY_LEASE: Duration = Duration::from_secs(10);
 /// The longest lease accepted: a key must never stay blocked for long.
 pub const MAX_IDEMPOTENCY_LEASE: Duration = Duration::from_secs(60 * 60);
 
+/// Every exit status of every command, shown by `--help` (and in the README).
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  serve        0 stopped by SIGTERM or SIGINT after draining; 1 could not start (the
+               address is taken, the store or its migrations failed) or the server
+               failed; 2 settings refused
+  migrate      0 migrations applied; 1 failed; 2 settings refused
+  audit        0 every check passed; 1 a money invariant is broken; 2 could not audit
+               (settings refused; no store, an empty store, a store of an older or newer
+               schema, unreachable)
+  config       0 settings printed; 2 settings refused
+  healthcheck  0 ready (/readyz answered 200); 1 not ready or no answer; 2 settings refused
+  any          2 a bad flag, value or config file";
+
 /// The `spray` command line.
 #[derive(Debug, Parser)]
-#[command(name = "spray", version, about = "Spray money into a chat room.")]
+#[command(name = "spray", version, about = "Spray money into a chat room.", after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -36,16 +51,56 @@ pub struct Cli {
     pub settings: Settings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
-    /// Apply pending migrations, then serve the API (the default).
+    /// Bind the address, apply pending migrations, then serve the API (the default).
     Serve,
     /// Apply the schema migrations and exit.
     Migrate,
-    /// Check every money invariant over the whole store; exit non-zero on any violation.
-    Audit,
-    /// Print the effective settings (file, environment and flags merged; secrets hidden) and exit.
+    /// Check every money invariant over an existing store, read-only (never creates or
+    /// migrates one); exit 1 on any violation, 2 if it could not audit.
+    #[command(after_help = EXIT_STATUS)]
+    Audit {
+        /// `text` for people, `json` (one object on stdout) for monitoring.
+        #[arg(long, value_enum, default_value_t = AuditFormat::Text)]
+        format: AuditFormat,
+        /// The same as `--format json`.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+    },
+    /// Print the effective settings as TOML (file, environment and flags merged, validated
+    /// as serve would; secrets hidden) and exit.
     Config,
+    /// Ask a running `spray serve` whether it is ready (GET /readyz): exit 0 when it
+    /// answers 200, 1 otherwise. For container health checks (no curl needed).
+    #[command(after_help = EXIT_STATUS)]
+    Healthcheck {
+        /// The URL to ask, e.g. `http://127.0.0.1:8080/readyz`; by default /readyz on the
+        /// `--listen` address (an unspecified address such as 0.0.0.0 asks loopback).
+        #[arg(long)]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+impl Command {
+    /// `spray audit` with its default output.
+    pub const AUDIT: Command = Command::Audit {
+        format: AuditFormat::Text,
+        json: false,
+    };
+}
+
+/// How `spray audit` prints its report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum AuditFormat {
+    /// A summary for people.
+    #[default]
+    Text,
+    /// One JSON object, for monitoring.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -78,6 +133,10 @@ pub struct Settings {
     /// Redis in front of the claim; none for a single node.
     #[arg(long, env = "SPRAY_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signed Redis's certificate, for `rediss://` (a managed Redis
+    /// with a private CA); without it, `rediss://` trusts the system's root certificates.
+    #[arg(long, env = "SPRAY_REDIS_CA", global = true)]
+    pub redis_ca: Option<std::path::PathBuf>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, env = "SPRAY_REDIS_KEY_PREFIX", default_value = "spray", global = true)]
     pub redis_key_prefix: String,
@@ -143,6 +202,7 @@ impl Default for Settings {
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             database_max_connections: 16,
             redis_url: None,
+            redis_ca: None,
             redis_key_prefix: "spray".to_owned(),
             claim_lease: Duration::from_secs(5),
             receive_window: Duration::from_secs(10 * 60),
@@ -225,6 +285,21 @@ impl Settings {
     /// the setting and says what to write instead.
     pub fn validate(&self) -> Result<(), String> {
         check_database_url(&self.database_url)?;
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url)?;
+        }
+        if let Some(ca) = &self.redis_ca {
+            let all_tls = self
+                .redis_url
+                .as_deref()
+                .is_some_and(|url| url.split(',').all(|node| node.trim().starts_with("rediss://")));
+            if !all_tls {
+                return Err("--redis-ca is set but --redis-url is not rediss:// (every node, for a cluster): the CA only serves TLS".into());
+            }
+            if !ca.is_file() {
+                return Err(format!("--redis-ca {} is not a readable file", ca.display()));
+            }
+        }
         if self.database_max_connections == 0 {
             return Err(
                 "--database-max-connections is 0, so no request could reach the database: write at least 1 (the default is 16)"
@@ -320,6 +395,7 @@ impl fmt::Debug for Settings {
             .field("database_url", &redact_url(&self.database_url))
             .field("database_max_connections", &self.database_max_connections)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_ca", &self.redis_ca)
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("claim_lease", &self.claim_lease)
             .field("receive_window", &self.receive_window)
@@ -344,12 +420,93 @@ impl fmt::Debug for Settings {
     }
 }
 
+impl Settings {
+    /// The settings as a TOML file that `--config` reads back to the same settings, every
+    /// key written (the defaults too), secrets excepted: a password in a URL prints as
+    /// `***` and the gateway secret as `<hidden>`, each with a comment saying so. Pasted back
+    /// unchanged, those fail closed (a refused login, every API request refused), never
+    /// open.
+    pub fn to_toml(&self) -> String {
+        use std::fmt::Write as _;
+        let text = |value: &str| toml::Value::String(value.to_owned()).to_string();
+        let duration = |value: Duration| text(&humantime::format_duration(value).to_string());
+        let mut out = String::from(
+            "# The effective settings of spray (defaults < config file < environment < flags),\n\
+             # validated as `spray serve` would. Use it as a config file: spray --config FILE\n",
+        );
+        let mut line = |key: &str, value: String| {
+            let _ = writeln!(out, "{key} = {value}");
+        };
+        line("listen", text(&self.listen));
+        line("database_url", text(&redact_url(&self.database_url)));
+        line(
+            "database_max_connections",
+            self.database_max_connections.to_string(),
+        );
+        if let Some(url) = &self.redis_url {
+            line("redis_url", text(&redact_url(url)));
+        }
+        if let Some(ca) = &self.redis_ca {
+            line("redis_ca", text(&ca.display().to_string()));
+        }
+        line("redis_key_prefix", text(&self.redis_key_prefix));
+        line("claim_lease", duration(self.claim_lease));
+        line("receive_window", duration(self.receive_window));
+        line("lookup_window", duration(self.lookup_window));
+        line("max_amount", self.max_amount.to_string());
+        line("max_recipients", self.max_recipients.to_string());
+        if self.gateway_secret.is_some() {
+            line("gateway_secret", text("<hidden>"));
+        }
+        line("shutdown_timeout", duration(self.shutdown_timeout));
+        let log_format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        line("log_format", text(log_format));
+        line("request_timeout", duration(self.request_timeout));
+        line(
+            "max_concurrent_requests",
+            self.max_concurrent_requests.to_string(),
+        );
+        line("store_concurrency", self.store_concurrency.to_string());
+        line("sweep_interval", duration(self.sweep_interval));
+        line("idempotency_lease", duration(self.idempotency_lease));
+        line("retention_grace", duration(self.retention_grace));
+        let hidden_password = |url: &str| redact_url(url) != url;
+        if hidden_password(&self.database_url) || self.redis_url.as_deref().is_some_and(hidden_password) {
+            out.push_str("# A password in a URL is printed as ***: write the real one back before use.\n");
+        }
+        if self.gateway_secret.is_some() {
+            out.push_str(
+                "# gateway_secret is set and printed as <hidden>: write the real one back before use.\n",
+            );
+        }
+        if self.redis_url.is_none() {
+            out.push_str("# redis_url is not set: no Redis, claims take the SQL path alone.\n");
+        }
+        if self.gateway_secret.is_none() {
+            out.push_str("# gateway_secret is not set: the identity headers are trusted as they come.\n");
+        }
+        out
+    }
+}
+
 /// Refuses an SQLite URL that names no file (`sqlite://`, as an unset variable in a script
 /// leaves it) or an in-memory database: either would accept money and lose it.
 fn check_database_url(url: &str) -> Result<(), String> {
+    if url.starts_with("mysql:") {
+        return check_mysql_url(url);
+    }
     let Some(rest) = url.strip_prefix("sqlite:") else {
-        return Ok(());
+        return Err(format!(
+            "--database-url {} is neither sqlite://FILE nor mysql://USER:PASSWORD@HOST:PORT/DATABASE",
+            redact_url(url)
+        ));
     };
+    if let Err(e) = sqlx::sqlite::SqliteConnectOptions::from_str(url) {
+        return Err(format!("--database-url {}: {e}", redact_url(url)));
+    }
     let rest = rest.strip_prefix("//").unwrap_or(rest);
     let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
     if path.trim().is_empty() {
@@ -358,6 +515,81 @@ fn check_database_url(url: &str) -> Result<(), String> {
     let in_memory = path.starts_with(":memory:") || options.split('&').any(|option| option == "mode=memory");
     if in_memory {
         return Err("--database-url names an in-memory SQLite database, which loses every record when the process stops: write sqlite://FILE, for example sqlite://spray.db".into());
+    }
+    Ok(())
+}
+
+/// The options a `mysql://` URL may carry (sqlx ignores any other without a word, so a
+/// misspelt `ssl-mode` would silently connect without TLS).
+const MYSQL_URL_OPTIONS: &[&str] = &[
+    "ssl-mode",
+    "sslmode",
+    "ssl-ca",
+    "sslca",
+    "ssl-cert",
+    "sslcert",
+    "ssl-key",
+    "sslkey",
+    "charset",
+    "collation",
+    "statement-cache-capacity",
+    "socket",
+    "timezone",
+    "time-zone",
+];
+
+/// A `mysql://` URL that sqlx reads, names a database, carries only options it knows,
+/// and names certificate files that exist.
+fn check_mysql_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    let options = sqlx::mysql::MySqlConnectOptions::from_str(url).map_err(|e| {
+        format!("--database-url {shown}: {e} (write mysql://USER:PASSWORD@HOST:PORT/DATABASE)")
+    })?;
+    if options.get_database().is_none_or(str::is_empty) {
+        return Err(format!(
+            "--database-url {shown} names no database: write mysql://USER:PASSWORD@HOST:PORT/DATABASE (spray keeps its tables in that database)"
+        ));
+    }
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !MYSQL_URL_OPTIONS.contains(&key) {
+            return Err(format!(
+                "--database-url {shown}: unknown option `{key}` (known: {})",
+                MYSQL_URL_OPTIONS.join(", ")
+            ));
+        }
+        let is_file = matches!(
+            key,
+            "ssl-ca" | "sslca" | "ssl-cert" | "sslcert" | "ssl-key" | "sslkey"
+        );
+        if is_file && !std::path::Path::new(value).is_file() {
+            return Err(format!(
+                "--database-url {shown}: {key}={value} is not a readable file"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Each node of a `--redis-url` is a URL the Redis client reads.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo;
+    let nodes: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .collect();
+    if nodes.is_empty() {
+        return Err("--redis-url is empty: write redis://HOST:PORT (or rediss:// for TLS), or leave it out for no Redis".into());
+    }
+    for node in nodes {
+        if let Err(e) = node.into_connection_info() {
+            return Err(format!(
+                "--redis-url {}: {e} (write redis://[:PASSWORD@]HOST:PORT, rediss:// for TLS)",
+                redact_url(node)
+            ));
+        }
     }
     Ok(())
 }
@@ -425,6 +657,27 @@ mod tests {
             !printed.contains("topsecret") && !printed.contains("alsosecret"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn the_printed_toml_has_a_key_for_every_setting() {
+        use clap::CommandFactory;
+        let settings = Settings {
+            redis_url: Some("rediss://127.0.0.1:6379".into()),
+            redis_ca: Some("/etc/ssl/redis-ca.pem".into()),
+            gateway_secret: Some("s".into()),
+            ..Settings::default()
+        };
+        let printed: toml::Table = settings.to_toml().parse().unwrap();
+        let command = Cli::command();
+        for long in command
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| !matches!(*long, "config" | "help" | "version"))
+        {
+            let key = long.replace('-', "_");
+            assert!(printed.contains_key(&key), "`spray config` does not print {key}");
+        }
     }
 
     #[test]

@@ -59,7 +59,7 @@ where
             .get_arguments()
             .find(|arg| arg.get_id() == id.as_str() && arg.get_long().is_some() && id != "config");
         let Some(arg) = known else {
-            return Err(file_error(&path, format!("unknown setting `{key}`")));
+            return Err(file_error(&path, unknown_key(&command, key)));
         };
         // The environment and the flags win over the file.
         if matches!(
@@ -88,9 +88,62 @@ where
     merged.extend(from_file);
     merged.extend(args.iter().skip(1).cloned());
     let matches = command
+        .clone()
         .try_get_matches_from(merged)
-        .map_err(|e| file_error(&path, first_line(&e)))?;
+        .map_err(|e| file_error(&path, in_file_terms(&command, &first_line(&e))))?;
     Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// The keys a file may set: every setting's flag without `--` and with `_` (the file
+/// also accepts `-`), `config` excepted.
+fn file_keys(command: &clap::Command) -> Vec<String> {
+    command
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter(|long| !matches!(*long, "config" | "help" | "version"))
+        .map(|long| long.replace('-', "_"))
+        .collect()
+}
+
+/// "unknown setting `max_recipent`; did you mean `max_recipients`?", when a known key is
+/// close enough to be the one meant.
+fn unknown_key(command: &clap::Command, key: &str) -> String {
+    let written = key.replace('-', "_");
+    let nearest = file_keys(command)
+        .into_iter()
+        .map(|known| (strsim::jaro_winkler(&written, &known), known))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        // Below this, the nearest key is more likely a wrong guess than the one meant.
+        .filter(|(similarity, _)| *similarity >= 0.8);
+    match nearest {
+        Some((_, known)) => format!("unknown setting `{key}`; did you mean `{known}`?"),
+        None => format!(
+            "unknown setting `{key}`; the settings are: {}",
+            file_keys(command).join(", ")
+        ),
+    }
+}
+
+/// clap's message names a setting as a flag (`'--max-recipients <MAX_RECIPIENTS>'`); in
+/// a message about the file, it is named by its key (`max_recipients`).
+fn in_file_terms(command: &clap::Command, message: &str) -> String {
+    let mut message = message.to_owned();
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        let flag = format!("'--{long}");
+        while let Some(start) = message.find(&flag) {
+            let after = start + flag.len();
+            // The flag's name ends at a space (before its value name) or the quote.
+            if !matches!(message.as_bytes().get(after), Some(b' ' | b'\'')) {
+                break;
+            }
+            let Some(end) = message[after..].find('\'').map(|i| after + i + 1) else {
+                break;
+            };
+            message.replace_range(start..end, &format!("`{}`", long.replace('-', "_")));
+        }
+    }
+    message
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
@@ -179,17 +232,36 @@ mod tests {
     #[test]
     fn a_bad_file_is_refused_with_its_name() {
         for (contents, expected) in [
-            ("nonsense = 1", "unknown setting `nonsense`"),
+            (
+                "nonsense = 1",
+                "unknown setting `nonsense`; the settings are: listen,",
+            ),
+            (
+                "max_recipent = 5",
+                "unknown setting `max_recipent`; did you mean `max_recipients`?",
+            ),
+            ("recieve-window = \"1m\"", "did you mean `receive_window`?"),
             ("config = \"other.toml\"", "unknown setting `config`"),
             ("max_recipients = true", "must be a string or an integer"),
-            ("max_recipients = \"many\"", "invalid value"),
+            (
+                "max_recipients = \"many\"",
+                "invalid value 'many' for `max_recipients`",
+            ),
+            (
+                "receive_window = \"soon\"",
+                "invalid value 'soon' for `receive_window`",
+            ),
             ("listen = ", "line 1: string values must be quoted"),
         ] {
             let toml = file(contents);
             let path = toml.path().to_str().unwrap();
             let error = parse(&["--config", path]).unwrap_err().to_string();
             assert!(error.contains(path), "{contents}: {error}");
-            assert!(error.to_lowercase().contains(expected), "{contents}: {error}");
+            assert!(
+                error.to_lowercase().contains(&expected.to_lowercase()),
+                "{contents}: {error}"
+            );
+            assert!(!error.contains("--"), "{contents}: speaks of flags: {error}");
         }
         let error = parse(&["--config", "/nonexistent/spray.toml"]).unwrap_err();
         assert!(error.to_string().contains("/nonexistent/spray.toml"), "{error}");
@@ -198,7 +270,7 @@ mod tests {
     #[test]
     fn without_a_file_nothing_changes() {
         let cli = parse(&["audit", "--max-amount", "5"]).unwrap();
-        assert_eq!(cli.command, Some(Command::Audit));
+        assert_eq!(cli.command, Some(Command::AUDIT));
         assert_eq!(cli.settings.max_amount, 5);
         assert!(cli.settings.config.is_none());
     }

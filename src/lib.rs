@@ -12,6 +12,7 @@ pub mod config;
 pub mod config_file;
 pub mod domain;
 pub mod gate;
+pub mod healthcheck;
 pub mod http;
 pub mod jobs;
 pub mod service;

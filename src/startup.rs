@@ -23,16 +23,57 @@ pub enum StartupError {
     Settings(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot open the store at {place}: {source}")]
+    Open { place: String, source: StoreError },
     #[error("cannot listen on {address}: {source}")]
     Listen { address: String, source: std::io::Error },
 }
 
 /// A store, migrated and ready.
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
-    let store = store::open(&settings.database_url, settings.database_max_connections).await?;
+    let store = store::open(&settings.database_url, settings.database_max_connections)
+        .await
+        .map_err(|source| StartupError::Open {
+            place: crate::config::redact_url(&settings.database_url),
+            source,
+        })?;
     let store: Arc<dyn Store> = Arc::new(store::GuardedStore::new(store, settings.store_concurrency));
     store.migrate().await?;
     Ok(store)
+}
+
+/// Says at start, not at the first request, that Redis does not answer. The service
+/// starts all the same: SQL is the truth and the gate only accelerates it
+/// (`docs/design.md` section 2); claims take the SQL path until Redis answers.
+async fn warn_if_redis_is_down(settings: &Settings, url: &str) {
+    let redis = crate::config::redact_url(url);
+    let gate = redis_ca_pem(settings)
+        .map_err(|e| crate::gate::GateUnavailable(e.to_string()))
+        .and_then(|ca| crate::gate::RedisGate::with_ca(url, &settings.redis_key_prefix, ca));
+    let answer = match gate {
+        Ok(gate) => gate.check().await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(()) => tracing::info!(%redis, "redis answers"),
+        Err(error) => tracing::warn!(
+            %redis,
+            %error,
+            "redis does not answer at start: serving on the SQL path until it does"
+        ),
+    }
+}
+
+/// The CA certificate `--redis-ca` names, read once at start.
+fn redis_ca_pem(settings: &Settings) -> Result<Option<Vec<u8>>, StartupError> {
+    settings
+        .redis_ca
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path)
+                .map_err(|e| StartupError::Settings(format!("--redis-ca {}: {e}", path.display())))
+        })
+        .transpose()
 }
 
 /// The router over a given store and sources (tests bring their own clock and tokens).
@@ -46,6 +87,7 @@ pub fn build_router(
     let claims = claim::for_settings(
         store.clone(),
         settings.redis_url.as_deref(),
+        redis_ca_pem(settings)?,
         &settings.redis_key_prefix,
         lease,
     )
@@ -82,15 +124,20 @@ impl Application {
         settings.policy().map_err(StartupError::Settings)?;
         settings.claim_lease().map_err(StartupError::Settings)?;
         let sweep = settings.sweep().map_err(StartupError::Settings)?;
-        let store = open_store(settings).await?;
-        let clock = sources.clock.clone();
-        let router = build_router(settings, store.clone(), sources)?;
+        // The address first: a port that is taken must stop the start before anything is
+        // written (no database file created, no migration applied).
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|source| StartupError::Listen {
                 address: settings.listen.clone(),
                 source,
             })?;
+        let store = open_store(settings).await?;
+        if let Some(url) = &settings.redis_url {
+            warn_if_redis_is_down(settings, url).await;
+        }
+        let clock = sources.clock.clone();
+        let router = build_router(settings, store.clone(), sources)?;
         Ok(Application {
             listener,
             router,

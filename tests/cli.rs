@@ -576,6 +576,12 @@ async fn serve_starts_and_answers_with_redis_unreachable() {
         let client = client();
         // Nothing listens on port 1: Redis is unreachable from the very start.
         let mut server = Server::start(dir.path(), &url, &["--redis-url", "redis://127.0.0.1:1"], &[]).await;
+        // Said at start, with the host, before any request noticed it.
+        let log = server.log_text();
+        assert!(
+            log.contains("redis does not answer at start") && log.contains("redis=redis://127.0.0.1:1"),
+            "{log}"
+        );
         let token = spray(&client, &server, &json!({ "amount": 10, "recipient_count": 2 })).await;
         receive(&client, &server, &token, 2).await;
         let (status, answer) = post(&client, &server, "/api/v1/receive", 2, &json!({ "token": token })).await;
@@ -670,4 +676,421 @@ async fn settings_that_cannot_keep_money_are_refused_by_every_command_and_write_
             assert!(left.is_empty(), "{command} with {what} wrote {left:?}");
         }
     }
+}
+
+/// A port that is taken stops `spray serve` before it opens a store: exit 1, a message
+/// with the address, and no SQLite file created, no table made in a MySQL database.
+#[tokio::test]
+async fn serve_on_a_taken_port_exits_before_it_creates_or_migrates_a_store() {
+    timeout(TEST_LIMIT, async {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("take a port");
+        let address = taken.local_addr().expect("its address").to_string();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let logs = tempfile::tempdir().expect("a directory for the output");
+        let url = database_url(dir.path());
+        let run = run_spray(
+            logs.path(),
+            "sqlite",
+            &["serve", "--listen", &address, "--database-url", &url],
+            &[],
+            REFUSAL_LIMIT,
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("cannot listen on {address}")) && run.stderr.contains("in use"),
+            "{}",
+            run.stderr
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "a refused start wrote {left:?}");
+
+        let database = common::MySqlDatabase::create().await;
+        let run = run_spray(
+            logs.path(),
+            "mysql",
+            &["serve", "--listen", &address, "--database-url", &database.url],
+            &[],
+            REFUSAL_LIMIT,
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+        let pool = sqlx::MySqlPool::connect(&database.url)
+            .await
+            .expect("the test database");
+        let tables: Vec<String> = sqlx::query_scalar("SHOW TABLES").fetch_all(&pool).await.unwrap();
+        assert!(tables.is_empty(), "a refused start made {tables:?}");
+        pool.close().await;
+        drop(taken);
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// The bytes of a file, to show that a command left it as it was.
+fn bytes_of(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `spray audit` never creates or changes a store: a missing file, an empty file and a
+/// store of an older schema are each refused with exit 2 and a message that says which,
+/// and are left as they were (no file created, not a byte changed, nothing migrated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_refuses_a_missing_empty_or_older_store_and_changes_nothing() {
+    timeout(TEST_LIMIT, async {
+        let logs = tempfile::tempdir().expect("a directory for the output");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+
+        let missing = dir.path().join("missing.db");
+        let url = format!("sqlite://{}", missing.display());
+        let run = audit(logs.path(), "missing", &url).await;
+        assert_eq!(run.status.code(), Some(2), "{}\n{}", run.stdout, run.stderr);
+        assert!(
+            run.stderr
+                .contains(&format!("there is no store at {}", missing.display())),
+            "{}",
+            run.stderr
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "audit of a missing store wrote {left:?}");
+
+        // A file with no tables (SQLite reads an empty file as an empty database).
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let url = format!("sqlite://{}", empty.display());
+        let run = audit(logs.path(), "empty", &url).await;
+        assert_eq!(run.status.code(), Some(2), "{}\n{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains("is empty (no tables)"), "{}", run.stderr);
+        assert!(bytes_of(&empty).is_empty(), "the empty file was written to");
+
+        // A store one migration behind this binary.
+        let older = tempfile::tempdir().expect("a temporary directory");
+        let url = populated_store(older.path()).await;
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("open the store directly");
+        sqlx::query(
+            "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let file = older.path().join("spray.db");
+        let before = bytes_of(&file);
+        let run = audit(logs.path(), "older", &url).await;
+        assert_eq!(run.status.code(), Some(2), "{}\n{}", run.stdout, run.stderr);
+        assert!(
+            run.stderr.contains("is of an older schema") && run.stderr.contains("run spray migrate"),
+            "{}",
+            run.stderr
+        );
+        assert!(bytes_of(&file) == before, "the audit changed the older store");
+
+        // The same in JSON, for a monitor: one object on stdout that says why.
+        let run = run_spray(
+            logs.path(),
+            "older-json",
+            &["audit", "--format", "json", "--database-url", &url],
+            &[],
+            COMMAND_LIMIT,
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+        let report: Value = serde_json::from_str(&run.stdout).expect("JSON on stdout");
+        assert_eq!(report["clean"], false);
+        assert!(
+            report["error"].as_str().unwrap().contains("older schema"),
+            "{report}"
+        );
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// On MySQL too: a database with no tables is refused and left without tables (the audit
+/// does not migrate); a database that does not exist is named.
+#[tokio::test]
+async fn audit_on_mysql_never_migrates() {
+    timeout(TEST_LIMIT, async {
+        let logs = tempfile::tempdir().expect("a directory for the output");
+        let database = common::MySqlDatabase::create().await;
+        let run = audit(logs.path(), "empty", &database.url).await;
+        assert_eq!(run.status.code(), Some(2), "{}\n{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains("is empty (no tables)"), "{}", run.stderr);
+        let pool = sqlx::MySqlPool::connect(&database.url)
+            .await
+            .expect("the test database");
+        let tables: Vec<String> = sqlx::query_scalar("SHOW TABLES").fetch_all(&pool).await.unwrap();
+        assert!(tables.is_empty(), "the audit made {tables:?}");
+        pool.close().await;
+
+        let absent = format!("{}_absent", database.url);
+        let run = audit(logs.path(), "absent", &absent).await;
+        assert_eq!(run.status.code(), Some(2), "{}\n{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains("cannot open the store"), "{}", run.stderr);
+        assert!(run.stderr.contains("_absent"), "{}", run.stderr);
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// `spray audit --format json` (or `--json`) prints one object a monitor can read, and
+/// an audit reads the store without changing a byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_prints_json_for_monitoring_and_leaves_the_store_as_it_was() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = populated_store(dir.path()).await;
+        let file = dir.path().join("spray.db");
+        let before = bytes_of(&file);
+        for flag in [&["--format", "json"][..], &["--json"][..]] {
+            let mut args = vec!["audit", "--database-url", &url];
+            args.extend_from_slice(flag);
+            let run = run_spray(dir.path(), "json", &args, &[], COMMAND_LIMIT).await;
+            assert_eq!(run.status.code(), Some(0), "{}\n{}", run.stdout, run.stderr);
+            let report: Value = serde_json::from_str(&run.stdout).expect("one JSON object");
+            assert_eq!(report["clean"], true, "{report}");
+            assert_eq!(report["violations"], 0, "{report}");
+            assert_eq!(report["totals"]["sprays"], 3, "{report}");
+            assert_eq!(report["totals"]["debited"], 2277, "{report}");
+            let checks = report["checks"].as_array().expect("the checks");
+            assert_eq!(checks.len(), spray::audit::CHECKS.len());
+            assert!(checks.iter().all(|check| check["ok"] == true), "{report}");
+        }
+        assert!(bytes_of(&file) == before, "the audit changed the store");
+
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("open the store directly");
+        sqlx::query(CORRUPTIONS[0].sql).execute(&pool).await.unwrap();
+        pool.close().await;
+        let run = run_spray(
+            dir.path(),
+            "json-corrupt",
+            &["audit", "--json", "--database-url", &url],
+            &[],
+            COMMAND_LIMIT,
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(1), "{}\n{}", run.stdout, run.stderr);
+        let report: Value = serde_json::from_str(&run.stdout).expect("one JSON object");
+        assert_eq!(report["clean"], false, "{report}");
+        let failed: Vec<&str> = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|check| check["ok"] == false)
+            .filter_map(|check| check["name"].as_str())
+            .collect();
+        assert_eq!(failed, [CORRUPTIONS[0].breaks], "{report}");
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// `--help` gives every exit status, for the audit among them.
+#[test]
+fn help_lists_the_exit_statuses() {
+    for args in [
+        &["--help"][..],
+        &["audit", "--help"][..],
+        &["healthcheck", "--help"][..],
+    ] {
+        let output = spray_command().args(args).output().expect("run spray");
+        assert!(output.status.success());
+        let help = String::from_utf8(output.stdout).unwrap();
+        assert!(help.contains("Exit status:"), "{args:?}: {help}");
+        assert!(
+            help.contains(
+                "audit        0 every check passed; 1 a money invariant is broken; 2 could not audit"
+            ),
+            "{args:?}: {help}"
+        );
+    }
+}
+
+/// `spray healthcheck` asks /readyz of a running server: 0 when it answers 200, 1 when it
+/// answers anything else or nothing, 2 for a URL it cannot use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_exits_by_the_readiness_of_the_server() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = database_url(dir.path());
+        let mut server = Server::start(dir.path(), &url, &[], &[]).await;
+        let address = server.base.trim_start_matches("http://").to_owned();
+        let port = address.rsplit_once(':').unwrap().1.to_owned();
+        let check = |name: &'static str, args: Vec<String>| {
+            let dir = dir.path().to_owned();
+            async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_spray(&dir, name, &args, &[], COMMAND_LIMIT).await
+            }
+        };
+        let ready = [
+            vec!["healthcheck".into(), "--listen".into(), address.clone()],
+            // The container's listen address: every interface, so loopback is asked.
+            vec!["healthcheck".into(), "--listen".into(), format!("0.0.0.0:{port}")],
+            vec![
+                "healthcheck".into(),
+                "--url".into(),
+                format!("http://{address}/readyz"),
+            ],
+        ];
+        for args in ready {
+            let run = check("ready", args.clone()).await;
+            assert_eq!(run.status.code(), Some(0), "{args:?}: {}", run.stderr);
+        }
+        let run = check(
+            "404",
+            vec![
+                "healthcheck".into(),
+                "--url".into(),
+                format!("http://{address}/nothing"),
+            ],
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+        assert!(run.stderr.contains("answered 404"), "{}", run.stderr);
+        let run = check(
+            "https",
+            vec![
+                "healthcheck".into(),
+                "--url".into(),
+                format!("https://{address}/readyz"),
+            ],
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+        assert_eq!(server.terminate().await.code(), Some(0));
+        let run = check(
+            "stopped",
+            vec!["healthcheck".into(), "--listen".into(), address.clone()],
+        )
+        .await;
+        assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("cannot connect to {address}")),
+            "{}",
+            run.stderr
+        );
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// Opening a store fails with the thing and the cause in words, and writes nothing:
+/// settings that can be judged without connecting are refused first (exit 2); a server or
+/// a file that cannot be opened is named with the reason (exit 1).
+#[tokio::test]
+async fn store_errors_name_the_store_and_the_cause_and_write_nothing() {
+    timeout(TEST_LIMIT, async {
+        let logs = tempfile::tempdir().expect("a directory for the output");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let refused_port = free_port();
+        let refused = format!("mysql://root@127.0.0.1:{refused_port}/spray");
+        let no_dir = dir.path().join("no-such-dir").join("spray.db");
+        let no_dir_url = format!("sqlite://{}", no_dir.display());
+        let a_dir = dir.path().join("a-dir.db");
+        std::fs::create_dir(&a_dir).unwrap();
+        let a_dir_url = format!("sqlite://{}", a_dir.display());
+        let cases: &[(&str, &[&str], i32, &[&str])] = &[
+            (
+                "a MySQL URL without a database",
+                &["--database-url", "mysql://root@127.0.0.1:3306"],
+                2,
+                &["mysql://root@127.0.0.1:3306 names no database"],
+            ),
+            (
+                "a MySQL option spelt wrong (sqlx would ignore it)",
+                &[
+                    "--database-url",
+                    "mysql://root@127.0.0.1:3306/spray?ssl_mode=REQUIRED",
+                ],
+                2,
+                &["unknown option `ssl_mode`"],
+            ),
+            (
+                "a malformed MySQL option",
+                &[
+                    "--database-url",
+                    "mysql://root@127.0.0.1:3306/spray?ssl-mode=SOMETIMES",
+                ],
+                2,
+                &["--database-url", "SOMETIMES"],
+            ),
+            (
+                "a CA file that does not exist",
+                &[
+                    "--database-url",
+                    "mysql://root@127.0.0.1:3306/spray?ssl-mode=VERIFY_CA&ssl-ca=/no/ca.pem",
+                ],
+                2,
+                &["ssl-ca=/no/ca.pem is not a readable file"],
+            ),
+            (
+                "an unknown scheme",
+                &["--database-url", "postgres://root@127.0.0.1/spray"],
+                2,
+                &["neither sqlite://FILE nor mysql://"],
+            ),
+            (
+                "a malformed Redis URL",
+                &["--redis-url", "redis://127.0.0.1:notaport"],
+                2,
+                &["--redis-url redis://127.0.0.1:notaport"],
+            ),
+            (
+                "a MySQL port nobody listens on",
+                &["--database-url", &refused],
+                1,
+                &[&format!("127.0.0.1:{refused_port}"), "Connection refused"],
+            ),
+            (
+                "an SQLite file in a directory that does not exist",
+                &["--database-url", &no_dir_url],
+                1,
+                &[&no_dir.display().to_string(), "does not exist"],
+            ),
+            (
+                "an SQLite path that is a directory",
+                &["--database-url", &a_dir_url],
+                1,
+                &[&a_dir.display().to_string(), "it is a directory"],
+            ),
+        ];
+        for command in ["migrate", "serve"] {
+            for (what, flags, code, says) in cases {
+                let mut args = vec![command, "--listen", "127.0.0.1:0"];
+                args.extend_from_slice(flags);
+                let name = format!("{command}-{}", what.replace(' ', "-"));
+                let run = run_spray(logs.path(), &name, &args, &[], REFUSAL_LIMIT).await;
+                assert_eq!(
+                    run.status.code(),
+                    Some(*code),
+                    "{command}, {what}: {}",
+                    run.stderr
+                );
+                for said in *says {
+                    assert!(
+                        run.stderr.contains(said),
+                        "{command}, {what}: no `{said}` in {}",
+                        run.stderr
+                    );
+                }
+            }
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from("a-dir.db")],
+            "something was written"
+        );
+        assert!(std::fs::read_dir(&a_dir).unwrap().next().is_none());
+    })
+    .await
+    .expect("the test finished in time");
 }

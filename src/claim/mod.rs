@@ -62,6 +62,7 @@ pub trait ClaimPath: Send + Sync + 'static {
 pub fn for_settings(
     store: Arc<dyn crate::store::Store>,
     redis_url: Option<&str>,
+    redis_ca_pem: Option<Vec<u8>>,
     redis_key_prefix: &str,
     lease: TimeDelta,
 ) -> Result<Arc<dyn ClaimPath>, crate::gate::GateUnavailable> {
@@ -69,7 +70,7 @@ pub fn for_settings(
         None => Arc::new(SqlClaim::new(store)),
         Some(url) => {
             // Does not connect yet: claims take the SQL path until Redis answers.
-            let gate = crate::gate::RedisGate::new(url, redis_key_prefix)?;
+            let gate = crate::gate::RedisGate::with_ca(url, redis_key_prefix, redis_ca_pem)?;
             Arc::new(GatedClaim::new(store, gate, lease))
         }
     })

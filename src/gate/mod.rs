@@ -109,19 +109,35 @@ impl RedisGate {
     /// Cluster (the seed nodes). Does not connect yet: the service starts and serves
     /// even when Redis is unreachable.
     pub fn new(url: &str, prefix: &str) -> Result<RedisGate, GateUnavailable> {
+        RedisGate::with_ca(url, prefix, None)
+    }
+
+    /// Like [`RedisGate::new`]; for `rediss://`, `ca_pem` (a PEM certificate) is the
+    /// authority the servers' certificates must chain to, instead of the system's roots.
+    pub fn with_ca(url: &str, prefix: &str, ca_pem: Option<Vec<u8>>) -> Result<RedisGate, GateUnavailable> {
         let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let certificates = |root_cert| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        };
         let target = if urls.len() > 1 {
-            let client = redis::cluster::ClusterClient::builder(urls)
+            let mut builder = redis::cluster::ClusterClient::builder(urls)
                 .connection_timeout(CALL_TIMEOUT)
                 .response_timeout(CALL_TIMEOUT)
-                .retries(1)
-                .build()?;
+                .retries(1);
+            if let Some(ca) = ca_pem {
+                builder = builder.certs(certificates(ca));
+            }
+            let client = builder.build()?;
             Target::Cluster(Box::new(Cluster {
                 client,
                 connection: Mutex::new(None),
             }))
         } else {
-            let client = redis::Client::open(url)?;
+            let client = match ca_pem {
+                Some(ca) => redis::Client::build_with_tls(url, certificates(ca))?,
+                None => redis::Client::open(url)?,
+            };
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CALL_TIMEOUT))
                 .set_response_timeout(Some(CALL_TIMEOUT))
@@ -289,6 +305,11 @@ impl RedisGate {
 
     /// Whether Redis answers a PING now (for `/readyz`).
     pub async fn ping(&self) -> bool {
+        self.check().await.is_ok()
+    }
+
+    /// A PING now, and why it failed (refused, unknown host, a TLS refusal, a time-out).
+    pub async fn check(&self) -> Result<(), GateUnavailable> {
         let ping = async {
             let cmd = redis::cmd("PING");
             let value = match &self.target {
@@ -302,7 +323,11 @@ impl RedisGate {
             };
             Ok::<_, RedisError>(value)
         };
-        matches!(tokio::time::timeout(CALL_TIMEOUT, ping).await, Ok(Ok(_)))
+        match tokio::time::timeout(CALL_TIMEOUT, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(GateUnavailable::from(error)),
+            Err(_) => Err(GateUnavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        }
     }
 }
 

@@ -139,7 +139,23 @@ async fn read_checked(headers: &HeaderMap, body: Body) -> Result<CheckedBody, Ap
     let caller = Caller::from_headers(headers)?;
     serde_json::from_slice::<IgnoredAny>(&bytes)
         .map_err(|e| ApiError::invalid(format!("the JSON body is not valid: {e}")))?;
+    // serde reads a struct from a JSON array too (`[10, 2]` would be a spray of 10 over 2
+    // shares), so anything but an object is refused here, before any layer reads it.
+    if !is_json_object(&bytes) {
+        return Err(ApiError::invalid(
+            "the JSON body must be an object, not an array, a string, a number, a boolean or null",
+        ));
+    }
     Ok(CheckedBody { caller, bytes })
+}
+
+/// Whether `bytes`, already known to be one valid JSON value, is an object: a valid value
+/// is an object exactly when its first character past the whitespace JSON allows is `{`.
+fn is_json_object(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|b| *b == b'{')
 }
 
 /// A POST with a JSON body: the caller and the body parsed into `T` (wrong types, unknown,

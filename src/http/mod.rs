@@ -22,6 +22,7 @@ use subtle::ConstantTimeEq;
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -86,7 +87,8 @@ pub fn router(state: AppState, limits: Limits) -> Router {
     let document = ops::OpenApiJson(serde_json::to_vec(&document).unwrap_or_default().into());
     Router::new()
         .merge(routes)
-        .merge(openapi::swagger_ui())
+        // The Swagger UI bundle is large; gzip it when the browser accepts it.
+        .merge(openapi::swagger_ui().layer(CompressionLayer::new()))
         .layer(Extension(document))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -7,8 +7,11 @@
 //! concurrency bound can give any route.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use axum::http::StatusCode;
+use axum::extract::Path;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
 use serde_json::json;
 use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::header::HeaderBuilder;
@@ -17,7 +20,7 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder, Schema};
 use utoipa::{IntoParams, OpenApi as _, PartialSchema, ToSchema};
-use utoipa_swagger_ui::{Config, SwaggerUi};
+use utoipa_swagger_ui::Config;
 
 use super::error::ApiError;
 use crate::domain::Policy;
@@ -425,13 +428,69 @@ fn docs_path_item() -> utoipa::openapi::PathItem {
         .build()
 }
 
-/// The Swagger UI router: `/docs` redirects to `/docs/`, which reads `/openapi.json`.
+/// Where the Swagger UI page fetches the document: relative to the page (`/docs/`), so
+/// that behind a proxy that mounts the service under a path prefix (`/spray/docs/`) the
+/// page still finds it (`/spray/openapi.json`).
+const DOCUMENT_FROM_DOCS: &str = "../openapi.json";
+
+/// The Swagger UI router: `/docs` redirects to `/docs/`, which reads the document.
+///
+/// Written here rather than taken from `utoipa-swagger-ui`'s router, whose redirect names
+/// the absolute `/docs/` (wrong behind a path prefix) and whose answers carry no caching
+/// headers. The files still come from that crate, inside the binary. The page makes no
+/// call outside this service: Swagger UI's default validator badge fetches
+/// `validator.swagger.io` with the document's URL on any host but localhost, so it is
+/// turned off (`validatorUrl: "none"`). Assets are compressed by the router's layer.
 pub fn swagger_ui<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
-    SwaggerUi::new(DOCS_PATH)
-        .config(
-            Config::from(OPENAPI_PATH)
-                .try_it_out_enabled(true)
-                .display_operation_id(true),
-        )
-        .into()
+    use axum::routing::get;
+    let config = Arc::new(
+        Config::from(DOCUMENT_FROM_DOCS)
+            .try_it_out_enabled(true)
+            .display_operation_id(true)
+            .validator_url("none"),
+    );
+    let page = {
+        let config = config.clone();
+        move || std::future::ready(docs_file("", &config))
+    };
+    let asset = move |Path(tail): Path<String>| std::future::ready(docs_file(&tail, &config));
+    axum::Router::new()
+        // Relative, so `/prefix/docs` goes to `/prefix/docs/`.
+        .route(DOCS_PATH, get(|| async { Redirect::to("docs/") }))
+        .route(&format!("{DOCS_PATH}/"), get(page))
+        .route(&format!("{DOCS_PATH}/{{*tail}}"), get(asset))
+}
+
+/// One file of the Swagger UI. The page and its initializer (which holds the settings
+/// above) are revalidated on every load, so a new version of the service is seen at once;
+/// the bundle, the style sheet and the icons change only with the crate, and are kept a day.
+fn docs_file(tail: &str, config: &Arc<Config<'static>>) -> Response {
+    let file = match utoipa_swagger_ui::serve(tail, config.clone()) {
+        Ok(Some(file)) => file,
+        Ok(None) => return ApiError::RouteNotFound.into_response(),
+        Err(error) => {
+            tracing::error!(%error, tail, "the Swagger UI file could not be prepared");
+            return ApiError::Internal.into_response();
+        }
+    };
+    let cache = if tail.is_empty() || tail == "index.html" || tail == "swagger-initializer.js" {
+        "no-cache"
+    } else {
+        "public, max-age=86400"
+    };
+    let mut headers = vec![
+        (header::CONTENT_TYPE, file.content_type),
+        (header::CACHE_CONTROL, cache.to_owned()),
+    ];
+    // The vendored files are plain unless utoipa-swagger-ui's `gzip` feature is on.
+    if file.gzpipped {
+        headers.push((header::CONTENT_ENCODING, "gzip".to_owned()));
+    }
+    let mut response = file.bytes.into_owned().into_response();
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }

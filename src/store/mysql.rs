@@ -59,6 +59,29 @@ impl MySqlStore {
     /// Connects to the database named by a `mysql://` URL.
     pub async fn connect(url: &str, max_connections: u32) -> Result<MySqlStore, StoreError> {
         let options = MySqlConnectOptions::from_str(url)?;
+        // One connection first, alone: a pool retries a failed connection until its
+        // acquire time-out and then reports only the time-out, while this reports why
+        // (refused, unknown host, access denied, no such database, a TLS refusal).
+        {
+            use sqlx::{ConnectOptions, Connection};
+            let first = tokio::time::timeout(Duration::from_secs(10), options.connect())
+                .await
+                .map_err(|_| StoreError::Unavailable("no answer within 10s".into()))?
+                .map_err(|e| {
+                    // rustls says only "invalid peer certificate: UnknownIssuer".
+                    let text = e.to_string();
+                    if text.contains("certificate") {
+                        StoreError::Config(format!(
+                            "the TLS handshake with {}:{} failed: {text} (ssl-ca must name the CA that signed the server's certificate)",
+                            options.get_host(),
+                            options.get_port()
+                        ))
+                    } else {
+                        StoreError::from(e)
+                    }
+                })?;
+            let _ = first.close().await;
+        }
         let pool = MySqlPoolOptions::new()
             .max_connections(max_connections.max(1))
             // Fail fast when the database is gone: the caller answers 503 and retries.
@@ -73,6 +96,11 @@ impl MySqlStore {
             .connect_with(options)
             .await?;
         Ok(MySqlStore { pool })
+    }
+
+    /// The migrations this binary carries, to compare with those a store has applied.
+    pub fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
     }
 
     async fn try_insert_spray(

@@ -117,20 +117,49 @@ impl SqliteStore {
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone())
-            .await?;
+            .await
+            .map_err(|e| why_not_opened(options.get_filename(), e))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with(options.read_only(true));
+        Ok(SqliteStore::with_pools(writer, reader))
+    }
+
+    /// The store over its two pools, with the group commit started on the writer.
+    fn with_pools(writer: SqlitePool, reader: SqlitePool) -> SqliteStore {
         let batches = GroupCommit::start(BatchedWrites {
             writer: writer.clone(),
             reader: reader.clone(),
         });
-        Ok(SqliteStore {
+        SqliteStore {
             writer,
             reader,
             batches,
-        })
+        }
+    }
+
+    /// Opens an existing database file read-only (`spray audit`): never creates the file,
+    /// never migrates, never sets a pragma that writes. The writer pool is never used.
+    pub async fn connect_read_only(url: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(false)
+            .read_only(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let reader = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await?;
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
+        Ok(SqliteStore::with_pools(writer, reader))
+    }
+
+    /// The migrations this binary carries, to compare with those a store has applied.
+    pub fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
     }
 
     /// A write transaction. IMMEDIATE takes the write lock up front, so the transaction
@@ -138,6 +167,38 @@ impl SqliteStore {
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// SQLite says only "unable to open database file" (code 14); the operator needs the
+/// path and the reason, found out here without writing anything.
+fn why_not_opened(path: &std::path::Path, error: sqlx::Error) -> StoreError {
+    let is_cantopen = matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("14"));
+    if !is_cantopen {
+        return StoreError::from(error);
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let reason = if path.is_dir() {
+        "it is a directory".to_owned()
+    } else if path.exists() {
+        match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+            Err(e) => e.to_string(),
+            Ok(_) => "SQLite cannot open it (its -wal or -shm file, or the directory?)".to_owned(),
+        }
+    } else if !parent.is_dir() {
+        format!("the directory {} does not exist", parent.display())
+    } else {
+        format!(
+            "it does not exist and cannot be created in {} (is the directory writable by this user?)",
+            parent.display()
+        )
+    };
+    StoreError::Config(format!(
+        "cannot open the SQLite file {}: {reason}",
+        path.display()
+    ))
 }
 
 #[async_trait]

@@ -192,6 +192,57 @@ async fn malformed_spray_bodies_are_invalid_requests() {
     assert_nothing_written(&app).await;
 }
 
+/// serde would read a struct from a JSON array (`[10, 2]` as amount and count), so every
+/// valid JSON value that is not an object is refused before the endpoint, on both POST
+/// routes, with or without an `Idempotency-Key`, and writes nothing.
+#[tokio::test]
+async fn a_json_body_that_is_not_an_object_is_an_invalid_request() {
+    let app = TestApp::new().await;
+    let token = app.spray(1000, 2).await;
+    let sprays_before = app.store.count("SELECT COUNT(*) FROM sprays").await.unwrap();
+    let ledger_before = app.store.count("SELECT COUNT(*) FROM ledger").await.unwrap();
+    let receive_as_array = format!("[\"{token}\"]");
+    let cases: [(&str, &str); 8] = [
+        ("/api/v1/spray", "[10, 2]"),
+        ("/api/v1/spray", " \n[10, 2, \"even\"]"),
+        ("/api/v1/spray", "10"),
+        ("/api/v1/spray", "\"10\""),
+        ("/api/v1/spray", "null"),
+        ("/api/v1/spray", "true"),
+        ("/api/v1/receive", &receive_as_array),
+        ("/api/v1/receive", "[]"),
+    ];
+    for (path, body) in cases {
+        for key in [None, Some(&b"not-an-object-key"[..])] {
+            let mut headers = vec![JSON, USER, IN_ROOM];
+            headers.extend(key.map(|key| ("idempotency-key", key)));
+            let answer = app.send(raw_post(path, &headers, body.to_owned())).await;
+            assert_eq!(
+                answer.code(),
+                "INVALID_REQUEST",
+                "{path} {body}: {}",
+                String::from_utf8_lossy(&answer.raw)
+            );
+            answer.assert_problem(400, "INVALID_REQUEST");
+        }
+    }
+    assert_eq!(
+        app.store.count("SELECT COUNT(*) FROM sprays").await.unwrap(),
+        sprays_before
+    );
+    assert_eq!(
+        app.store.count("SELECT COUNT(*) FROM ledger").await.unwrap(),
+        ledger_before
+    );
+    // Like a body that is not JSON, it is not kept under its key.
+    assert_eq!(
+        app.store.count("SELECT COUNT(*) FROM idempotency").await.unwrap(),
+        0
+    );
+    // The share is still there for a well-formed receive.
+    app.receive(2, &token).await.assert_status(200);
+}
+
 #[tokio::test]
 async fn malformed_tokens_are_invalid_requests() {
     let app = TestApp::new().await;

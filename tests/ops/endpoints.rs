@@ -75,7 +75,8 @@ async fn the_docs_page_is_served_from_the_binary() {
     let app = TestApp::new().await;
     let answer = app.send(plain_get("/docs")).await;
     answer.assert_status(303);
-    assert_eq!(answer.headers["location"], "/docs/");
+    // Relative, so that behind a path prefix `/p/docs` leads to `/p/docs/`.
+    assert_eq!(answer.headers["location"], "docs/");
     let page = app.send(plain_get("/docs/")).await;
     page.assert_status(200);
     let html = String::from_utf8(page.raw).unwrap();
@@ -87,9 +88,70 @@ async fn the_docs_page_is_served_from_the_binary() {
         answer.assert_status(200);
         assert!(answer.raw.len() > 100, "{asset} is empty");
     }
+    app.send(plain_get("/docs/no-such-file.js"))
+        .await
+        .assert_problem(404, "NOT_FOUND");
+}
+
+/// The page calls nothing outside the service (Swagger UI's validator badge would send
+/// the document's address to validator.swagger.io), and reads the document by a URL
+/// relative to itself, so it works behind a proxy that mounts the service under a prefix.
+#[tokio::test]
+async fn the_docs_page_calls_no_outside_service_and_finds_the_document_relatively() {
+    let app = TestApp::new().await;
     let initializer = app.send(plain_get("/docs/swagger-initializer.js")).await;
+    initializer.assert_status(200);
     let script = String::from_utf8(initializer.raw).unwrap();
-    assert!(script.contains("/openapi.json"), "{script}");
+    assert!(script.contains(r#""validatorUrl": "none""#), "{script}");
+    assert!(script.contains(r#""url": "../openapi.json""#), "{script}");
+    assert!(!script.contains("\"/openapi.json\""), "{script}");
+    assert!(
+        !script.contains("http://") && !script.contains("https://"),
+        "{script}"
+    );
+    // The relative URL, resolved from the page, is the document.
+    app.send(plain_get("/openapi.json")).await.assert_status(200);
+}
+
+/// The bundle is sent gzipped to a browser that accepts it and may be cached; the page and
+/// its initializer (which carries the settings) are revalidated on every load.
+#[tokio::test]
+async fn the_docs_assets_are_compressed_and_cacheable() {
+    let app = TestApp::new().await;
+    let get = |path: &str, gzip: bool| {
+        let mut request = axum::http::Request::builder().uri(path);
+        if gzip {
+            request = request.header("accept-encoding", "gzip");
+        }
+        request.body(axum::body::Body::empty()).unwrap()
+    };
+    let plain = app.send(get("/docs/swagger-ui-bundle.js", false)).await;
+    plain.assert_status(200);
+    assert!(
+        plain.headers.get("content-encoding").is_none(),
+        "{:?}",
+        plain.headers
+    );
+    let zipped = app.send(get("/docs/swagger-ui-bundle.js", true)).await;
+    zipped.assert_status(200);
+    assert_eq!(zipped.headers["content-encoding"], "gzip");
+    assert!(
+        zipped.raw.len() * 2 < plain.raw.len(),
+        "gzip: {} bytes, plain: {}",
+        zipped.raw.len(),
+        plain.raw.len()
+    );
+    for asset in ["swagger-ui-bundle.js", "swagger-ui.css"] {
+        let answer = app.send(get(&format!("/docs/{asset}"), true)).await;
+        assert_eq!(
+            answer.headers["cache-control"], "public, max-age=86400",
+            "{asset}"
+        );
+    }
+    for page in ["/docs/", "/docs/swagger-initializer.js"] {
+        let answer = app.send(get(page, true)).await;
+        assert_eq!(answer.headers["cache-control"], "no-cache", "{page}");
+    }
 }
 
 /// An operation of the contract: method, path, and its answers as status and problem
