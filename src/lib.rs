@@ -4,6 +4,10 @@
 //! rules, given a [`clock`] and a token source) -> [`store`] (SQL, the source of truth).
 //! [`domain`] holds the types and rules, with no I/O.
 
+// Only what the binary, the tests or the examples use is `pub`; anything else is
+// `pub(crate)` or narrower, so that the compiler reports what nothing uses.
+#![warn(unreachable_pub)]
+
 pub mod audit;
 pub mod claim;
 pub mod cli;

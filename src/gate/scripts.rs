@@ -24,7 +24,7 @@
 /// younger than the lease. The previous holder keeps its entry in KEYS[3]: if it did
 /// record the share (only its confirmation was lost), its retries are still answered
 /// "already received" after SQL confirms it.
-pub const CLAIM: &str = r#"
+pub(crate) const CLAIM: &str = r#"
 local id = redis.call('HGET', KEYS[1], 'id')
 if not id then return {'MISSING'} end
 local now = tonumber(ARGV[2])
@@ -60,7 +60,7 @@ return {'SLOT', id, slot, taken_over}
 /// The time to live is relative, so the keys' lifetime does not depend on Redis's clock
 /// agreeing with ours. A rebuilt spray has no holds: SQL lists every share it has not
 /// recorded as free.
-pub const REBUILD: &str = r#"
+pub(crate) const REBUILD: &str = r#"
 local held = redis.call('HGET', KEYS[1], 'id')
 if held == ARGV[1] then return 0 end
 if held then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4]) end
@@ -86,14 +86,14 @@ return 1
 
 /// SQL recorded the slot for the user: the hold becomes a plain receipt and can no
 /// longer be taken over. ARGV: user id, slot.
-pub const CONFIRM: &str = r#"
+pub(crate) const CONFIRM: &str = r#"
 return redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
 "#;
 
 /// Gives a slot back after SQL could not record it (a transient failure), if the user
 /// still holds it. A hold taken over meanwhile belongs to its new holder: the user's
 /// entry is dropped, but the slot is not put back. ARGV: user id, slot.
-pub const RELEASE: &str = r#"
+pub(crate) const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 if redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1]) == 0 then return 0 end
@@ -104,7 +104,7 @@ return 1
 "#;
 
 /// Forgets that the user holds a slot that SQL says someone else has. ARGV: user, slot.
-pub const FORGET: &str = r#"
+pub(crate) const FORGET: &str = r#"
 redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])

@@ -8,30 +8,30 @@ use chrono::{DateTime, Utc};
 use super::StoreError;
 use crate::domain::{Amount, Receipt, RoomId, Settlement, SplitMode, SprayRecord, Token, UserId};
 
-pub fn millis(t: DateTime<Utc>) -> i64 {
+pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-pub fn time_from(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+pub(crate) fn time_from(ms: i64) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms} out of range")))
 }
 
-pub fn stored(amount: Amount) -> Result<i64, StoreError> {
+pub(crate) fn stored(amount: Amount) -> Result<i64, StoreError> {
     amount
         .to_stored()
         .ok_or_else(|| StoreError::Other(format!("amount {amount} does not fit the store")))
 }
 
-pub fn amount_from(units: i64) -> Result<Amount, StoreError> {
+pub(crate) fn amount_from(units: i64) -> Result<Amount, StoreError> {
     Amount::from_stored(units).ok_or_else(|| StoreError::Corrupt(format!("negative amount {units}")))
 }
 
-pub fn user_from(id: i64) -> Result<UserId, StoreError> {
+pub(crate) fn user_from(id: i64) -> Result<UserId, StoreError> {
     UserId::from_stored(id).ok_or_else(|| StoreError::Corrupt(format!("bad user id {id}")))
 }
 
 /// The `(slot, amount)` rows of a new spray's shares; slot 0 is received first.
-pub fn share_rows(shares: &[Amount]) -> Result<Vec<(i64, i64)>, StoreError> {
+pub(crate) fn share_rows(shares: &[Amount]) -> Result<Vec<(i64, i64)>, StoreError> {
     shares
         .iter()
         .enumerate()
@@ -43,31 +43,31 @@ pub fn share_rows(shares: &[Amount]) -> Result<Vec<(i64, i64)>, StoreError> {
 }
 
 /// The columns every backend selects for a spray, in this order.
-pub const SPRAY_COLUMNS: &str = "id, room_id, token, owner_id, mode, total_amount, recipient_count, \
+pub(crate) const SPRAY_COLUMNS: &str = "id, room_id, token, owner_id, mode, total_amount, recipient_count, \
                                  created_at, receive_until, lookup_until, settled_at, refunded_amount";
 
 /// A spray row as selected with [`SPRAY_COLUMNS`].
 #[derive(Debug, sqlx::FromRow)]
-pub struct SprayRow {
-    pub id: i64,
-    pub room_id: String,
-    pub token: String,
-    pub owner_id: i64,
-    pub mode: String,
-    pub total_amount: i64,
-    pub recipient_count: i64,
-    pub created_at: i64,
-    pub receive_until: i64,
-    pub lookup_until: i64,
-    pub settled_at: Option<i64>,
-    pub refunded_amount: Option<i64>,
+pub(crate) struct SprayRow {
+    pub(crate) id: i64,
+    pub(crate) room_id: String,
+    pub(crate) token: String,
+    pub(crate) owner_id: i64,
+    pub(crate) mode: String,
+    pub(crate) total_amount: i64,
+    pub(crate) recipient_count: i64,
+    pub(crate) created_at: i64,
+    pub(crate) receive_until: i64,
+    pub(crate) lookup_until: i64,
+    pub(crate) settled_at: Option<i64>,
+    pub(crate) refunded_amount: Option<i64>,
 }
 
 /// A received share as `(receiver_id, amount, received_at)`.
-pub type ReceiptRow = (i64, i64, i64);
+pub(crate) type ReceiptRow = (i64, i64, i64);
 
 impl SprayRow {
-    pub fn into_record(self, receipts: Vec<ReceiptRow>) -> Result<SprayRecord, StoreError> {
+    pub(crate) fn into_record(self, receipts: Vec<ReceiptRow>) -> Result<SprayRecord, StoreError> {
         let id = self.id;
         let corrupt = |what: &str| StoreError::Corrupt(format!("spray {id}: bad {what}"));
         let receipts = receipts
@@ -106,9 +106,9 @@ impl SprayRow {
 
 /// The spray row of a gate snapshot:
 /// `(id, owner_id, receive_until, lookup_until, recipient_count)`.
-pub type ClaimSprayRow = (i64, i64, i64, i64, i64);
+pub(crate) type ClaimSprayRow = (i64, i64, i64, i64, i64);
 
-pub fn claim_snapshot_from(
+pub(crate) fn claim_snapshot_from(
     (spray_id, owner, receive_until, lookup_until, count): ClaimSprayRow,
     free_slots: Vec<i64>,
     receivers: Vec<(i64, i64)>,
@@ -129,7 +129,7 @@ pub fn claim_snapshot_from(
 }
 
 /// Sums stored amounts, refusing negative values and overflow as corruption.
-pub fn sum_amounts(spray_id: i64, units: Vec<i64>) -> Result<Amount, StoreError> {
+pub(crate) fn sum_amounts(spray_id: i64, units: Vec<i64>) -> Result<Amount, StoreError> {
     let amounts = units
         .into_iter()
         .map(amount_from)

@@ -24,7 +24,7 @@ macro_rules! portable_sql_functions {
 
         /// A new spray in the caller's transaction: its row, its shares, the sprayer's
         /// DEBIT and, with `idempotency`, the kept effect. Its id.
-        pub async fn spray_in(
+        pub(crate) async fn spray_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             spray: &crate::store::NewSpray,
             idempotency: Option<&crate::store::PendingKey>,
@@ -40,7 +40,7 @@ macro_rules! portable_sql_functions {
         /// rule 5 (the dialect's way to take a free share), the CREDIT and, with
         /// `idempotency`, the kept effect. The share taken (its slot kept, to find it again
         /// if the commit fails), or the rule that refused it.
-        pub async fn claim_share_in(
+        pub(crate) async fn claim_share_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
             idempotency: Option<&crate::store::PendingKey>,
@@ -78,7 +78,7 @@ macro_rules! portable_sql_functions {
 
         /// The gate's claim of one slot in the caller's transaction: settlement first (see
         /// `unsettled_in`), then the point update and its CREDIT, then the kept effect.
-        pub async fn claim_given_slot_in(
+        pub(crate) async fn claim_given_slot_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
             spray_id: i64,
@@ -110,7 +110,7 @@ macro_rules! portable_sql_functions {
         /// locks the row exclusively) wait for them, and them wait for it; on SQLite the
         /// single writer orders them. A spray that is gone (purged) counts as settled: it
         /// was settled before it could be purged.
-        pub async fn unsettled_in(
+        pub(crate) async fn unsettled_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             spray_id: i64,
         ) -> Result<bool, StoreError> {
@@ -150,7 +150,7 @@ macro_rules! portable_sql_functions {
         /// that: a row read unsettled is answered from the clock and the receipts, a row
         /// read settled from receipts that can no longer change. Either way one read of
         /// the receipts is a consistent view.
-        pub async fn find_in(
+        pub(crate) async fn find_in(
             conn: &mut <$db as sqlx::Database>::Connection,
             key: &crate::store::SprayLookup,
         ) -> Result<Option<crate::domain::SprayRecord>, StoreError> {
@@ -189,7 +189,7 @@ macro_rules! portable_sql_functions {
         /// acknowledgement was lost (see `store/commit.rs`), on a fresh connection. The
         /// read takes a shared lock (`share_lock`) on the row, so it waits for a transaction
         /// still holding it (a commit still under way) and then sees its outcome.
-        pub async fn landed<'e, E>(
+        pub(crate) async fn landed<'e, E>(
             executor: E,
             written: &crate::store::commit::Written,
         ) -> Result<bool, StoreError>
@@ -240,7 +240,7 @@ macro_rules! portable_sql_functions {
             Ok(found.is_some())
         }
 
-        pub async fn claim_snapshot(
+        pub(crate) async fn claim_snapshot(
             reader: &sqlx::Pool<$db>,
             room: &crate::domain::RoomId,
             token: &crate::domain::Token,
@@ -330,7 +330,7 @@ macro_rules! portable_sql_functions {
             Ok(SlotClaim::Received(amount))
         }
 
-        pub async fn share_of(
+        pub(crate) async fn share_of(
             writer: &sqlx::Pool<$db>,
             spray_id: i64,
             user: crate::domain::UserId,
@@ -347,7 +347,7 @@ macro_rules! portable_sql_functions {
 
         /// Completes the idempotency row `slot` holds with `answer`, if it is still
         /// pending under the slot's lease; how many rows that changed (0 or 1).
-        pub async fn complete_row<'e, E>(
+        pub(crate) async fn complete_row<'e, E>(
             executor: E,
             slot: &crate::store::PendingKey,
             answer: &crate::store::StoredAnswer,
@@ -375,7 +375,7 @@ macro_rules! portable_sql_functions {
         /// Records `effect` on the pending idempotency row, if any, inside the effect's
         /// transaction: the money and what a retry is answered from commit together. A lost
         /// lease (the row was taken over) fails the whole transaction.
-        pub async fn record_effect_in(
+        pub(crate) async fn record_effect_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             pending: Option<&crate::store::PendingKey>,
             effect: &crate::store::Effect,
@@ -401,7 +401,7 @@ macro_rules! portable_sql_functions {
         }
 
         /// Deletes the row `slot` holds if it is still pending under its lease.
-        pub async fn release_row(
+        pub(crate) async fn release_row(
             writer: &sqlx::Pool<$db>,
             slot: &crate::store::PendingKey,
         ) -> Result<(), StoreError> {
@@ -416,7 +416,7 @@ macro_rules! portable_sql_functions {
         }
 
         /// Up to `limit` ids of unsettled sprays whose window closed by `closed_by`.
-        pub async fn unsettled_sprays(
+        pub(crate) async fn unsettled_sprays(
             reader: &sqlx::Pool<$db>,
             closed_by: chrono::DateTime<chrono::Utc>,
             limit: u32,
@@ -434,7 +434,7 @@ macro_rules! portable_sql_functions {
         /// Rules 1 to 4 of a receive, in the contract's order, inside the caller's claim
         /// transaction: the spray `(id, recipient_count)` the caller may take a share of,
         /// or the rule that refuses. (The backend then checks settlement and rule 5.)
-        pub async fn receive_rules_in(
+        pub(crate) async fn receive_rules_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
         ) -> Result<Result<(i64, i64), crate::domain::ReceiveRefusal>, StoreError> {
@@ -475,7 +475,7 @@ macro_rules! portable_sql_functions {
 
         /// A new spray's shares, in the order they will be received, and the sprayer's
         /// DEBIT, inside the caller's transaction (after the spray row `spray_id`).
-        pub async fn insert_shares_and_debit_in(
+        pub(crate) async fn insert_shares_and_debit_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             spray_id: i64,
             spray: &crate::store::NewSpray,
@@ -508,7 +508,7 @@ macro_rules! portable_sql_functions {
         /// spray row is read first and locked (`lock`): the settlement waits for the claims
         /// that hold it in share mode, and holds off every later claim until it ends, and
         /// a second sweeper settling the same spray waits, then finds it settled.
-        pub async fn settle_in(
+        pub(crate) async fn settle_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             spray_id: i64,
             now: chrono::DateTime<chrono::Utc>,

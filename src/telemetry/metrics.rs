@@ -192,6 +192,7 @@ fn register_at_zero() {
                 histogram!("spray_store_duration_seconds", "operation" => *operation, "outcome" => *outcome);
         }
     }
+    let _ = histogram!(BATCH_METRIC);
     for sweeper in SWEEPERS {
         for outcome in OUTCOMES {
             counter!("spray_sweeper_passes_total", "sweeper" => *sweeper, "outcome" => *outcome).increment(0);
