@@ -464,6 +464,9 @@ impl Settings {
             LogFormat::Json => "json",
         };
         line("log_format", text(log_format));
+        if let Some(endpoint) = &self.otlp_endpoint {
+            line("otlp_endpoint", text(&redact_url(endpoint)));
+        }
         line("request_timeout", duration(self.request_timeout));
         line(
             "max_concurrent_requests",
@@ -487,6 +490,9 @@ impl Settings {
         }
         if self.gateway_secret.is_none() {
             out.push_str("# gateway_secret is not set: the identity headers are trusted as they come.\n");
+        }
+        if self.otlp_endpoint.is_none() {
+            out.push_str("# otlp_endpoint is not set: no spans are exported.\n");
         }
         out
     }
@@ -666,6 +672,7 @@ mod tests {
             redis_url: Some("rediss://127.0.0.1:6379".into()),
             redis_ca: Some("/etc/ssl/redis-ca.pem".into()),
             gateway_secret: Some("s".into()),
+            otlp_endpoint: Some("http://127.0.0.1:4318".into()),
             ..Settings::default()
         };
         let printed: toml::Table = settings.to_toml().parse().unwrap();
