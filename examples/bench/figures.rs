@@ -36,9 +36,27 @@ pub fn draw(results: &Results, dir: &Path) -> Vec<(String, String)> {
     drawn
 }
 
+/// Colours that stay apart on white (the stock palettes have a pale yellow).
+const COLORS: [RGBColor; 6] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(0, 0, 0),
+];
+
 fn color(i: usize) -> RGBColor {
-    let (r, g, b) = Palette99::COLORS[i % Palette99::COLORS.len()];
-    RGBColor(r, g, b)
+    COLORS[i % COLORS.len()]
+}
+
+/// Category axes (connections, percentiles): the label of the category at `x`.
+fn category(x: f64, names: &[String]) -> String {
+    names
+        .iter()
+        .zip(0u32..)
+        .find(|(_, at)| (x - f64::from(*at)).abs() < 0.05)
+        .map_or_else(String::new, |(name, _)| name.clone())
 }
 
 fn throughput(results: &Results, path: &Path) -> Drawn {
@@ -57,23 +75,27 @@ fn throughput(results: &Results, path: &Path) -> Drawn {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((12f64..340f64).log_scale(), 0f64..top * 1.15)?;
+            .build_cartesian_2d(-0.2f64..2.2f64, 0f64..top * 1.15)?;
+        let names: Vec<String> = SWEEP.iter().map(ToString::to_string).collect();
         chart
             .configure_mesh()
+            .light_line_style(WHITE)
             .x_desc("connections")
             .y_desc("requests/s")
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(SWEEP.len())
+            .x_label_formatter(&|x| category(*x, &names))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
         for (i, store) in STORES.iter().enumerate() {
             let points: Vec<(f64, f64)> = SWEEP
                 .iter()
-                .filter_map(|c| {
+                .zip(0u32..)
+                .filter_map(|(c, at)| {
                     results
                         .sweep
                         .iter()
                         .find(|s| s.store == *store && s.kind == kind && s.connections == *c)
-                        .map(|s| (f64::from(u32::try_from(*c).unwrap_or(0)), s.rate))
+                        .map(|s| (f64::from(at), s.rate))
                 })
                 .collect();
             let c = color(i);
@@ -122,23 +144,25 @@ fn percentiles(results: &Results, path: &Path) -> Drawn {
             .collect()
     };
     let top = results.rows.iter().map(|r| r.p999).fold(1.0, f64::max);
+    let bottom = results
+        .rows
+        .iter()
+        .map(|r| r.p50)
+        .filter(|ms| *ms > 0.0)
+        .fold(top, f64::min);
+    let names: Vec<String> = PERCENTILES.iter().map(ToString::to_string).collect();
     for (panel, store) in panels.iter().zip(STORES) {
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("{store} (medians over rounds)"), ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(-0.2f64..3.2f64, (0.05f64..top * 2.0).log_scale())?;
+            .build_cartesian_2d(-0.2f64..3.2f64, (bottom / 2.0..top * 2.0).log_scale())?;
         chart
             .configure_mesh()
+            .light_line_style(WHITE)
             .x_labels(4)
-            .x_label_formatter(&|x| {
-                PERCENTILES
-                    .iter()
-                    .zip([0.0, 1.0, 2.0, 3.0])
-                    .find(|(_, at)| (x - at).abs() < 0.05)
-                    .map_or_else(String::new, |(name, _)| (*name).to_owned())
-            })
+            .x_label_formatter(&|x| category(*x, &names))
             .y_desc("latency ms (log)")
             .y_label_formatter(&|y| format!("{y}"))
             .draw()?;
@@ -156,7 +180,7 @@ fn percentiles(results: &Results, path: &Path) -> Drawn {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(SeriesLabelPosition::LowerRight)
             .border_style(BLACK)
             .background_style(WHITE.mix(0.85))
             .draw()?;

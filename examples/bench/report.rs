@@ -281,8 +281,10 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
         w,
         "\nThe load generator, every `spray serve`, MariaDB and Redis share these cores: each \
          figure is bounded by CPU as much as by the store, and the load generator's own work is \
-         part of what is measured. The machine is shared with other work and noisy: compare \
-         figures within one run.\n"
+         part of what is measured. The machine is shared with other work (other builds, other \
+         benchmarks) and noisy, the disk's durable-commit rate most of all: compare figures \
+         within one run, and read a ratio to a limit together with that limit's spread over \
+         the run.\n"
     );
 
     let _ = writeln!(w, "### The limits\n");
@@ -552,10 +554,10 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
             row.p90,
             row.p99,
             row.p999,
-            row.answers,
+            n0(crate::load::count_f64(row.answers)),
             row.errors,
-            if row.exact { "" } else { "**FAILED** " },
-            row.check
+            if row.exact { "" } else { "**not exact** " },
+            if row.check.is_empty() { "-" } else { &row.check }
         );
     }
     let _ = writeln!(w, "\n### What each figure is\n");
@@ -572,14 +574,14 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
          - *create sprays*: 5 shares each, every spray by a fresh sprayer in a fresh room. \
            *look one spray up*: the sprayer reads one spray of 5 shares, all received. \
            *hot spray*: *per second* is every answer (winners and losers); winners/s counts to \
-           the last winner's answer; losers/s is the `409 SPRAY_EXHAUSTED` answers over the \
-           round. *winners*: *per second* is shares recorded per second (every user wins); \
+           the last winner's answer; losers/s is the `409 SPRAY_EXHAUSTED` answers from the \
+           first to the last of them (the refusal path alone, once the spray is taken). *winners*: *per second* is shares recorded per second (every user wins); \
            a round stops sending after {:.0} s (the row then says so). *mixed*: see below.\n\
          - *errors*: any answer that is not the 2xx asked for or the expected 409, or a transport error.\n\
          - *half peak*: the workload again, paced at half its median peak: request n is due at \
            n / rate and its latency counts from then (a late server is charged for the wait), \
            on the same {CONNECTIONS} connections. The hot spray and winners runs there use a fresh \
-           spray ({} shares for winners).\n\
+           spray ({} users for the hot spray, {} shares for winners).\n\
          - *mixed*: three instances on one MariaDB database and one Redis; 5,000 rooms; sprays of \
            2 to 50 shares (amounts of 100 to 1,000 a share); each spray's receivers (a fifth more \
            than its shares, plus one) arrive at random over the next 3 s, and its sprayer looks \
@@ -592,6 +594,7 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
            every store after its runs.",
         mode.duration.as_secs_f64(),
         mode.winners_cap.as_secs_f64(),
+        n0(crate::load::count_f64(mode.half_hot_users)),
         n0(crate::load::count_f64(mode.half_winners_shares)),
     );
     let _ = writeln!(w, "\n{END}");

@@ -184,6 +184,8 @@ pub struct Race {
     paid: AtomicU64,
     /// When each winner's answer came, for the rate over the first and the last shares.
     won_at: Mutex<Vec<Instant>>,
+    /// When the first and the last loser's answer came, and how many losers.
+    lost: Mutex<(Option<Instant>, Option<Instant>, u64)>,
 }
 
 impl Race {
@@ -202,11 +204,22 @@ impl Race {
             first_user: ids.block(users),
             paid: AtomicU64::new(0),
             won_at: Mutex::new(Vec::with_capacity(usize::try_from(shares).unwrap_or(0))),
+            lost: Mutex::new((None, None, 0)),
         })
     }
 
     pub fn paid(&self) -> u64 {
         self.paid.load(Ordering::Relaxed)
+    }
+
+    /// Losers answered per second once they began: from the first loser's answer to the
+    /// last's (the spray is then exhausted, so this is the rate of the refusal path alone).
+    pub fn losers_per_second(&self) -> Option<f64> {
+        let (first, last, count) = *self.lost.lock().expect("not poisoned");
+        match (first, last) {
+            (Some(first), Some(last)) if last > first => Some(crate::load::rate(count, last - first)),
+            _ => None,
+        }
     }
 
     /// When each winner's answer came, in order.
