@@ -242,6 +242,13 @@ impl Workload for Race {
                 self.paid.fetch_add(amount, Ordering::Relaxed);
                 self.won_at.lock().expect("not poisoned").push(Instant::now());
             }
+            if answer == Answer::Expected {
+                let now = Instant::now();
+                let mut lost = self.lost.lock().expect("not poisoned");
+                lost.0.get_or_insert(now);
+                lost.1 = Some(now);
+                lost.2 += 1;
+            }
             Some(answer)
         })
     }
