@@ -8,6 +8,14 @@ use std::time::Duration;
 /// A running `spray serve`, killed and reaped when dropped.
 pub struct Server(Child);
 
+impl Server {
+    /// The process id, to read its memory from `/proc`.
+    #[allow(dead_code, reason = "used by the bench example only; this file is shared")]
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -1,0 +1,197 @@
+//! The load generator: a fixed number of connection tasks on one keep-alive HTTP client,
+//! each sending its next request when the last is answered (closed loop), or each taking
+//! the next slot of a fixed schedule (a paced run at a given rate). Latencies go to an HDR
+//! histogram per task, merged at the end, so a request costs the generator little.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::task::JoinSet;
+
+/// How one request was answered, as the workload judges it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A 2xx the workload asked for.
+    Ok,
+    /// A refusal the workload expects (409 `SPRAY_EXHAUSTED` on a hot spray).
+    Expected,
+    /// Anything else: another status, a transport error, a wrong body.
+    Error,
+}
+
+pub type Pending = Pin<Box<dyn Future<Output = Option<Answer>> + Send>>;
+
+/// A workload: what the n-th request is. `None` when it has nothing left to send.
+pub trait Workload: Send + Sync + 'static {
+    fn request(self: Arc<Self>, client: reqwest::Client, n: u64) -> Pending;
+}
+
+/// How requests are paced.
+#[derive(Clone, Copy)]
+pub enum Pace {
+    /// Each connection sends its next request when the last is answered: the peak.
+    Closed,
+    /// Request n is due at `start + n / rate`; its latency counts from when it was due,
+    /// so a server that falls behind the schedule is charged for the wait (no coordinated
+    /// omission), as an open-loop client would see it.
+    Rate(f64),
+}
+
+#[derive(Clone, Copy)]
+pub struct Load {
+    pub connections: usize,
+    pub pace: Pace,
+    /// The run stops sending at this time, or earlier when the workload is exhausted.
+    pub limit: Duration,
+}
+
+/// What one run measured.
+pub struct Measured {
+    pub ok: u64,
+    pub expected: u64,
+    pub errors: u64,
+    pub started: Instant,
+    pub elapsed: Duration,
+    /// Latency of every answered request, in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl Measured {
+    pub fn answers(&self) -> u64 {
+        self.ok + self.expected + self.errors
+    }
+
+    /// Every answer per second of the run.
+    pub fn per_second(&self) -> f64 {
+        rate(self.answers(), self.elapsed)
+    }
+
+    /// A latency percentile (0-100) in milliseconds.
+    pub fn ms(&self, percentile: f64) -> f64 {
+        ms_at(&self.latency, percentile)
+    }
+}
+
+pub fn ms_at(histogram: &Histogram<u64>, percentile: f64) -> f64 {
+    if histogram.is_empty() {
+        return 0.0;
+    }
+    count_f64(histogram.value_at_percentile(percentile)) / 1000.0
+}
+
+pub fn rate(count: u64, elapsed: Duration) -> f64 {
+    let seconds = elapsed.as_secs_f64();
+    if seconds <= 0.0 {
+        return 0.0;
+    }
+    count_f64(count) / seconds
+}
+
+/// Counts in a benchmark stay far below 2^53, where f64 is exact.
+pub fn count_f64(count: u64) -> f64 {
+    f64::from(u32::try_from(count).unwrap_or(u32::MAX))
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+/// One keep-alive client for `connections` connection tasks.
+pub fn client(connections: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// Runs `workload` under `load` and measures it.
+pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
+    let client = client(load.connections);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + load.limit;
+    let mut tasks = JoinSet::new();
+    for _ in 0..load.connections {
+        let (workload, client, next) = (workload.clone(), client.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut mine = Tally::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let due = match load.pace {
+                    Pace::Closed => Instant::now(),
+                    Pace::Rate(per_second) => started + Duration::from_secs_f64(count_f64(n) / per_second),
+                };
+                if due >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let Some(answer) = workload.clone().request(client.clone(), n).await else {
+                    break;
+                };
+                let done = Instant::now();
+                mine.record(answer, done - due);
+                mine.last = mine.last.max(done);
+            }
+            mine
+        });
+    }
+    let mut all = Tally::new();
+    while let Some(done) = tasks.join_next().await {
+        all.merge(done.expect("a connection task"));
+    }
+    Measured {
+        ok: all.ok,
+        expected: all.expected,
+        errors: all.errors,
+        started,
+        elapsed: all.last.max(started) - started,
+        latency: all.latency,
+    }
+}
+
+struct Tally {
+    ok: u64,
+    expected: u64,
+    errors: u64,
+    latency: Histogram<u64>,
+    last: Instant,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally {
+            ok: 0,
+            expected: 0,
+            errors: 0,
+            latency: histogram(),
+            last: Instant::now(),
+        }
+    }
+
+    fn record(&mut self, answer: Answer, latency: Duration) {
+        match answer {
+            Answer::Ok => self.ok += 1,
+            Answer::Expected => self.expected += 1,
+            Answer::Error => self.errors += 1,
+        }
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency.saturating_record(micros.max(1));
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.expected += other.expected;
+        self.errors += other.errors;
+        self.latency
+            .add(&other.latency)
+            .expect("histograms of the same bounds");
+        self.last = self.last.max(other.last);
+    }
+}

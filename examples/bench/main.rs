@@ -1,0 +1,787 @@
+//! The whole benchmark (issue 10): every workload on every store, beside the machine's
+//! limits measured in the same run, written into BENCHMARKS.md with SVG figures.
+//!
+//! Run it with `bench/run.sh [--quick] [--soak]`, which builds the release binary first.
+//! Loopback only; every run is bounded in time. Each store is one real `spray serve`
+//! (release) on a fresh database; the mixed workload runs three on MySQL + Redis.
+
+mod figures;
+mod limits;
+mod load;
+mod report;
+mod workloads;
+
+#[path = "../common/server.rs"]
+mod server;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+
+use load::{Load, Measured, Pace, Workload};
+use workloads::{Create, Healthz, Ids, Lookup, Mixed, Race};
+
+pub const MYSQL_ADMIN: &str = "mysql://root@127.0.0.1:3306/test";
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+/// Connections of every run but the connection sweep, as in the issue's measurements.
+pub const CONNECTIONS: usize = 128;
+/// The connection counts of the sweep.
+pub const SWEEP: [usize; 3] = [16, 64, 256];
+
+/// How long and how much each part runs.
+pub struct Mode {
+    pub name: &'static str,
+    pub rounds: usize,
+    /// Each time-bound workload (healthz, create, lookup) per round.
+    pub duration: Duration,
+    pub hot_users: u64,
+    pub winners_shares: u64,
+    /// The window of the first and last shares whose rate shows whether winners are flat.
+    pub winners_window: u64,
+    /// A winners round stops sending at this time even if shares are left.
+    pub winners_cap: Duration,
+    pub half_duration: Duration,
+    /// The paced hot-spray and winners runs stop sending at this time.
+    pub half_cap: Duration,
+    pub half_hot_users: u64,
+    pub half_winners_shares: u64,
+    pub sweep_duration: Duration,
+    pub mixed_duration: Duration,
+    pub sqlite_duration: Duration,
+    pub slap_queries: u64,
+    pub redis_calls: u64,
+    pub soak: Option<Duration>,
+}
+
+impl Mode {
+    fn quick() -> Self {
+        Mode {
+            name: "quick",
+            rounds: 1,
+            duration: Duration::from_millis(1_500),
+            hot_users: 3_000,
+            half_hot_users: 2_000,
+            winners_shares: 5_000,
+            winners_window: 1_000,
+            winners_cap: Duration::from_secs(20),
+            half_duration: Duration::from_millis(1_500),
+            half_cap: Duration::from_secs(10),
+            half_winners_shares: 1_000,
+            sweep_duration: Duration::from_secs(1),
+            mixed_duration: Duration::from_secs(3),
+            sqlite_duration: Duration::from_secs(2),
+            slap_queries: 10_000,
+            redis_calls: 50_000,
+            soak: None,
+        }
+    }
+
+    fn full() -> Self {
+        Mode {
+            name: "full",
+            rounds: 3,
+            duration: Duration::from_secs(5),
+            hot_users: 20_000,
+            half_hot_users: 5_000,
+            winners_shares: 50_000,
+            winners_window: 10_000,
+            winners_cap: Duration::from_secs(60),
+            half_duration: Duration::from_secs(5),
+            half_cap: Duration::from_secs(30),
+            half_winners_shares: 5_000,
+            sweep_duration: Duration::from_secs(3),
+            mixed_duration: Duration::from_secs(10),
+            sqlite_duration: Duration::from_secs(5),
+            slap_queries: 30_000,
+            redis_calls: 200_000,
+            soak: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Healthz,
+    Create,
+    Lookup,
+    Hot,
+    Winners,
+    Mixed,
+}
+
+impl Kind {
+    pub const STORE_WORKLOADS: [Kind; 5] = [
+        Kind::Healthz,
+        Kind::Create,
+        Kind::Lookup,
+        Kind::Hot,
+        Kind::Winners,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Healthz => "/healthz",
+            Kind::Create => "create sprays",
+            Kind::Lookup => "look one spray up",
+            Kind::Hot => "hot spray",
+            Kind::Winners => "winners",
+            Kind::Mixed => "mixed (3 instances)",
+        }
+    }
+}
+
+/// One run of one workload on one store.
+pub struct Row {
+    pub store: &'static str,
+    pub kind: Kind,
+    /// The run's figure: answers per second (winners per second for `winners`).
+    pub rate: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub errors: u64,
+    pub answers: u64,
+    /// Hot spray: shares recorded per second, losers answered per second.
+    pub winners_per_second: Option<f64>,
+    pub losers_per_second: Option<f64>,
+    /// Winners: the rate over the first and over the last `winners_window` shares.
+    pub first_window: Option<f64>,
+    pub last_window: Option<f64>,
+    /// What was checked and whether it held.
+    pub check: String,
+    pub exact: bool,
+}
+
+impl Row {
+    fn failed(store: &'static str, kind: Kind, check: &str) -> Self {
+        Row {
+            store,
+            kind,
+            rate: 0.0,
+            p50: 0.0,
+            p90: 0.0,
+            p99: 0.0,
+            p999: 0.0,
+            errors: 1,
+            answers: 0,
+            winners_per_second: None,
+            losers_per_second: None,
+            first_window: None,
+            last_window: None,
+            check: check.to_owned(),
+            exact: false,
+        }
+    }
+
+    fn new(store: &'static str, kind: Kind, measured: &Measured) -> Self {
+        Row {
+            store,
+            kind,
+            rate: measured.per_second(),
+            p50: measured.ms(50.0),
+            p90: measured.ms(90.0),
+            p99: measured.ms(99.0),
+            p999: measured.ms(99.9),
+            errors: measured.errors,
+            answers: measured.answers(),
+            winners_per_second: None,
+            losers_per_second: None,
+            first_window: None,
+            last_window: None,
+            check: String::new(),
+            exact: true,
+        }
+    }
+}
+
+/// A paced run at half of the workload's median peak.
+pub struct Half {
+    pub store: &'static str,
+    pub kind: Kind,
+    pub offered: f64,
+    pub achieved: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub errors: u64,
+}
+
+pub struct Sweep {
+    pub store: &'static str,
+    pub kind: Kind,
+    pub connections: usize,
+    pub rate: f64,
+    pub p99: f64,
+}
+
+#[derive(Default)]
+pub struct LimitRound {
+    pub sqlite: f64,
+    pub mariadb: Option<f64>,
+    pub redis: Option<f64>,
+    pub notes: Vec<String>,
+}
+
+pub struct StoreEnd {
+    pub store: &'static str,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+    pub audit: String,
+}
+
+pub struct Soak {
+    pub offered: f64,
+    pub achieved: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub errors: u64,
+    /// Seconds since the start, and the RSS of each instance in MiB.
+    pub samples: Vec<(f64, Vec<f64>)>,
+}
+
+pub struct Results {
+    /// The commit measured (short hash, and whether the tree had other changes).
+    pub commit: String,
+    pub started: chrono::DateTime<chrono::Utc>,
+    pub rows: Vec<Row>,
+    pub half: Vec<Half>,
+    pub sweep: Vec<Sweep>,
+    pub limits: Vec<LimitRound>,
+    pub ends: Vec<StoreEnd>,
+    pub mixed_audit: String,
+    pub soak: Option<Soak>,
+    pub wall: Duration,
+}
+
+struct Store {
+    name: &'static str,
+    url: String,
+    flags: Vec<String>,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn create_database() -> String {
+    let name = format!("spray_bench_{:08x}", rand::random::<u32>());
+    let mut conn = sqlx::MySqlConnection::connect(MYSQL_ADMIN)
+        .await
+        .expect("MariaDB on 127.0.0.1:3306 (root, no password)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create a database");
+    name
+}
+
+async fn drop_database(name: &str) {
+    if let Ok(mut conn) = sqlx::MySqlConnection::connect(MYSQL_ADMIN).await {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
+/// The server's settings for measuring: every request let in (the admission bound of 64
+/// store calls would answer 503 to a part of 128 connections, see bench/overload.sh),
+/// sprays of up to 100,000 shares for the winners run, 32 MySQL connections.
+fn serve_flags(extra: &[String]) -> Vec<String> {
+    let mut flags: Vec<String> = [
+        "--database-max-connections",
+        "32",
+        "--store-concurrency",
+        "4096",
+        "--max-concurrent-requests",
+        "4096",
+        "--max-recipients",
+        "100000",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    flags.extend_from_slice(extra);
+    flags
+}
+
+async fn start(url: &str, extra: &[String]) -> (server::Server, String) {
+    let flags = serve_flags(extra);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    // Errors only: sqlx's slow-statement warnings would flood the terminal at the peak.
+    server::start(url, &flags, "error").await
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `spray audit` over a store: its verdict in a few words.
+fn audit(url: &str) -> String {
+    let output = std::process::Command::new(server::binary("spray"))
+        .args(["audit", "--database-url", url])
+        .env("RUST_LOG", "warn")
+        .output();
+    match output {
+        Ok(out) if out.status.success() => "clean".to_owned(),
+        Ok(out) => format!(
+            "FAILED (exit {:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("")
+        ),
+        Err(e) => format!("could not run: {e}"),
+    }
+}
+
+fn closed(limit: Duration) -> Load {
+    Load {
+        connections: CONNECTIONS,
+        pace: Pace::Closed,
+        limit,
+    }
+}
+
+async fn measure(workload: Arc<dyn Workload>, load: Load) -> Measured {
+    load::run(workload, load).await
+}
+
+/// One race (hot spray or winners) and its row.
+async fn race(
+    store: &'static str,
+    kind: Kind,
+    base: &str,
+    ids: &Ids,
+    shares: u64,
+    users: u64,
+    mode: &Mode,
+) -> Row {
+    let Some(race) = Race::prepare(base, ids, shares, users).await else {
+        return Row::failed(store, kind, "the spray could not be created");
+    };
+    let race = Arc::new(race);
+    let measured = measure(race.clone(), closed(mode.winners_cap)).await;
+    let window = mode.winners_window;
+    let won_at = race.won_at();
+    let winners = u64::try_from(won_at.len()).unwrap_or(0);
+    let mut row = Row::new(store, kind, &measured);
+    let to_last = won_at.last().map_or(Duration::ZERO, |t| *t - measured.started);
+    let winners_rate = load::rate(winners, to_last);
+    row.winners_per_second = Some(winners_rate);
+    row.losers_per_second = race.losers_per_second();
+    let complete = winners == shares;
+    let exact = complete && race.paid() == race.amount;
+    if kind == Kind::Winners {
+        row.rate = winners_rate;
+        let w = usize::try_from(window).unwrap_or(usize::MAX);
+        if won_at.len() >= w && w > 0 {
+            row.first_window = Some(load::rate(window, won_at[w - 1] - measured.started));
+            let last = won_at.len() - 1;
+            row.last_window = Some(load::rate(window, won_at[last] - won_at[last - w]));
+        }
+        // A round cut at its time limit is still checked: every share is amount / shares
+        // (even split), so what was paid must be exactly that many shares' worth.
+        let each = race.amount / shares.max(1);
+        row.exact = measured.errors == 0 && (exact || (!complete && race.paid() == winners * each));
+        row.check = if complete {
+            format!("{winners} winners, paid {} of {}", race.paid(), race.amount)
+        } else {
+            format!(
+                "cut at {:.0} s: {winners} of {shares} shares taken, paid {}",
+                measured.elapsed.as_secs_f64(),
+                race.paid()
+            )
+        };
+    } else {
+        row.exact = exact;
+        row.check = format!("{winners} winners, paid {} of {}", race.paid(), race.amount);
+    }
+    row
+}
+
+async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
+    let (server, base) = start(&store.url, &store.flags).await;
+    let ids = Arc::new(Ids::new());
+    // Warm up: connections, caches, the first migrations' pages.
+    let _ = measure(
+        Arc::new(Healthz { base: base.clone() }),
+        closed(Duration::from_millis(500)),
+    )
+    .await;
+    let _ = measure(
+        Arc::new(Create {
+            base: base.clone(),
+            ids: ids.clone(),
+        }),
+        closed(Duration::from_millis(500)),
+    )
+    .await;
+    let first_row = results.rows.len();
+    for round in 0..mode.rounds {
+        eprintln!("  {} round {round}", store.name);
+        let measured = measure(Arc::new(Healthz { base: base.clone() }), closed(mode.duration)).await;
+        let mut row = Row::new(store.name, Kind::Healthz, &measured);
+        row.exact = measured.errors == 0;
+        results.rows.push(row);
+
+        let measured = measure(
+            Arc::new(Create {
+                base: base.clone(),
+                ids: ids.clone(),
+            }),
+            closed(mode.duration),
+        )
+        .await;
+        let mut row = Row::new(store.name, Kind::Create, &measured);
+        row.check = format!("{} sprays, each a 201 with a token", measured.ok);
+        row.exact = measured.errors == 0;
+        results.rows.push(row);
+
+        let lookup = Lookup::prepare(&base, &ids).await.expect("a spray to look up");
+        let measured = measure(Arc::new(lookup), closed(mode.duration)).await;
+        let mut row = Row::new(store.name, Kind::Lookup, &measured);
+        row.exact = measured.errors == 0;
+        results.rows.push(row);
+
+        let row = race(store.name, Kind::Hot, &base, &ids, 1_000, mode.hot_users, mode).await;
+        results.rows.push(row);
+
+        let row = race(
+            store.name,
+            Kind::Winners,
+            &base,
+            &ids,
+            mode.winners_shares,
+            mode.winners_shares,
+            mode,
+        )
+        .await;
+        results.rows.push(row);
+    }
+
+    // Half of each workload's median peak, paced.
+    eprintln!("  {} at half peak", store.name);
+    for kind in Kind::STORE_WORKLOADS {
+        let rates: Vec<f64> = results.rows[first_row..]
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| r.rate)
+            .collect();
+        let peak = report::median(&rates);
+        if peak <= 0.0 {
+            continue;
+        }
+        let offered = peak / 2.0;
+        let paced = |limit| Load {
+            connections: CONNECTIONS,
+            pace: Pace::Rate(offered),
+            limit,
+        };
+        let measured = match kind {
+            Kind::Healthz => {
+                measure(
+                    Arc::new(Healthz { base: base.clone() }),
+                    paced(mode.half_duration),
+                )
+                .await
+            }
+            Kind::Create => {
+                measure(
+                    Arc::new(Create {
+                        base: base.clone(),
+                        ids: ids.clone(),
+                    }),
+                    paced(mode.half_duration),
+                )
+                .await
+            }
+            Kind::Lookup => {
+                let lookup = Lookup::prepare(&base, &ids).await.expect("a spray to look up");
+                measure(Arc::new(lookup), paced(mode.half_duration)).await
+            }
+            Kind::Hot | Kind::Winners => {
+                let (shares, users) = if kind == Kind::Hot {
+                    (1_000, mode.half_hot_users)
+                } else {
+                    (mode.half_winners_shares, mode.half_winners_shares)
+                };
+                let race = Race::prepare(&base, &ids, shares, users).await.expect("a spray");
+                let limit =
+                    Duration::from_secs_f64(load::count_f64(users) / offered) + Duration::from_secs(5);
+                measure(Arc::new(race), paced(limit.min(mode.half_cap))).await
+            }
+            Kind::Mixed => continue,
+        };
+        results.half.push(Half {
+            store: store.name,
+            kind,
+            offered,
+            achieved: measured.per_second(),
+            p50: measured.ms(50.0),
+            p99: measured.ms(99.0),
+            errors: measured.errors,
+        });
+    }
+
+    eprintln!("  {} connection sweep", store.name);
+    for kind in [Kind::Create, Kind::Lookup] {
+        for connections in SWEEP {
+            let workload: Arc<dyn Workload> = match kind {
+                Kind::Create => Arc::new(Create {
+                    base: base.clone(),
+                    ids: ids.clone(),
+                }),
+                _ => Arc::new(Lookup::prepare(&base, &ids).await.expect("a spray to look up")),
+            };
+            let measured = measure(
+                workload,
+                Load {
+                    connections,
+                    pace: Pace::Closed,
+                    limit: mode.sweep_duration,
+                },
+            )
+            .await;
+            results.sweep.push(Sweep {
+                store: store.name,
+                kind,
+                connections,
+                rate: measured.per_second(),
+                p99: measured.ms(99.0),
+            });
+        }
+    }
+
+    let (rss, peak) = rss_mib(server.pid());
+    drop(server);
+    results.ends.push(StoreEnd {
+        store: store.name,
+        rss_mib: rss,
+        peak_rss_mib: peak,
+        audit: audit(&store.url),
+    });
+}
+
+async fn bench_limits(mode: &Mode, dir: &Path) -> LimitRound {
+    eprintln!("  limits");
+    let mut round = LimitRound {
+        sqlite: limits::sqlite_commits(dir, mode.sqlite_duration).await,
+        ..LimitRound::default()
+    };
+    match limits::mariadb_point_updates(mode.slap_queries).await {
+        Ok(rate) => round.mariadb = Some(rate),
+        Err(e) => round.notes.push(format!("MariaDB limit failed: {e}")),
+    }
+    match limits::redis_script_calls(REDIS, mode.redis_calls).await {
+        Ok(rate) => round.redis = Some(rate),
+        Err(e) => round.notes.push(format!("Redis limit failed: {e}")),
+    }
+    round
+}
+
+/// Three instances on one fresh MySQL database and one Redis key prefix.
+async fn instances() -> (Vec<server::Server>, Vec<String>, String, String) {
+    let db = create_database().await;
+    let url = format!("mysql://root@127.0.0.1:3306/{db}");
+    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    let extra: Vec<String> = ["--redis-url", REDIS, "--redis-key-prefix", &prefix]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let mut servers = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..3 {
+        let (server, base) = start(&url, &extra).await;
+        servers.push(server);
+        bases.push(base);
+    }
+    (servers, bases, url, db)
+}
+
+fn mixed(bases: &[String], ids: &Arc<Ids>) -> Arc<Mixed> {
+    // 5,000 rooms; receivers arrive over 3 s after their spray.
+    Arc::new(Mixed::new(
+        bases.to_vec(),
+        ids.clone(),
+        5_000,
+        Duration::from_secs(3),
+    ))
+}
+
+async fn bench_mixed(mode: &Mode, results: &mut Results) {
+    eprintln!("mixed workload");
+    let (servers, bases, url, db) = instances().await;
+    let ids = Arc::new(Ids::new());
+    let first_row = results.rows.len();
+    for round in 0..mode.rounds {
+        eprintln!("  mixed round {round}");
+        let workload = mixed(&bases, &ids);
+        let measured = measure(workload.clone(), closed(mode.mixed_duration)).await;
+        let check = workload.check();
+        let mut row = Row::new("MySQL + Redis", Kind::Mixed, &measured);
+        row.exact = check.overpaid == 0 && check.exact == check.settled && measured.errors == 0;
+        row.check = format!(
+            "{} sprays; {} with every receiver answered, {} of them paid exactly in full; {} overpaid",
+            check.sprays, check.settled, check.exact, check.overpaid
+        );
+        results.rows.push(row);
+    }
+    let rates: Vec<f64> = results.rows[first_row..].iter().map(|r| r.rate).collect();
+    let offered = report::median(&rates) / 2.0;
+    if offered > 0.0 {
+        let measured = measure(
+            mixed(&bases, &ids),
+            Load {
+                connections: CONNECTIONS,
+                pace: Pace::Rate(offered),
+                limit: mode.mixed_duration,
+            },
+        )
+        .await;
+        results.half.push(Half {
+            store: "MySQL + Redis",
+            kind: Kind::Mixed,
+            offered,
+            achieved: measured.per_second(),
+            p50: measured.ms(50.0),
+            p99: measured.ms(99.0),
+            errors: measured.errors,
+        });
+    }
+    drop(servers);
+    results.mixed_audit = audit(&url);
+    drop_database(&db).await;
+
+    if let Some(length) = mode.soak {
+        let offered = if offered > 0.0 { offered } else { 500.0 };
+        eprintln!("soak: {:.0} s at {offered:.0} operations/s", length.as_secs_f64());
+        let (servers, bases, url, db) = instances().await;
+        let pids: Vec<u32> = servers.iter().map(server::Server::pid).collect();
+        let workload = mixed(&bases, &ids);
+        let load = Load {
+            connections: CONNECTIONS,
+            pace: Pace::Rate(offered),
+            limit: length,
+        };
+        let started = Instant::now();
+        let running = tokio::spawn(load::run(workload, load));
+        let mut samples = Vec::new();
+        while !running.is_finished() {
+            samples.push((
+                started.elapsed().as_secs_f64(),
+                pids.iter().map(|pid| rss_mib(*pid).0).collect(),
+            ));
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        let measured = running.await.expect("the soak run");
+        samples.push((
+            started.elapsed().as_secs_f64(),
+            pids.iter().map(|pid| rss_mib(*pid).0).collect(),
+        ));
+        drop(servers);
+        let soak_audit = audit(&url);
+        drop_database(&db).await;
+        results.soak = Some(Soak {
+            offered,
+            achieved: measured.per_second(),
+            p50: measured.ms(50.0),
+            p99: measured.ms(99.0),
+            errors: measured.errors,
+            samples,
+        });
+        results.mixed_audit = format!("{}; after the soak: {soak_audit}", results.mixed_audit);
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut mode = if args.iter().any(|a| a == "--quick") {
+        Mode::quick()
+    } else {
+        Mode::full()
+    };
+    if args.iter().any(|a| a == "--soak") {
+        mode.soak = Some(Duration::from_secs(600));
+    }
+    if let Some(unknown) = args.iter().find(|a| !matches!(a.as_str(), "--quick" | "--soak")) {
+        eprintln!("unknown argument {unknown}; usage: bench/run.sh [--quick] [--soak]");
+        std::process::exit(2);
+    }
+    let wall = Instant::now();
+    let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
+    let mut results = Results {
+        commit: report::commit(),
+        started: chrono::Utc::now(),
+        rows: Vec::new(),
+        half: Vec::new(),
+        sweep: Vec::new(),
+        limits: Vec::new(),
+        ends: Vec::new(),
+        mixed_audit: String::new(),
+        soak: None,
+        wall: Duration::ZERO,
+    };
+    let mysql_db = create_database().await;
+    let gated_db = create_database().await;
+    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    let stores = [
+        Store {
+            name: "SQLite",
+            url: format!("sqlite://{}", dir.path().join("bench.db").display()),
+            flags: Vec::new(),
+        },
+        Store {
+            name: "MySQL",
+            url: format!("mysql://root@127.0.0.1:3306/{mysql_db}"),
+            flags: Vec::new(),
+        },
+        Store {
+            name: "MySQL + Redis",
+            url: format!("mysql://root@127.0.0.1:3306/{gated_db}"),
+            flags: vec![
+                "--redis-url".into(),
+                REDIS.into(),
+                "--redis-key-prefix".into(),
+                prefix,
+            ],
+        },
+    ];
+    for (i, store) in stores.iter().enumerate() {
+        // The limits are measured between the stores, once per round, so that they
+        // share the run's conditions.
+        if i < mode.rounds {
+            let round = bench_limits(&mode, dir.path()).await;
+            results.limits.push(round);
+        }
+        eprintln!("{}", store.name);
+        bench_store(&mode, store, &mut results).await;
+    }
+    bench_mixed(&mode, &mut results).await;
+    drop_database(&mysql_db).await;
+    drop_database(&gated_db).await;
+    results.wall = wall.elapsed();
+
+    let figures_dir = root().join("bench").join("figures");
+    std::fs::create_dir_all(&figures_dir).expect("bench/figures");
+    let figures = figures::draw(&results, &figures_dir);
+    let text = report::markdown(&mode, &results, &figures);
+    let path = root().join("BENCHMARKS.md");
+    report::write_between_markers(&path, &text).expect("write BENCHMARKS.md");
+    println!("{text}");
+    eprintln!(
+        "wrote {} and {} figures in {:.0} s",
+        path.display(),
+        figures.len(),
+        results.wall.as_secs_f64()
+    );
+}

@@ -1,0 +1,636 @@
+//! The report: Markdown tables from the results, written between the markers of
+//! BENCHMARKS.md so that the hand-written sections around them stay.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use crate::{CONNECTIONS, Kind, Mode, Results, Row, SWEEP};
+
+pub const BEGIN: &str = "<!-- bench:begin -->";
+pub const END: &str = "<!-- bench:end -->";
+/// p99 at half of the peak must stay under this (issue 10).
+const HALF_PEAK_P99_MS: f64 = 10.0;
+/// RSS bound of the soak (issue 10).
+const RSS_BOUND_MIB: f64 = 150.0;
+/// "Flat": the last window's rate at least this share of the first window's.
+pub const FLAT: f64 = 0.9;
+
+pub const STORES: [&str; 3] = ["SQLite", "MySQL", "MySQL + Redis"];
+
+/// The middle value (the lower of the two middles for an even count); 0 for none.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[(n - 1) / 2],
+    }
+}
+
+/// The median of one field over the rounds of a workload on a store.
+pub fn med(results: &Results, store: &str, kind: Kind, field: impl Fn(&Row) -> Option<f64>) -> Option<f64> {
+    let values: Vec<f64> = rows(results, store, kind).filter_map(field).collect();
+    (!values.is_empty()).then(|| median(&values))
+}
+
+fn rows<'a>(results: &'a Results, store: &'a str, kind: Kind) -> impl Iterator<Item = &'a Row> + 'a {
+    results
+        .rows
+        .iter()
+        .filter(move |r| r.store == store && r.kind == kind)
+}
+
+/// The commit measured: short hash, and whether the tree had changes.
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(crate::root())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let hash = git(&["rev-parse", "--short", "HEAD"]);
+    // The report and its figures are what this run writes: they do not make it dirty.
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--",
+        ".",
+        ":!BENCHMARKS.md",
+        ":!bench/figures",
+    ]);
+    if dirty.is_empty() {
+        format!("`{hash}`")
+    } else {
+        format!("`{hash}` + uncommitted changes")
+    }
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> Vec<(&'static str, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or_else(
+            || "unknown".into(),
+            |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0),
+        );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mariadb = first_line(
+        "mariadb",
+        &[
+            "--protocol=tcp",
+            "-h127.0.0.1",
+            "-uroot",
+            "-N",
+            "-e",
+            "SELECT CONCAT(VERSION(), ', innodb_flush_log_at_trx_commit=', @@innodb_flush_log_at_trx_commit, ', sync_binlog=', @@sync_binlog, ', log_bin=', @@log_bin)",
+        ],
+    );
+    let redis = first_line("redis-cli", &["-h", "127.0.0.1", "-p", "6379", "INFO", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default();
+    let redis_save = first_line(
+        "redis-cli",
+        &["-h", "127.0.0.1", "-p", "6379", "CONFIG", "GET", "appendonly"],
+    )
+    .lines()
+    .nth(1)
+    .unwrap_or("")
+    .to_owned();
+    vec![
+        ("CPU", cpu),
+        ("cores", cores.to_string()),
+        ("memory", memory),
+        ("kernel", kernel),
+        ("MariaDB", mariadb),
+        ("Redis", format!("{redis}, appendonly={redis_save}")),
+    ]
+}
+
+fn n0(v: f64) -> String {
+    // Thousands separated, as the rest of the project's figures.
+    let whole = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in whole.chars().enumerate() {
+        if i > 0 && (whole.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn opt0(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), n0)
+}
+
+fn yes(met: bool) -> &'static str {
+    if met { "**met**" } else { "not met" }
+}
+
+struct Target {
+    what: String,
+    figure: Option<f64>,
+    limit: Option<f64>,
+    needed: f64,
+}
+
+fn targets(results: &Results, mode: &Mode) -> Vec<Target> {
+    let rate = |store: &str, kind| med(results, store, kind, |r| Some(r.rate));
+    let sqlite = Some(median(
+        &results.limits.iter().map(|l| l.sqlite).collect::<Vec<_>>(),
+    ));
+    let mariadb_values: Vec<f64> = results.limits.iter().filter_map(|l| l.mariadb).collect();
+    let mariadb = (!mariadb_values.is_empty()).then(|| median(&mariadb_values));
+    let window = n0(crate::load::count_f64(mode.winners_window));
+    let mut all = vec![
+        Target {
+            what: "SQLite: winners/s ≥ 3× raw SQLite durable commits/s".into(),
+            figure: rate("SQLite", Kind::Winners),
+            limit: sqlite,
+            needed: 3.0,
+        },
+        Target {
+            what: "SQLite: sprays/s ≥ 3× raw SQLite durable commits/s".into(),
+            figure: rate("SQLite", Kind::Create),
+            limit: sqlite,
+            needed: 3.0,
+        },
+        Target {
+            what: "MySQL + Redis: winners/s ≥ 1× raw MariaDB point updates/s".into(),
+            figure: rate("MySQL + Redis", Kind::Winners),
+            limit: mariadb,
+            needed: 1.0,
+        },
+        Target {
+            what: "MySQL + Redis: hot-spray losers/s ≥ 50% of its /healthz".into(),
+            figure: med(results, "MySQL + Redis", Kind::Hot, |r| r.losers_per_second),
+            limit: rate("MySQL + Redis", Kind::Healthz),
+            needed: 0.5,
+        },
+        Target {
+            what: "MySQL: winners/s ≥ 50% of raw MariaDB point updates/s".into(),
+            figure: rate("MySQL", Kind::Winners),
+            limit: mariadb,
+            needed: 0.5,
+        },
+        Target {
+            what: format!(
+                "MySQL: winners flat (rate over the last {window} shares ≥ {:.0}% of the first {window})",
+                FLAT * 100.0
+            ),
+            figure: med(results, "MySQL", Kind::Winners, |r| r.last_window),
+            limit: med(results, "MySQL", Kind::Winners, |r| r.first_window),
+            needed: FLAT,
+        },
+    ];
+    for store in STORES {
+        all.push(Target {
+            what: format!("{store}: sprays/s ≥ 10% of its /healthz"),
+            figure: rate(store, Kind::Create),
+            limit: rate(store, Kind::Healthz),
+            needed: 0.1,
+        });
+    }
+    for (store, share) in [("SQLite", 0.3), ("MySQL", 0.2), ("MySQL + Redis", 0.2)] {
+        all.push(Target {
+            what: format!("{store}: lookups/s ≥ {:.0}% of its /healthz", share * 100.0),
+            figure: rate(store, Kind::Lookup),
+            limit: rate(store, Kind::Healthz),
+            needed: share,
+        });
+    }
+    all
+}
+
+/// The generated part of BENCHMARKS.md, markers included.
+pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "{BEGIN}");
+    let _ = writeln!(
+        w,
+        "<!-- Generated by `bench/run.sh` (examples/bench/); edits between these markers are overwritten. -->\n"
+    );
+    let _ = writeln!(w, "## Every workload on every store\n");
+    let command = if mode.soak.is_some() {
+        "bench/run.sh --soak"
+    } else if mode.name == "quick" {
+        "bench/run.sh --quick"
+    } else {
+        "bench/run.sh"
+    };
+    if mode.name == "quick" {
+        let _ = writeln!(
+            w,
+            "**Quick mode**: one round of shortened workloads, to check that the benchmark works. \
+             Not figures to compare or to quote: run `bench/run.sh` for medians of three rounds.\n"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "`{command}`, run on {} at commit {}, took {:.1} minutes. {} of each workload; the limits \
+         measured in the same run, {}.\n",
+        results.started.format("%Y-%m-%d %H:%M UTC"),
+        results.commit,
+        results.wall.as_secs_f64() / 60.0,
+        if mode.rounds == 1 {
+            "One round".to_owned()
+        } else {
+            format!("Medians of {} rounds", mode.rounds)
+        },
+        if mode.rounds == 1 {
+            "once".to_owned()
+        } else {
+            format!("{} times, between the stores", results.limits.len())
+        },
+    );
+
+    let _ = writeln!(w, "### The machine\n");
+    let _ = writeln!(w, "| | |\n|---|---|");
+    for (k, v) in machine() {
+        let _ = writeln!(w, "| {k} | {v} |");
+    }
+    let _ = writeln!(
+        w,
+        "\nThe load generator, every `spray serve`, MariaDB and Redis share these cores: each \
+         figure is bounded by CPU as much as by the store, and the load generator's own work is \
+         part of what is measured. The machine is shared with other work (other builds, other \
+         benchmarks) and noisy, the disk's durable-commit rate most of all: compare figures \
+         within one run, and read a ratio to a limit together with that limit's spread over \
+         the run.\n"
+    );
+
+    let _ = writeln!(w, "### The limits\n");
+    let _ = writeln!(
+        w,
+        "| limit | median per second | each measurement |\n|---|---|---|"
+    );
+    let each = |f: &dyn Fn(&crate::LimitRound) -> Option<f64>| {
+        results
+            .limits
+            .iter()
+            .map(|l| opt0(f(l)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let med_of = |f: &dyn Fn(&crate::LimitRound) -> Option<f64>| {
+        let v: Vec<f64> = results.limits.iter().filter_map(f).collect();
+        if v.is_empty() { "-".into() } else { n0(median(&v)) }
+    };
+    let _ = writeln!(
+        w,
+        "| SQLite: single-row durable commits, one writer (rusqlite, WAL, `synchronous=FULL`, same disk) | {} | {} |",
+        med_of(&|l| Some(l.sqlite)),
+        each(&|l| Some(l.sqlite))
+    );
+    let _ = writeln!(
+        w,
+        "| MariaDB: single-row durable point updates on distinct rows (`mariadb-slap`, {} connections, autocommit, 100,000 rows) | {} | {} |",
+        crate::limits::MARIADB_CLIENTS,
+        med_of(&|l| l.mariadb),
+        each(&|l| l.mariadb)
+    );
+    let _ = writeln!(
+        w,
+        "| Redis: `EVALSHA` of a one-`HINCRBY` script ({} in flight, one connection) | {} | {} |",
+        crate::limits::REDIS_IN_FLIGHT,
+        med_of(&|l| l.redis),
+        each(&|l| l.redis)
+    );
+    for store in STORES {
+        let v: Vec<String> = rows(results, store, Kind::Healthz).map(|r| n0(r.rate)).collect();
+        let _ = writeln!(
+            w,
+            "| `/healthz` of the {store} server ({CONNECTIONS} connections) | {} | {} |",
+            opt0(med(results, store, Kind::Healthz, |r| Some(r.rate))),
+            v.join(", ")
+        );
+    }
+    for note in results.limits.iter().flat_map(|l| &l.notes) {
+        let _ = writeln!(w, "\n{note}");
+    }
+
+    let _ = writeln!(w, "\n### Against the targets (issue 10)\n");
+    let _ = writeln!(
+        w,
+        "| target | figure /s | against /s | ratio | needed | |\n|---|---|---|---|---|---|"
+    );
+    for t in targets(results, mode) {
+        let ratio = match (t.figure, t.limit) {
+            (Some(f), Some(l)) if l > 0.0 => Some(f / l),
+            _ => None,
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} |",
+            t.what,
+            opt0(t.figure),
+            opt0(t.limit),
+            ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}")),
+            format_args!("{:.2}", t.needed),
+            ratio.map_or("not measured", |r| yes(r >= t.needed))
+        );
+    }
+    let half_met = results
+        .half
+        .iter()
+        .filter(|h| h.p99 < HALF_PEAK_P99_MS && h.errors == 0)
+        .count();
+    let _ = writeln!(
+        w,
+        "| p99 < {HALF_PEAK_P99_MS} ms at half of the peak (each workload on each store, below) | {half_met} of {} | | | | {} |",
+        results.half.len(),
+        yes(half_met == results.half.len() && !results.half.is_empty())
+    );
+    if let Some(soak) = &results.soak {
+        let (max, flat) = rss_verdict(soak);
+        let _ = writeln!(
+            w,
+            "| RSS < {RSS_BOUND_MIB} MiB and flat through the soak (each instance) | max {max:.1} MiB | | | | {} |",
+            yes(max < RSS_BOUND_MIB && flat)
+        );
+    } else {
+        let _ = writeln!(
+            w,
+            "| RSS < {RSS_BOUND_MIB} MiB and flat through a 10-minute mixed run | not run (`--soak`) | | | | not measured |"
+        );
+    }
+
+    let _ = writeln!(
+        w,
+        "\n### Workloads ({})\n",
+        if mode.rounds == 1 {
+            "one round".to_owned()
+        } else {
+            format!("medians of {} rounds", mode.rounds)
+        }
+    );
+    let _ = writeln!(
+        w,
+        "| workload | store | per second | p50 ms | p99 ms | errors | half peak: offered /s | p99 ms there | < {HALF_PEAK_P99_MS} ms | every round correct |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for kind in [
+        Kind::Healthz,
+        Kind::Create,
+        Kind::Lookup,
+        Kind::Hot,
+        Kind::Winners,
+        Kind::Mixed,
+    ] {
+        for store in STORES {
+            let all: Vec<&Row> = rows(results, store, kind).collect();
+            if all.is_empty() {
+                continue;
+            }
+            let half = results.half.iter().find(|h| h.store == store && h.kind == kind);
+            let _ = writeln!(
+                w,
+                "| {} | {store} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+                kind.name(),
+                opt0(med(results, store, kind, |r| Some(r.rate))),
+                med(results, store, kind, |r| Some(r.p50)).unwrap_or(0.0),
+                med(results, store, kind, |r| Some(r.p99)).unwrap_or(0.0),
+                all.iter().map(|r| r.errors).sum::<u64>(),
+                half.map_or_else(|| "-".into(), |h| n0(h.offered)),
+                half.map_or_else(|| "-".into(), |h| format!("{:.1}", h.p99)),
+                half.map_or("-", |h| if h.p99 < HALF_PEAK_P99_MS && h.errors == 0 {
+                    "yes"
+                } else {
+                    "no"
+                }),
+                if all.iter().all(|r| r.exact) {
+                    "yes"
+                } else {
+                    "**no**"
+                },
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\nThe hot spray (1 spray of 1,000 shares, {} distinct users) and the winners run (1 spray of {} shares, as many distinct users):\n",
+        n0(crate::load::count_f64(mode.hot_users)),
+        n0(crate::load::count_f64(mode.winners_shares))
+    );
+    let window = n0(crate::load::count_f64(mode.winners_window));
+    let _ = writeln!(
+        w,
+        "| store | hot: requests/s | hot: winners/s | hot: losers/s | winners/s | first {window} shares /s | last {window} /s | last/first |\n|---|---|---|---|---|---|---|---|"
+    );
+    for store in STORES {
+        let first = med(results, store, Kind::Winners, |r| r.first_window);
+        let last = med(results, store, Kind::Winners, |r| r.last_window);
+        let _ = writeln!(
+            w,
+            "| {store} | {} | {} | {} | {} | {} | {} | {} |",
+            opt0(med(results, store, Kind::Hot, |r| Some(r.rate))),
+            opt0(med(results, store, Kind::Hot, |r| r.winners_per_second)),
+            opt0(med(results, store, Kind::Hot, |r| r.losers_per_second)),
+            opt0(med(results, store, Kind::Winners, |r| Some(r.rate))),
+            opt0(first),
+            opt0(last),
+            match (first, last) {
+                (Some(f), Some(l)) if f > 0.0 => format!("{:.2}", l / f),
+                _ => "-".into(),
+            }
+        );
+    }
+
+    for (title, file) in figures {
+        let _ = writeln!(w, "\n### {title}\n\n![{title}](bench/figures/{file})");
+    }
+    let _ = writeln!(
+        w,
+        "\n| workload | store | {} |\n|---|---|{}",
+        SWEEP.map(|c| format!("{c} connections: /s, p99 ms")).join(" | "),
+        "---|".repeat(SWEEP.len())
+    );
+    for kind in [Kind::Create, Kind::Lookup] {
+        for store in STORES {
+            let cells: Vec<String> = SWEEP
+                .iter()
+                .map(|c| {
+                    results
+                        .sweep
+                        .iter()
+                        .find(|s| s.store == store && s.kind == kind && s.connections == *c)
+                        .map_or_else(|| "-".into(), |s| format!("{}, {:.1}", n0(s.rate), s.p99))
+                })
+                .collect();
+            let _ = writeln!(w, "| {} | {store} | {} |", kind.name(), cells.join(" | "));
+        }
+    }
+
+    let _ = writeln!(w, "\n### Memory and audit\n");
+    let _ = writeln!(
+        w,
+        "| server | RSS at its end MiB | peak RSS MiB | `spray audit` after |\n|---|---|---|---|"
+    );
+    for end in &results.ends {
+        let _ = writeln!(
+            w,
+            "| {} | {:.1} | {:.1} | {} |",
+            end.store, end.rss_mib, end.peak_rss_mib, end.audit
+        );
+    }
+    let _ = writeln!(
+        w,
+        "| mixed: 3 instances on MySQL + Redis | | | {} |",
+        results.mixed_audit
+    );
+
+    if let Some(soak) = &results.soak {
+        let (max, flat) = rss_verdict(soak);
+        let _ = writeln!(
+            w,
+            "\n### The soak: the mixed workload for {:.0} minutes\n",
+            soak.samples.last().map_or(0.0, |s| s.0) / 60.0
+        );
+        let _ = writeln!(
+            w,
+            "Paced at {}/s (half the mixed peak): {}/s answered, p50 {:.1} ms, p99 {:.1} ms, {} errors. \
+             RSS of each instance sampled every 10 s (`/proc/PID/status` VmRSS): at most {max:.1} MiB; \
+             flat (the last sample within 10% of the sample at one minute): {}.\n",
+            n0(soak.offered),
+            n0(soak.achieved),
+            soak.p50,
+            soak.p99,
+            soak.errors,
+            if flat { "yes" } else { "no" }
+        );
+        let _ = writeln!(
+            w,
+            "| s | instance 1 MiB | instance 2 MiB | instance 3 MiB |\n|---|---|---|---|"
+        );
+        for (i, (t, rss)) in soak.samples.iter().enumerate() {
+            // Every minute is enough for the table; the figure has every sample.
+            if i % 6 == 0 || i + 1 == soak.samples.len() {
+                let cells: Vec<String> = rss.iter().map(|r| format!("{r:.1}")).collect();
+                let _ = writeln!(w, "| {t:.0} | {} |", cells.join(" | "));
+            }
+        }
+    }
+
+    let _ = writeln!(w, "\n### Each round\n");
+    let _ = writeln!(
+        w,
+        "| workload | store | per second | p50 ms | p90 ms | p99 ms | p99.9 ms | answers | errors | checked |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for row in &results.rows {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {}{} |",
+            row.kind.name(),
+            row.store,
+            n0(row.rate),
+            row.p50,
+            row.p90,
+            row.p99,
+            row.p999,
+            n0(crate::load::count_f64(row.answers)),
+            row.errors,
+            if row.exact { "" } else { "**not exact** " },
+            if row.check.is_empty() { "-" } else { &row.check }
+        );
+    }
+    let _ = writeln!(w, "\n### What each figure is\n");
+    let _ = writeln!(
+        w,
+        "- Each store is one `spray serve` (release) on a fresh database: SQLite (a file on the \
+           same disk as the raw SQLite limit), MySQL (MariaDB), MySQL + Redis (the gate). It runs \
+           with `--store-concurrency 4096 --max-concurrent-requests 4096` (every request let in: \
+           the default admission bound would refuse part of {CONNECTIONS} connections, see the \
+           overload section), 32 MySQL connections and `--max-recipients 100000`.\n\
+         - The load generator (`examples/bench/`) holds {CONNECTIONS} connection tasks on one \
+           keep-alive HTTP/1.1 client (reqwest); each sends its next request when its last is \
+           answered (the peak), for {:.1} s per workload and round; latencies go to HDR histograms.\n\
+         - *create sprays*: 5 shares each, every spray by a fresh sprayer in a fresh room. \
+           *look one spray up*: the sprayer reads one spray of 5 shares, all received. \
+           *hot spray*: *per second* is every answer (winners and losers); winners/s counts to \
+           the last winner's answer; losers/s is the `409 SPRAY_EXHAUSTED` answers from the \
+           first to the last of them (the refusal path alone, once the spray is taken). *winners*: *per second* is shares recorded per second (every user wins); \
+           a round stops sending after {:.0} s (the row then says so). *mixed*: see below.\n\
+         - *errors*: any answer that is not the 2xx asked for or the expected 409, or a transport error.\n\
+         - *half peak*: the workload again, paced at half its median peak: request n is due at \
+           n / rate and its latency counts from then (a late server is charged for the wait), \
+           on the same {CONNECTIONS} connections. The hot spray and winners runs there use a fresh \
+           spray ({} users for the hot spray, {} shares for winners).\n\
+         - *mixed*: three instances on one MariaDB database and one Redis; 5,000 rooms; sprays of \
+           2 to 50 shares (amounts of 100 to 1,000 a share); each spray's receivers (a fifth more \
+           than its shares, plus one) arrive at random over the next 3 s, and its sprayer looks \
+           it up twice within 0.5-4.5 s; each connection sends what is due, else a new spray; \
+           requests go to the instances in turn. *per second* is every answer: sprays, receives \
+           and lookups. Checked: no spray paid more than its amount or more shares than it has, \
+           and every spray whose receivers were all answered was paid exactly in full.\n\
+         - *checked*: the hot spray and winners runs count winners and add up what was paid \
+           (exact: every share taken once, the amount paid to the unit); `spray audit` runs over \
+           every store after its runs.",
+        mode.duration.as_secs_f64(),
+        mode.winners_cap.as_secs_f64(),
+        n0(crate::load::count_f64(mode.half_hot_users)),
+        n0(crate::load::count_f64(mode.half_winners_shares)),
+    );
+    let _ = writeln!(w, "\n{END}");
+    out
+}
+
+/// The highest RSS of any instance, and whether every instance stayed flat: its last
+/// sample within 10% of its sample at one minute (the first minute is warm-up).
+fn rss_verdict(soak: &crate::Soak) -> (f64, bool) {
+    let max = soak
+        .samples
+        .iter()
+        .flat_map(|(_, rss)| rss.iter().copied())
+        .fold(0.0, f64::max);
+    let at_minute = soak.samples.iter().find(|(t, _)| *t >= 60.0);
+    let last = soak.samples.last();
+    let flat = match (at_minute, last) {
+        (Some((_, a)), Some((_, b))) => a.iter().zip(b).all(|(a, b)| *b <= a * 1.1),
+        _ => false,
+    };
+    (max, flat)
+}
+
+/// Replaces the text between the markers (inserting them after the title the first time).
+pub fn write_between_markers(path: &Path, generated: &str) -> std::io::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            let after = &old[end + END.len()..];
+            format!("{}{}{}", &old[..begin], generated.trim_end(), after)
+        }
+        _ => {
+            // After the first line (the title), before the hand-written sections.
+            let split = old.find('\n').map_or(old.len(), |i| i + 1);
+            format!("{}\n{}\n{}", &old[..split], generated.trim_end(), &old[split..])
+        }
+    };
+    std::fs::write(path, new)
+}
