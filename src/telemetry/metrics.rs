@@ -479,7 +479,7 @@ pub fn method_label(method: &axum::http::Method) -> &'static str {
 
 /// One group commit of `writes` writes (kept or refused) ended.
 pub fn record_batch(writes: usize) {
-    histogram!(BATCH_METRIC).record(writes as f64);
+    histogram!(BATCH_METRIC).record(f64::from(u32::try_from(writes).unwrap_or(u32::MAX)));
 }
 
 #[cfg(test)]
