@@ -202,8 +202,9 @@ fn targets(results: &Results, mode: &Mode) -> Vec<Target> {
         },
         Target {
             what: format!(
-                "MySQL: winners flat (rate over the last {window} shares ≥ {:.0}% of the first {window})",
-                FLAT * 100.0
+                "MySQL: winners flat (rate over the last {window} shares ≥ {:.0}% of the first {window}){}",
+                FLAT * 100.0,
+                cut_note(results, mode)
             ),
             figure: med(results, "MySQL", Kind::Winners, |r| r.last_window),
             limit: med(results, "MySQL", Kind::Winners, |r| r.first_window),
@@ -227,6 +228,23 @@ fn targets(results: &Results, mode: &Mode) -> Vec<Target> {
         });
     }
     all
+}
+
+/// When the MySQL winners rounds were cut at their time limit, how far they got: the last
+/// window is then not the spray's last shares.
+fn cut_note(results: &Results, mode: &Mode) -> String {
+    let taken = med(results, "MySQL", Kind::Winners, |r| {
+        Some(crate::load::count_f64(r.answers))
+    });
+    match taken {
+        Some(t) if t < crate::load::count_f64(mode.winners_shares) => format!(
+            " (rounds cut at {:.0} s with {} of {} shares taken: the windows are of those)",
+            mode.winners_cap.as_secs_f64(),
+            n0(t),
+            n0(crate::load::count_f64(mode.winners_shares))
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The generated part of BENCHMARKS.md, markers included.
@@ -442,18 +460,21 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
     let window = n0(crate::load::count_f64(mode.winners_window));
     let _ = writeln!(
         w,
-        "| store | hot: requests/s | hot: winners/s | hot: losers/s | winners/s | first {window} shares /s | last {window} /s | last/first |\n|---|---|---|---|---|---|---|---|"
+        "| store | hot: requests/s | hot: winners/s | hot: losers/s | winners/s | shares taken | first {window} shares /s | last {window} /s | last/first |\n|---|---|---|---|---|---|---|---|---|"
     );
     for store in STORES {
         let first = med(results, store, Kind::Winners, |r| r.first_window);
         let last = med(results, store, Kind::Winners, |r| r.last_window);
         let _ = writeln!(
             w,
-            "| {store} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {store} | {} | {} | {} | {} | {} | {} | {} | {} |",
             opt0(med(results, store, Kind::Hot, |r| Some(r.rate))),
             opt0(med(results, store, Kind::Hot, |r| r.winners_per_second)),
             opt0(med(results, store, Kind::Hot, |r| r.losers_per_second)),
             opt0(med(results, store, Kind::Winners, |r| Some(r.rate))),
+            opt0(med(results, store, Kind::Winners, |r| Some(
+                crate::load::count_f64(r.answers)
+            ))),
             opt0(first),
             opt0(last),
             match (first, last) {
