@@ -7,7 +7,9 @@
 //!   `ssl-mode=VERIFY_CA&ssl-ca=…` and `rediss://…` (`--redis-ca`), and the gate is used;
 //! - a CA that did not sign the server's certificate is refused with a message that says
 //!   so: the store cannot be opened (exit 1), Redis is reported down at start (the service
-//!   still serves: Redis only accelerates).
+//!   still serves: Redis only accelerates);
+//! - the same for a Redis Cluster of three masters that speaks TLS only, to clients and
+//!   on its bus (`--tls-cluster yes`): the gate is used over TLS, a wrong CA is said.
 
 mod common;
 
@@ -73,7 +75,7 @@ fn make_certificates(dir: &Path) -> Certificates {
     }
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
     )
     .unwrap();
     openssl(
@@ -416,6 +418,213 @@ async fn spray_reaches_mariadb_and_redis_over_tls_and_refuses_a_wrong_ca() {
             .await
             .unwrap();
         assert_eq!(ready["redis"].as_str(), Some("down"), "{ready}");
+        assert_eq!(server.terminate().await.code(), Some(0));
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// A port whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `redis-cli` over TLS to the node on `port`, trusting `ca`; its standard output. Cut
+/// after 30 s (`--cluster create` waits forever for nodes that cannot meet).
+fn redis_cli_tls(ca: &Path, port: u16, args: &[&str]) -> String {
+    let output = Command::new("timeout")
+        .args([
+            "30",
+            "redis-cli",
+            "--tls",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli is needed for the TLS tests");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls `ready` until it holds, for at most [`READY_LIMIT`].
+async fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let began = Instant::now();
+    while !ready() {
+        assert!(began.elapsed() < READY_LIMIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Redis Cluster of three masters that speaks TLS only, to clients and between its
+/// nodes (`--tls-cluster yes`); each node stopped by PID when dropped.
+struct TlsRedisCluster {
+    ports: Vec<u16>,
+    _nodes: Vec<ChildGuard>,
+}
+
+impl TlsRedisCluster {
+    async fn start(dir: &Path, certs: &Certificates) -> TlsRedisCluster {
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let port = free_cluster_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let out = File::create(dir.join(format!("redis-{port}.log"))).unwrap();
+            let node = Command::new("redis-server")
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .args(["--tls-cert-file", certs.cert.to_str().unwrap()])
+                .args(["--tls-key-file", certs.key.to_str().unwrap()])
+                .args(["--tls-ca-cert-file", certs.ca.to_str().unwrap()])
+                .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .expect("redis-server is needed for the TLS tests");
+            nodes.push(ChildGuard(node));
+        }
+        for port in &ports {
+            wait_until("a TLS cluster node", || {
+                redis_cli_tls(&certs.ca, *port, &["ping"]).trim() == "PONG"
+            })
+            .await;
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addresses.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        redis_cli_tls(&certs.ca, ports[0], &create);
+        for port in &ports {
+            wait_until("the TLS cluster to be ready", || {
+                redis_cli_tls(&certs.ca, *port, &["cluster", "info"]).contains("cluster_state:ok")
+            })
+            .await;
+        }
+        TlsRedisCluster { ports, _nodes: nodes }
+    }
+
+    /// The `--redis-url` of the cluster: its nodes, comma-separated, over TLS.
+    fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("rediss://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_reaches_a_redis_cluster_over_tls_and_a_wrong_ca_is_said() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let certs = make_certificates(dir.path());
+        let cluster = TlsRedisCluster::start(dir.path(), &certs).await;
+        let ca = certs.ca.display().to_string();
+        let database_url = database_url(dir.path());
+
+        // A spray made and received through spray serve, the gate on the cluster over TLS.
+        let mut server = Server::start(
+            dir.path(),
+            &database_url,
+            &["--redis-url", &cluster.urls(), "--redis-ca", &ca],
+            &[],
+        )
+        .await;
+        assert!(
+            server.log_text().contains("redis answers"),
+            "{}",
+            server.log_text()
+        );
+        let client = client();
+        let (status, sprayed) = post(
+            &client,
+            &server,
+            "/api/v1/spray",
+            1,
+            json!({"amount": 1000, "recipient_count": 2}),
+        )
+        .await;
+        assert_eq!(status, 201, "{sprayed}\n{}", server.log_text());
+        let token = sprayed["token"].as_str().unwrap().to_owned();
+        let (status, received) = post(&client, &server, "/api/v1/receive", 2, json!({"token": token})).await;
+        assert_eq!(
+            (status, received["received_amount"].as_i64()),
+            (200, Some(500)),
+            "{received}\n{}",
+            server.log_text()
+        );
+        let metrics = client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let gate = |event: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("spray_gate_events_total{{event=\"{event}\"}}")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        assert!(
+            gate("hit") + gate("rebuild") >= 1.0,
+            "the gate was not used:\n{metrics}"
+        );
+        assert_eq!(
+            gate("fallback"),
+            0.0,
+            "a claim fell back to SQL alone:\n{metrics}"
+        );
+        assert_eq!(server.terminate().await.code(), Some(0), "{}", server.log_text());
+
+        // A CA that did not sign the nodes' certificate: said at start; SQL still serves.
+        let wrong_ca = certs.wrong_ca.display().to_string();
+        let mut server = Server::start(
+            dir.path(),
+            &database_url,
+            &["--redis-url", &cluster.urls(), "--redis-ca", &wrong_ca],
+            &[],
+        )
+        .await;
+        let log = server.log_text();
+        assert!(log.contains("redis does not answer at start"), "{log}");
+        let (status, _) = post(
+            &client,
+            &server,
+            "/api/v1/spray",
+            1,
+            json!({"amount": 10, "recipient_count": 2}),
+        )
+        .await;
+        assert_eq!(status, 201);
         assert_eq!(server.terminate().await.code(), Some(0));
     })
     .await
