@@ -286,6 +286,27 @@ async fn post(client: &reqwest::Client, server: &Server, path: &str, user: i64, 
     (status, answer.json().await.unwrap_or(Value::Null))
 }
 
+/// User 1 sprays 1,000 over two shares through `server`, and user 2 receives 500 of it.
+async fn spray_then_receive(client: &reqwest::Client, server: &Server) {
+    let (status, sprayed) = post(
+        client,
+        server,
+        "/api/v1/spray",
+        1,
+        json!({"amount": 1000, "recipient_count": 2}),
+    )
+    .await;
+    assert_eq!(status, 201, "{sprayed}\n{}", server.log_text());
+    let token = sprayed["token"].as_str().unwrap().to_owned();
+    let (status, received) = post(client, server, "/api/v1/receive", 2, json!({"token": token})).await;
+    assert_eq!(
+        (status, received["received_amount"].as_i64()),
+        (200, Some(500)),
+        "{received}\n{}",
+        server.log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spray_reaches_mariadb_and_redis_over_tls_and_refuses_a_wrong_ca() {
     tokio::time::timeout(TEST_LIMIT, async {
@@ -322,22 +343,7 @@ async fn spray_reaches_mariadb_and_redis_over_tls_and_refuses_a_wrong_ca() {
             server.log_text()
         );
         let client = client();
-        let (status, sprayed) = post(
-            &client,
-            &server,
-            "/api/v1/spray",
-            1,
-            json!({"amount": 1000, "recipient_count": 2}),
-        )
-        .await;
-        assert_eq!(status, 201, "{sprayed}\n{}", server.log_text());
-        let token = sprayed["token"].as_str().unwrap().to_owned();
-        let (status, received) = post(&client, &server, "/api/v1/receive", 2, json!({"token": token})).await;
-        assert_eq!(
-            (status, received["received_amount"].as_i64()),
-            (200, Some(500)),
-            "{received}"
-        );
+        spray_then_receive(&client, &server).await;
         let ready: Value = client
             .get(server.url("/readyz"))
             .send()
@@ -561,23 +567,7 @@ async fn the_gate_reaches_a_redis_cluster_over_tls_and_a_wrong_ca_is_said() {
             server.log_text()
         );
         let client = client();
-        let (status, sprayed) = post(
-            &client,
-            &server,
-            "/api/v1/spray",
-            1,
-            json!({"amount": 1000, "recipient_count": 2}),
-        )
-        .await;
-        assert_eq!(status, 201, "{sprayed}\n{}", server.log_text());
-        let token = sprayed["token"].as_str().unwrap().to_owned();
-        let (status, received) = post(&client, &server, "/api/v1/receive", 2, json!({"token": token})).await;
-        assert_eq!(
-            (status, received["received_amount"].as_i64()),
-            (200, Some(500)),
-            "{received}\n{}",
-            server.log_text()
-        );
+        spray_then_receive(&client, &server).await;
         let metrics = client
             .get(server.url("/metrics"))
             .send()

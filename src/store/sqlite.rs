@@ -503,6 +503,18 @@ mod tests {
     use crate::domain::SplitMode;
     use crate::store::{Effect, Kept};
 
+    /// A migrated store on a fresh file, and the time the tests run at.
+    async fn fresh_store() -> (tempfile::TempDir, SqliteStore, DateTime<Utc>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("spray.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let now = DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        (dir, store, now)
+    }
+
     async fn landed(store: &SqliteStore, written: Written) -> Result<bool, StoreError> {
         portable::landed(&store.reader, &written).await
     }
@@ -511,13 +523,7 @@ mod tests {
     /// and nothing else (on MySQL the fault tests show it through a proxy).
     #[tokio::test]
     async fn what_a_spray_and_a_claim_wrote_is_found_again_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("spray.db").display());
-        let store = SqliteStore::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
-        let now = DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let (_dir, store, now) = fresh_store().await;
         let (room, token, owner) = (
             RoomId::parse("ROOM").unwrap(),
             Token::parse("ABC").unwrap(),
@@ -577,13 +583,7 @@ mod tests {
     /// A store on a fresh file, with one spray of three shares of 5 by user 1 in room
     /// `ROOM` under the token `ABC`; the claim of `user` on it at the same time.
     async fn store_with_a_spray() -> (tempfile::TempDir, SqliteStore, impl Fn(i64) -> Claim) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("spray.db").display());
-        let store = SqliteStore::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
-        let now = DateTime::parse_from_rfc3339("2024-02-21T09:33:10.123Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let (dir, store, now) = fresh_store().await;
         store.insert_spray(&spray_at(now, "ABC", 1), None).await.unwrap();
         let claim = move |user| Claim {
             room: RoomId::parse("ROOM").unwrap(),
