@@ -702,6 +702,97 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
     }
 }
 
+/// One workload on one store, once, printed and not written to BENCHMARKS.md: for
+/// profiling the server (its PID is printed, for `perf record -p`) and for trying a change
+/// quickly.
+async fn probe(mode: &Mode, store: &str, workload: &str) {
+    let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
+    let mut database = None;
+    let (name, url, flags): (&'static str, String, Vec<String>) = match store {
+        "sqlite" => (
+            "SQLite",
+            format!("sqlite://{}", dir.path().join("bench.db").display()),
+            Vec::new(),
+        ),
+        "mysql" | "gated" => {
+            let db = create_database().await;
+            let url = format!("mysql://root@127.0.0.1:3306/{db}");
+            database = Some(db);
+            if store == "mysql" {
+                ("MySQL", url, Vec::new())
+            } else {
+                let prefix = format!("bench-{:08x}", rand::random::<u32>());
+                let flags = ["--redis-url", REDIS, "--redis-key-prefix", &prefix];
+                (
+                    "MySQL + Redis",
+                    url,
+                    flags.iter().map(|s| (*s).to_owned()).collect(),
+                )
+            }
+        }
+        other => {
+            eprintln!("unknown store {other}: sqlite, mysql or gated");
+            std::process::exit(2);
+        }
+    };
+    let (server, base) = start(&url, &flags).await;
+    eprintln!("server PID {}", server.pid());
+    let ids = Arc::new(Ids::new());
+    let row = match workload {
+        "healthz" => Row::new(
+            name,
+            Kind::Healthz,
+            &measure(Arc::new(Healthz { base: base.clone() }), closed(mode.duration)).await,
+        ),
+        "create" => {
+            let create = Create {
+                base: base.clone(),
+                ids: ids.clone(),
+            };
+            Row::new(
+                name,
+                Kind::Create,
+                &measure(Arc::new(create), closed(mode.duration)).await,
+            )
+        }
+        "lookup" => {
+            let lookup = Lookup::prepare(&base, &ids).await.expect("a spray to look up");
+            Row::new(
+                name,
+                Kind::Lookup,
+                &measure(Arc::new(lookup), closed(mode.duration)).await,
+            )
+        }
+        "hot" => race(name, Kind::Hot, &base, &ids, 1_000, mode.hot_users, mode).await,
+        "winners" => {
+            let shares = mode.winners_shares;
+            race(name, Kind::Winners, &base, &ids, shares, shares, mode).await
+        }
+        other => {
+            eprintln!("unknown workload {other}: healthz, create, lookup, hot or winners");
+            std::process::exit(2);
+        }
+    };
+    drop(server);
+    if let Some(db) = database {
+        drop_database(&db).await;
+    }
+    println!(
+        "{} on {}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, winners/s {:?}, losers/s {:?}, first/last window {:?}/{:?}; {}",
+        row.kind.name(),
+        row.store,
+        row.rate,
+        row.p50,
+        row.p99,
+        row.errors,
+        row.winners_per_second.map(|r| r.round()),
+        row.losers_per_second.map(|r| r.round()),
+        row.first_window.map(|r| r.round()),
+        row.last_window.map(|r| r.round()),
+        row.check
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -713,8 +804,20 @@ async fn main() {
     if args.iter().any(|a| a == "--soak") {
         mode.soak = Some(Duration::from_secs(600));
     }
+    if let Some(at) = args.iter().position(|a| a == "--probe") {
+        let (Some(store), Some(workload)) = (args.get(at + 1), args.get(at + 2)) else {
+            eprintln!(
+                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners"
+            );
+            std::process::exit(2);
+        };
+        probe(&mode, store, workload).await;
+        return;
+    }
     if let Some(unknown) = args.iter().find(|a| !matches!(a.as_str(), "--quick" | "--soak")) {
-        eprintln!("unknown argument {unknown}; usage: bench/run.sh [--quick] [--soak]");
+        eprintln!(
+            "unknown argument {unknown}; usage: bench/run.sh [--quick] [--soak] [--probe STORE WORKLOAD]"
+        );
         std::process::exit(2);
     }
     let wall = Instant::now();
