@@ -104,6 +104,42 @@ impl SprayRow {
     }
 }
 
+/// One row of a lookup: the spray, and one of its receipts if it has any (the receipt
+/// columns of a `LEFT JOIN`, all NULL when nobody has received yet).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct SprayWithReceipt {
+    #[sqlx(flatten)]
+    pub(crate) spray: SprayRow,
+    pub(crate) receiver_id: Option<i64>,
+    pub(crate) amount: Option<i64>,
+    pub(crate) received_at: Option<i64>,
+}
+
+/// The spray of a lookup's rows with its receipts, in the rows' order; `None` for no rows.
+pub(crate) fn spray_with_receipts(rows: Vec<SprayWithReceipt>) -> Result<Option<SprayRecord>, StoreError> {
+    let mut rows = rows.into_iter();
+    let Some(first) = rows.next() else {
+        return Ok(None);
+    };
+    let mut receipts = Vec::new();
+    let mut receipt = |row: &SprayWithReceipt| match (row.receiver_id, row.amount, row.received_at) {
+        (Some(user), Some(amount), Some(at)) => {
+            receipts.push((user, amount, at));
+            Ok(())
+        }
+        (None, None, None) => Ok(()),
+        _ => Err(StoreError::Corrupt(format!(
+            "spray {}: bad receipt",
+            row.spray.id
+        ))),
+    };
+    receipt(&first)?;
+    for row in rows {
+        receipt(&row)?;
+    }
+    first.spray.into_record(receipts).map(Some)
+}
+
 /// The spray row of a gate snapshot:
 /// `(id, owner_id, receive_until, lookup_until, recipient_count)`.
 pub(crate) type ClaimSprayRow = (i64, i64, i64, i64, i64);

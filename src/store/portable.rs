@@ -144,45 +144,42 @@ macro_rules! portable_sql_functions {
             Ok(())
         }
 
-        /// The newest spray under `key` with its receipts in order of receipt, on one
-        /// connection (SQLite: inside a read transaction, so both reads are one snapshot).
-        /// The spray row changes only when it is settled, and no receipt is added after
-        /// that: a row read unsettled is answered from the clock and the receipts, a row
-        /// read settled from receipts that can no longer change. Either way one read of
-        /// the receipts is a consistent view.
-        pub(crate) async fn find_in(
-            conn: &mut <$db as sqlx::Database>::Connection,
+        /// The newest spray under `key` with its receipts in order of receipt, in one
+        /// statement: the spray row joined to its received shares. One statement reads one
+        /// snapshot on either backend (SQLite runs it in one implicit read transaction,
+        /// InnoDB gives it one read view), so the spray and its receipts agree without a
+        /// transaction around them; and a lookup is one round trip to the store, not four.
+        pub(crate) async fn find_in<'e, E>(
+            executor: E,
             key: &crate::store::SprayLookup,
-        ) -> Result<Option<crate::domain::SprayRecord>, StoreError> {
+        ) -> Result<Option<crate::domain::SprayRecord>, StoreError>
+        where
+            E: sqlx::Executor<'e, Database = $db>,
+        {
             use crate::store::SprayLookup;
-            use crate::store::convert::{ReceiptRow, SPRAY_COLUMNS, SprayRow};
+            use crate::store::convert::{SPRAY_COLUMNS, SprayWithReceipt, spray_with_receipts};
             let (filter, token) = match key {
                 SprayLookup::Room(_, token) => ("room_id = ?", token),
                 SprayLookup::Owner(_, token) => ("owner_id = ?", token),
             };
+            // A spray with no receipt yet is one row of NULL receipt columns (LEFT JOIN).
             let sql = format!(
-                "SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ? ORDER BY id DESC LIMIT 1"
+                "SELECT s.*, r.receiver_id, r.amount, r.received_at
+                 FROM (SELECT {SPRAY_COLUMNS} FROM sprays WHERE {filter} AND token = ?
+                       ORDER BY id DESC LIMIT 1) s
+                 LEFT JOIN shares r ON r.spray_id = s.id AND r.receiver_id IS NOT NULL
+                 ORDER BY r.received_at, r.slot"
             );
-            let query = sqlx::query_as::<_, SprayRow>(sqlx::AssertSqlSafe(sql));
+            let query = sqlx::query_as::<_, SprayWithReceipt>(sqlx::AssertSqlSafe(sql));
             let query = match key {
                 SprayLookup::Room(room, _) => query.bind(room.as_str().to_owned()),
                 SprayLookup::Owner(owner, _) => query.bind(owner.get()),
             };
-            let Some(row) = query
+            let rows = query
                 .bind(token.as_str().to_owned())
-                .fetch_optional(&mut *conn)
-                .await?
-            else {
-                return Ok(None);
-            };
-            let receipts = sqlx::query_as::<_, ReceiptRow>(
-                "SELECT receiver_id, amount, received_at FROM shares
-                 WHERE spray_id = ? AND receiver_id IS NOT NULL ORDER BY received_at, slot",
-            )
-            .bind(row.id)
-            .fetch_all(&mut *conn)
-            .await?;
-            row.into_record(receipts).map(Some)
+                .fetch_all(executor)
+                .await?;
+            spray_with_receipts(rows)
         }
 
         /// Whether `written` is in the database: read back after a commit whose
@@ -481,15 +478,25 @@ macro_rules! portable_sql_functions {
             spray: &crate::store::NewSpray,
         ) -> Result<(), StoreError> {
             use crate::store::convert::{millis, share_rows, stored};
-            // Rows per multi-row INSERT, well under either database's bound-variable limit.
+            // Rows per multi-row INSERT: a statement of a few kilobytes.
             const SHARES_PER_INSERT: usize = 500;
+            // Sent as text with the values in it (integers only, formatted from `i64`, so
+            // nothing can be injected), not prepared: the statement's text changes with
+            // the number of shares, and on MySQL prepared texts that vary churn sqlx's
+            // statement cache, whose evictions stall the next statement for 40 ms (see
+            // `fetch_text` in `store/slot_batch.rs`).
             for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
-                let mut insert =
-                    sqlx::QueryBuilder::<$db>::new("INSERT INTO shares (spray_id, slot, amount) ");
-                insert.push_values(chunk, |mut row, (slot, amount)| {
-                    row.push_bind(spray_id).push_bind(*slot).push_bind(*amount);
-                });
-                insert.build().execute(&mut **tx).await?;
+                let rows: Vec<String> = chunk
+                    .iter()
+                    .map(|(slot, amount)| format!("({spray_id}, {slot}, {amount})"))
+                    .collect();
+                let insert = format!(
+                    "INSERT INTO shares (spray_id, slot, amount) VALUES {}",
+                    rows.join(", ")
+                );
+                sqlx::raw_sql(sqlx::AssertSqlSafe(insert))
+                    .execute(&mut **tx)
+                    .await?;
             }
             sqlx::query(
                 "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)",

@@ -238,11 +238,7 @@ impl Store for SqliteStore {
     }
 
     async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
-        // One read transaction, so the spray and its receipts are one snapshot; ended
-        // explicitly, since an open read transaction would hold back WAL checkpoints.
-        let mut tx = self.reader.begin().await?;
-        let found = portable::find_in(&mut tx, key).await;
-        finish(tx, found, |_| false).await
+        portable::find_in(&self.reader, key).await
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
@@ -386,26 +382,39 @@ async fn take_free_share_in(
     }
 }
 
-/// A new spray's row, in the caller's transaction: the token given up by sprays past their
-/// lookup window, then the row under a fresh id. Its id.
+/// A new spray's row under a fresh id, in the caller's transaction. Its id.
+///
+/// The row is inserted first, and only if its token is taken are the sprays past their
+/// lookup window made to give it up (see the migration) before a second try: a spray
+/// nearly always draws a free token, so this saves a statement. (A constraint failure
+/// rolls back the failed statement only, not the transaction.)
 async fn insert_spray_row_in(
     tx: &mut sqlx::Transaction<'static, Sqlite>,
     spray: &NewSpray,
 ) -> Result<i64, StoreError> {
+    match insert_spray_row_once(tx, spray).await {
+        Err(StoreError::TokenTaken) => {
+            sqlx::query(
+                "UPDATE sprays SET token_live = NULL
+                     WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
+            )
+            .bind(spray.token.as_str())
+            .bind(millis(spray.created_at))
+            .bind(spray.room.as_str())
+            .bind(spray.owner.get())
+            .execute(&mut **tx)
+            .await?;
+            insert_spray_row_once(tx, spray).await
+        }
+        other => other,
+    }
+}
+
+async fn insert_spray_row_once(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    spray: &NewSpray,
+) -> Result<i64, StoreError> {
     let now = millis(spray.created_at);
-
-    // Sprays past their lookup window give up the token (see the migration).
-    sqlx::query(
-        "UPDATE sprays SET token_live = NULL
-             WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
-    )
-    .bind(spray.token.as_str())
-    .bind(now)
-    .bind(spray.room.as_str())
-    .bind(spray.owner.get())
-    .execute(&mut **tx)
-    .await?;
-
     let recipient_count = i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
     // The id is never one a purged spray had: the ledger keeps every spray id ever used
     // (each spray's DEBIT), and a reused id would tie that old history to the new spray.
