@@ -246,14 +246,9 @@ pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp,
             }
         }
         Err(e) => {
-            let failed = unavailable(&e);
             for r in ran {
                 // A refusal stands as it was decided; only what was to be kept is lost.
-                let answer = if r.kept {
-                    Err(failed.clone_for_reply())
-                } else {
-                    r.outcome
-                };
+                let answer = if r.kept { Err(unavailable(&e)) } else { r.outcome };
                 let _ = r.reply.send(answer);
             }
         }
@@ -280,28 +275,17 @@ async fn abort<DB: sqlx::Database>(
 }
 
 fn fail_all(replies: impl Iterator<Item = Reply>, cause: &StoreError) {
-    let failed = unavailable(cause);
     for reply in replies {
-        let _ = reply.send(Err(failed.clone_for_reply()));
+        let _ = reply.send(Err(unavailable(cause)));
     }
 }
 
-/// The 503 every write of a failed batch is answered with: nothing of it was written.
-fn unavailable(cause: &StoreError) -> StoreError {
+/// The 503 each write of a batch that was not written is answered with, one per caller:
+/// nothing of it was written.
+pub(super) fn unavailable(cause: &StoreError) -> StoreError {
     match cause {
         StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
         other => StoreError::Unavailable(format!("a batch of writes was not committed: {other}")),
-    }
-}
-
-impl StoreError {
-    /// The same error, for one more caller (`Unavailable` is the only kind a batch hands
-    /// to several).
-    fn clone_for_reply(&self) -> StoreError {
-        match self {
-            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-            other => StoreError::Unavailable(other.to_string()),
-        }
     }
 }
 

@@ -13,6 +13,7 @@ mod guarded;
 mod idempotency;
 pub mod mysql;
 mod portable;
+mod slot_batch;
 pub mod sqlite;
 
 use std::sync::Arc;

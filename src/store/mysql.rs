@@ -32,6 +32,7 @@ use super::commit::{TakenShare, Written, finish, finish_confirming};
 use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
+use super::slot_batch::{SlotBatches, SlotRequest, SlotWriter};
 use super::{
     Begin, Claim, ClaimOutcome, IdempotentRequest, NewSpray, PendingKey, PoolUse, SettleOutcome, SlotClaim,
     SprayLookup, Store, StoreError, StoredAnswer,
@@ -45,14 +46,35 @@ const MIGRATION_LOCK_WAIT_SECONDS: i64 = 120;
 /// A transaction that loses a deadlock or a lock wait is run this many times in all.
 /// Deadlocks are normal in InnoDB when many transactions insert the same unique key at
 /// once (forty sprayers drawing one token); a short random pause spreads the retries.
-const ATTEMPTS: u32 = 6;
+pub(super) const ATTEMPTS: u32 = 6;
 /// How long reading back a commit's outcome waits for a row lock: the transaction that
 /// holds it is one whose session the server has not yet seen end. The attempt is then
 /// repeated (see `store/commit.rs`), so this only bounds one attempt.
 const READ_BACK_LOCK_WAIT_SECONDS: u32 = 5;
 
+/// Runs `attempt` again when it lost a deadlock or a lock wait, a bounded number of times.
+macro_rules! retrying {
+    ($attempt:expr) => {{
+        let mut tries = 1;
+        loop {
+            match $attempt.await {
+                Err(StoreError::Conflict(cause)) if tries < ATTEMPTS => {
+                    tracing::debug!(%cause, tries, "transaction conflict, retrying");
+                    let pause = rand::random_range(1..=10u64) * u64::from(tries);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    tries += 1;
+                }
+                Err(StoreError::Conflict(cause)) => break Err(StoreError::Unavailable(cause)),
+                other => break other,
+            }
+        }
+    }};
+}
+
 pub struct MySqlStore {
     pool: MySqlPool,
+    /// The gate's claims, recorded in batches (see `store/slot_batch.rs`).
+    slots: SlotBatches,
 }
 
 impl MySqlStore {
@@ -95,7 +117,17 @@ impl MySqlStore {
             })
             .connect_with(options)
             .await?;
-        Ok(MySqlStore { pool })
+        let slots = SlotBatches::start(OneClaim { pool: pool.clone() });
+        Ok(MySqlStore { pool, slots })
+    }
+
+    /// The claim-by-claim writer of this store's batches, for tests of a batch built by
+    /// hand.
+    #[cfg(test)]
+    pub(super) fn one_claim(&self) -> OneClaim {
+        OneClaim {
+            pool: self.pool.clone(),
+        }
     }
 
     /// The migrations this binary carries, to compare with those a store has applied.
@@ -119,23 +151,8 @@ impl MySqlStore {
         .await
     }
 
-    /// Whether `written` is in the database, read on a connection of its own rather than
-    /// one from the pool: pooled connections may be as dead as the one whose commit
-    /// failed, or all busy.
     async fn landed(&self, written: Written) -> Result<bool, StoreError> {
-        use sqlx::{ConnectOptions, Connection};
-        let mut conn = self.pool.connect_options().connect().await?;
-        let found = async {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SET SESSION innodb_lock_wait_timeout = {READ_BACK_LOCK_WAIT_SECONDS}"
-            )))
-            .execute(&mut conn)
-            .await?;
-            portable::landed(&mut conn, &written).await
-        }
-        .await;
-        let _ = conn.close().await;
-        found
+        landed_on(&self.pool, written).await
     }
 
     async fn try_claim_share(
@@ -153,18 +170,62 @@ impl MySqlStore {
             },
         )
     }
+}
 
+/// Whether `written` is in the database, read on a connection of its own rather than one
+/// from the pool: pooled connections may be as dead as the one whose commit failed, or all
+/// busy.
+async fn landed_on(pool: &MySqlPool, written: Written) -> Result<bool, StoreError> {
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn = pool.connect_options().connect().await?;
+    let found = async {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET SESSION innodb_lock_wait_timeout = {READ_BACK_LOCK_WAIT_SECONDS}"
+        )))
+        .execute(&mut conn)
+        .await?;
+        portable::landed(&mut conn, &written).await
+    }
+    .await;
+    let _ = conn.close().await;
+    found
+}
+
+/// The gate's claims one at a time, for a batch that one claim would fail (see
+/// `store/slot_batch.rs`), and the read-back of a batch's commit.
+pub(super) struct OneClaim {
+    pool: MySqlPool,
+}
+
+#[async_trait]
+impl SlotWriter for OneClaim {
+    fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    async fn claim_alone(&self, request: &SlotRequest) -> Result<SlotClaim, StoreError> {
+        retrying!(self.try_claim_slot(request))
+    }
+
+    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
+        landed_on(&self.pool, written).await
+    }
+}
+
+impl OneClaim {
     /// The gate's point update: the spray row first, under the same shared lock as every
     /// claim (see the module doc), then the one share, then the kept effect.
-    async fn try_claim_slot(
-        &self,
-        claim: &Claim,
-        spray_id: i64,
-        slot: i64,
-        idempotency: Option<&PendingKey>,
-    ) -> Result<SlotClaim, StoreError> {
+    async fn try_claim_slot(&self, request: &SlotRequest) -> Result<SlotClaim, StoreError> {
+        let SlotRequest {
+            claim,
+            spray_id,
+            slot,
+            idempotency,
+        } = request;
+        let (spray_id, slot) = (*spray_id, *slot);
         let mut tx = self.pool.begin().await?;
-        let outcome = portable::claim_given_slot_in(&mut tx, claim, spray_id, slot, idempotency).await;
+        let outcome =
+            portable::claim_given_slot_in(&mut tx, claim, spray_id, slot, idempotency.as_ref()).await;
         let written = |outcome: &SlotClaim| match *outcome {
             SlotClaim::Received(amount) => Some(Written::share(
                 &TakenShare {
@@ -176,7 +237,7 @@ impl MySqlStore {
             )),
             _ => None,
         };
-        finish_confirming(tx, outcome, written, |w| self.landed(w)).await
+        finish_confirming(tx, outcome, written, |w| landed_on(&self.pool, w)).await
     }
 }
 
@@ -237,25 +298,6 @@ async fn take_free_share_in(
     }
 }
 
-/// Runs `attempt` again when it lost a deadlock or a lock wait, a bounded number of times.
-macro_rules! retrying {
-    ($attempt:expr) => {{
-        let mut tries = 1;
-        loop {
-            match $attempt.await {
-                Err(StoreError::Conflict(cause)) if tries < ATTEMPTS => {
-                    tracing::debug!(%cause, tries, "transaction conflict, retrying");
-                    let pause = rand::random_range(1..=10u64) * u64::from(tries);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                    tries += 1;
-                }
-                Err(StoreError::Conflict(cause)) => break Err(StoreError::Unavailable(cause)),
-                other => break other,
-            }
-        }
-    }};
-}
-
 #[async_trait]
 impl Store for MySqlStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -305,8 +347,7 @@ impl Store for MySqlStore {
     }
 
     async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        portable::find_in(&mut conn, key).await
+        portable::find_in(&self.pool, key).await
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {
@@ -341,7 +382,13 @@ impl Store for MySqlStore {
         slot: i64,
         idempotency: Option<&PendingKey>,
     ) -> Result<SlotClaim, StoreError> {
-        retrying!(self.try_claim_slot(claim, spray_id, slot, idempotency))
+        let request = SlotRequest {
+            claim: claim.clone(),
+            spray_id,
+            slot,
+            idempotency: idempotency.cloned(),
+        };
+        self.slots.claim(request).await
     }
 
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError> {
@@ -463,16 +510,33 @@ impl MySqlStore {
     }
 }
 
-/// A new spray's row, in the caller's transaction: the token given up by sprays past their
-/// lookup window, then the row (its id from AUTO_INCREMENT, never reused). Its id.
+/// A new spray's row, in the caller's transaction (its id from AUTO_INCREMENT, never
+/// reused). Its id.
+///
+/// The row is inserted first, and only if its token is taken are the sprays past their
+/// lookup window made to give it up (see the migration) before a second try: a spray
+/// nearly always draws a free token, so it costs one statement instead of three. (A
+/// duplicate key rolls back the failed statement only, not the transaction.)
 async fn insert_spray_row_in(
     tx: &mut sqlx::Transaction<'static, MySql>,
     spray: &NewSpray,
 ) -> Result<i64, StoreError> {
-    let now = millis(spray.created_at);
+    match insert_spray_row_once(tx, spray).await {
+        Err(StoreError::TokenTaken) => {
+            release_expired_token_in(tx, spray).await?;
+            insert_spray_row_once(tx, spray).await
+        }
+        other => other,
+    }
+}
 
-    // Sprays past their lookup window give up the token (see the migration). Two
-    // statements, so that each uses its own unique index.
+/// Sprays under the new spray's token whose lookup window has closed give it up. Two
+/// statements, so that each uses its own unique index.
+async fn release_expired_token_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray: &NewSpray,
+) -> Result<(), StoreError> {
+    let now = millis(spray.created_at);
     for (column, scope) in [("room_id", 0), ("owner_id", 1)] {
         let sql = format!(
             "UPDATE sprays SET token_live = NULL
@@ -490,7 +554,13 @@ async fn insert_spray_row_in(
             .execute(&mut **tx)
             .await?;
     }
+    Ok(())
+}
 
+async fn insert_spray_row_once(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray: &NewSpray,
+) -> Result<i64, StoreError> {
     let recipient_count = i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
     let inserted = sqlx::query(
         "INSERT INTO sprays (room_id, token, owner_id, mode, total_amount, recipient_count,
@@ -503,7 +573,7 @@ async fn insert_spray_row_in(
     .bind(spray.mode.as_str())
     .bind(stored(spray.total_amount)?)
     .bind(recipient_count)
-    .bind(now)
+    .bind(millis(spray.created_at))
     .bind(millis(spray.receive_until))
     .bind(millis(spray.lookup_until))
     .execute(&mut **tx)

@@ -99,8 +99,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The writes one group commit held (see `store/batch.rs`), and its buckets: powers of two
-/// up to the largest batch.
+/// The writes one group commit held (see `store/batch.rs` and `store/slot_batch.rs`), and
+/// its buckets: powers of two up to the largest batch.
 const BATCH_METRIC: &str = "spray_store_batch_writes";
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
