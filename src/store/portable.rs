@@ -10,7 +10,7 @@
 //! SQLite, whose single writer serializes every write transaction anyway), `share_lock`
 //! the one that takes a shared lock, `insert_spray_row` writes a new spray's row (token
 //! release and id assignment differ) and `take_free_share` takes a free share for the
-//! SQL-only claim (the way to find one without a queue differs).
+//! SQL-only claim (the way to find one without a queue differs), starting where a hint says.
 
 macro_rules! portable_sql_functions {
     (
@@ -40,10 +40,14 @@ macro_rules! portable_sql_functions {
         /// rule 5 (the dialect's way to take a free share), the CREDIT and, with
         /// `idempotency`, the kept effect. The share taken (its slot kept, to find it again
         /// if the commit fails), or the rule that refused it.
+        ///
+        /// `free_from` says, for a spray id, the slot where the search for a free share may
+        /// start (a hint; 0 when nothing is known).
         pub(crate) async fn claim_share_in(
             tx: &mut sqlx::Transaction<'static, $db>,
             claim: &crate::store::Claim,
             idempotency: Option<&crate::store::PendingKey>,
+            free_from: &(dyn Fn(i64) -> i64 + Send + Sync),
         ) -> Result<Result<crate::store::commit::TakenShare, crate::domain::ReceiveRefusal>, StoreError> {
             use crate::domain::ReceiveRefusal;
             let (spray_id, recipient_count) = match receive_rules_in(tx, claim).await? {
@@ -57,10 +61,11 @@ macro_rules! portable_sql_functions {
                 return Ok(Err(ReceiveRefusal::Expired));
             }
             let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-            let (slot, amount) = match $take_free_share(tx, claim, spray_id, shares).await? {
-                Ok(taken) => taken,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
+            let (slot, amount) =
+                match $take_free_share(tx, claim, spray_id, shares, free_from(spray_id)).await? {
+                    Ok(taken) => taken,
+                    Err(refusal) => return Ok(Err(refusal)),
+                };
             credit_in(tx, spray_id, claim, amount).await?;
             record_effect_in(
                 tx,

@@ -442,7 +442,7 @@ fn share_keys(keys: impl Iterator<Item = (i64, i64)>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use chrono::{DateTime, TimeDelta, Utc};
     use sqlx::Connection;
 
@@ -453,16 +453,16 @@ mod tests {
 
     /// A migrated MySQL store in a fresh database, its name, and one spray of `shares`
     /// shares of 5 by user 1 (id, and the time it was made at).
-    struct Fixture {
-        store: MySqlStore,
+    pub(crate) struct Fixture {
+        pub(crate) store: MySqlStore,
         database: String,
         admin: String,
-        spray_id: i64,
+        pub(crate) spray_id: i64,
         now: DateTime<Utc>,
     }
 
     impl Fixture {
-        async fn new(shares: u64) -> Fixture {
+        pub(crate) async fn new(shares: u64) -> Fixture {
             let admin = std::env::var("SPRAY_TEST_MYSQL_URL")
                 .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
             let database = format!("spray_u_{:016x}", rand::random::<u64>());
@@ -503,7 +503,7 @@ mod tests {
             }
         }
 
-        fn claim(&self, user: i64) -> Claim {
+        pub(crate) fn claim(&self, user: i64) -> Claim {
             Claim {
                 room: RoomId::parse("ROOM").unwrap(),
                 token: Token::parse("ABC").unwrap(),
@@ -521,12 +521,12 @@ mod tests {
             }
         }
 
-        fn writer(&self) -> crate::store::mysql::OneClaim {
+        pub(crate) fn writer(&self) -> crate::store::mysql::OneClaim {
             self.store.one_claim()
         }
 
         /// `(slot, receiver)` of every share taken, and the number of CREDITs.
-        async fn taken(&self) -> (Vec<(i64, i64)>, i64) {
+        pub(crate) async fn taken(&self) -> (Vec<(i64, i64)>, i64) {
             let pool = self.writer();
             let taken = sqlx::query_as::<_, (i64, i64)>(
                 "SELECT slot, receiver_id FROM shares WHERE receiver_id IS NOT NULL ORDER BY slot",
@@ -542,7 +542,7 @@ mod tests {
             (taken, credits)
         }
 
-        async fn drop_database(self) {
+        pub(crate) async fn drop_database(self) {
             self.store.close().await;
             let mut conn = sqlx::MySqlConnection::connect(&self.admin).await.unwrap();
             sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {}", self.database)))

@@ -69,9 +69,9 @@ impl BatchWriter for BatchedWrites {
             WriteOp::Spray { spray, idempotency } => {
                 WriteOutcome::Sprayed(portable::spray_in(tx, spray, idempotency.as_ref()).await?)
             }
-            WriteOp::ClaimShare { claim, idempotency } => {
-                WriteOutcome::Claimed(portable::claim_share_in(tx, claim, idempotency.as_ref()).await?)
-            }
+            WriteOp::ClaimShare { claim, idempotency } => WriteOutcome::Claimed(
+                portable::claim_share_in(tx, claim, idempotency.as_ref(), &|_| 0).await?,
+            ),
             WriteOp::ClaimSlot {
                 claim,
                 spray_id,
@@ -353,12 +353,14 @@ impl Store for SqliteStore {
 
 /// Rule 5 of the SQL-only claim, in the caller's transaction: the first free share, taken
 /// in one statement (the single writer means nobody else can take it meanwhile). Its slot
-/// and amount, or the rule that refuses.
+/// and amount, or the rule that refuses. (No hint is needed: the free shares' index holds
+/// only free shares.)
 async fn take_free_share_in(
     tx: &mut sqlx::Transaction<'static, Sqlite>,
     claim: &Claim,
     spray_id: i64,
     shares: u32,
+    _free_from: i64,
 ) -> Result<Result<(i64, Amount), ReceiveRefusal>, StoreError> {
     let claimed = sqlx::query_as::<_, (i64, i64)>(
         "UPDATE shares SET receiver_id = ?, received_at = ?
