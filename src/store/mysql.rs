@@ -647,7 +647,7 @@ async fn insert_spray_row_once(
 }
 
 /// The SQL that is the same for every backend (see `store/portable.rs`).
-mod portable {
+pub(super) mod portable {
     super::super::portable::portable_sql_functions!(
         db = sqlx::MySql,
         lock = " FOR UPDATE",

@@ -383,8 +383,23 @@ macro_rules! portable_sql_functions {
             effect: &crate::store::Effect,
             now: chrono::DateTime<chrono::Utc>,
         ) -> Result<(), StoreError> {
+            if effect_recorded_in(tx, pending, effect, now).await? {
+                Ok(())
+            } else {
+                Err(crate::store::idempotency::lease_lost())
+            }
+        }
+
+        /// Records `effect` on the pending idempotency row, if any: whether the row was
+        /// still held under its lease (true when there is no key).
+        pub(crate) async fn effect_recorded_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            pending: Option<&crate::store::PendingKey>,
+            effect: &crate::store::Effect,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<bool, StoreError> {
             let Some(pending) = pending else {
-                return Ok(());
+                return Ok(true);
             };
             let recorded = sqlx::query(crate::store::idempotency::RECORD_EFFECT_SQL)
                 .bind(effect.to_column()?)
@@ -395,11 +410,7 @@ macro_rules! portable_sql_functions {
                 .bind(pending.lease)
                 .execute(&mut **tx)
                 .await?;
-            if recorded.rows_affected() == 1 {
-                Ok(())
-            } else {
-                Err(crate::store::idempotency::lease_lost())
-            }
+            Ok(recorded.rows_affected() == 1)
         }
 
         /// Deletes the row `slot` holds if it is still pending under its lease.

@@ -45,7 +45,8 @@ use super::batch::unavailable;
 use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{amount_from, millis};
 use super::error::{Unique, unique_violation};
-use super::idempotency::{RECORD_EFFECT_SQL, lease_lost};
+use super::idempotency::lease_lost;
+use super::mysql::portable::effect_recorded_in;
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
 
 /// The most claims one batch holds: its statements stay far below MySQL's 65,535 bound
@@ -62,7 +63,7 @@ const QUEUE: usize = 4096;
 /// next-key locks even at READ COMMITTED, so they waited on and deadlocked with each other
 /// (with 4 writers taking from one queue, a 5,000-share spray: 2,700 winners/s and 8
 /// deadlocks, against 3,869 winners/s with one writer).
-pub(super) const WRITERS: usize = 4;
+const WRITERS: usize = 4;
 
 /// One claim of a slot the gate handed out: `Store::claim_slot`'s arguments.
 #[derive(Debug, Clone)]
@@ -153,7 +154,7 @@ async fn write_batch<W: SlotWriter>(writer: &W, batch: Vec<(SlotRequest, Reply)>
 
 /// Why a batch was not written as one.
 #[derive(Debug)]
-pub(super) enum Fallback {
+enum Fallback {
     /// A user already held a share: run each claim alone.
     OneByOne,
     /// Nothing of it was written (the commit did not land, or the database could not be
@@ -192,7 +193,7 @@ enum Decided {
 }
 
 /// One try at writing the batch in one transaction (see the module doc).
-pub(super) async fn write_once<W: SlotWriter>(
+async fn write_once<W: SlotWriter>(
     writer: &W,
     requests: &[SlotRequest],
 ) -> Result<Vec<Result<SlotClaim, StoreError>>, Fallback> {
@@ -304,7 +305,9 @@ async fn decide_in(
             }
             Some((amount, taken)) => {
                 let amount = *amount;
-                match record_effect_in(tx, request, amount).await? {
+                let effect = Effect::Received(amount_from(amount)?);
+                let pending = request.idempotency.as_ref();
+                match effect_recorded_in(tx, pending, &effect, request.claim.now).await? {
                     true => {
                         *taken = true;
                         receivers.insert((request.spray_id, request.claim.user.get()));
@@ -317,29 +320,6 @@ async fn decide_in(
         decided.push(verdict);
     }
     Ok(decided)
-}
-
-/// The kept effect of a keyed claim given `amount`; whether its lease still held (no key:
-/// nothing to record, true).
-async fn record_effect_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    request: &SlotRequest,
-    amount: i64,
-) -> Result<bool, StoreError> {
-    let Some(pending) = &request.idempotency else {
-        return Ok(true);
-    };
-    let effect = Effect::Received(amount_from(amount)?);
-    let recorded = sqlx::query(RECORD_EFFECT_SQL)
-        .bind(effect.to_column()?)
-        .bind(millis(request.claim.now))
-        .bind(pending.user.get())
-        .bind(pending.endpoint.as_str())
-        .bind(pending.key.as_str())
-        .bind(pending.lease)
-        .execute(&mut **tx)
-        .await?;
-    Ok(recorded.rows_affected() == 1)
 }
 
 /// Gives each share its claimant and writes every CREDIT: two statements. False if one of
