@@ -110,33 +110,38 @@ impl SprayRow {
 pub(crate) struct SprayWithReceipt {
     #[sqlx(flatten)]
     pub(crate) spray: SprayRow,
+    pub(crate) slot: Option<i64>,
     pub(crate) receiver_id: Option<i64>,
     pub(crate) amount: Option<i64>,
     pub(crate) received_at: Option<i64>,
 }
 
-/// The spray of a lookup's rows with its receipts, in the rows' order; `None` for no rows.
+/// The spray of a lookup's rows with its receipts in order of receipt (time, then slot);
+/// `None` for no rows.
 pub(crate) fn spray_with_receipts(rows: Vec<SprayWithReceipt>) -> Result<Option<SprayRecord>, StoreError> {
+    let mut receipts = Vec::with_capacity(rows.len());
     let mut rows = rows.into_iter();
     let Some(first) = rows.next() else {
         return Ok(None);
     };
-    let mut receipts = Vec::new();
-    let mut receipt = |row: &SprayWithReceipt| match (row.receiver_id, row.amount, row.received_at) {
-        (Some(user), Some(amount), Some(at)) => {
-            receipts.push((user, amount, at));
-            Ok(())
+    for row in std::iter::once(&first).chain(rows.as_slice()) {
+        match (row.slot, row.receiver_id, row.amount, row.received_at) {
+            (Some(slot), Some(user), Some(amount), Some(at)) => receipts.push((at, slot, user, amount)),
+            // The one row of a spray nobody has received (LEFT JOIN).
+            (None, None, None, None) => {}
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "spray {}: bad receipt",
+                    first.spray.id
+                )));
+            }
         }
-        (None, None, None) => Ok(()),
-        _ => Err(StoreError::Corrupt(format!(
-            "spray {}: bad receipt",
-            row.spray.id
-        ))),
-    };
-    receipt(&first)?;
-    for row in rows {
-        receipt(&row)?;
     }
+    receipts.sort_unstable();
+    let receipts = receipts
+        .into_iter()
+        .map(|(at, _slot, user, amount)| (user, amount, at))
+        .collect();
     first.spray.into_record(receipts).map(Some)
 }
 
@@ -172,4 +177,63 @@ pub(crate) fn sum_amounts(spray_id: i64, units: Vec<i64>) -> Result<Amount, Stor
         .collect::<Result<Vec<_>, _>>()?;
     Amount::try_sum(amounts)
         .ok_or_else(|| StoreError::Corrupt(format!("spray {spray_id}: the free shares overflow")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(receipt: Option<(i64, i64, i64)>) -> SprayWithReceipt {
+        SprayWithReceipt {
+            spray: SprayRow {
+                id: 1,
+                room_id: "room".into(),
+                token: "aZ9".into(),
+                owner_id: 1,
+                mode: "even".into(),
+                total_amount: 30,
+                recipient_count: 3,
+                created_at: 1_000,
+                receive_until: 2_000,
+                lookup_until: 3_000,
+                settled_at: None,
+                refunded_amount: None,
+            },
+            slot: receipt.map(|(slot, _, _)| slot),
+            receiver_id: receipt.map(|(_, user, _)| user),
+            amount: receipt.map(|_| 10),
+            received_at: receipt.map(|(_, _, at)| at),
+        }
+    }
+
+    /// The lookup's statement returns the receipts in no particular order (it has no
+    /// `ORDER BY`, see `find_in`): they are put in order of receipt here, ties by slot.
+    #[test]
+    fn receipts_come_in_order_of_receipt_then_slot() {
+        let rows = vec![
+            row(Some((0, 7, 1_500))),
+            row(Some((2, 8, 1_200))),
+            row(Some((1, 9, 1_200))),
+        ];
+        let record = spray_with_receipts(rows).unwrap().unwrap();
+        let order: Vec<i64> = record.receipts.iter().map(|r| r.user.get()).collect();
+        assert_eq!(order, [9, 8, 7]);
+    }
+
+    #[test]
+    fn a_spray_nobody_received_has_no_receipts_and_no_rows_is_none() {
+        let record = spray_with_receipts(vec![row(None)]).unwrap().unwrap();
+        assert!(record.receipts.is_empty());
+        assert!(spray_with_receipts(Vec::new()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_half_null_receipt_is_corrupt() {
+        let mut half = row(Some((0, 7, 1_500)));
+        half.received_at = None;
+        assert!(matches!(
+            spray_with_receipts(vec![half]),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
 }
