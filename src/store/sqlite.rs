@@ -113,15 +113,20 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
+        // No ping before a connection is handed out (sqlx's default): an embedded
+        // connection cannot be lost to the network, and the ping is a round trip through
+        // the connection's worker thread on every lookup and every batch.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(|e| why_not_opened(options.get_filename(), e))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
+            .test_before_acquire(false)
             .connect_lazy_with(options.read_only(true));
         Ok(SqliteStore::with_pools(writer, reader))
     }
