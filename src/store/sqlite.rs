@@ -102,6 +102,16 @@ impl BatchWriter for BatchedWrites {
     }
 }
 
+/// A pool of at most `connections`, each handed out without a ping first (sqlx's
+/// default): an embedded connection cannot be lost to the network, and the ping is a round
+/// trip through the connection's worker thread on every lookup and every batch.
+fn pool_options(connections: u32) -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .test_before_acquire(false)
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file named by a `sqlite://` URL.
     pub async fn connect(url: &str) -> Result<SqliteStore, StoreError> {
@@ -113,21 +123,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        // No ping before a connection is handed out (sqlx's default): an embedded
-        // connection cannot be lost to the network, and the ping is a round trip through
-        // the connection's worker thread on every lookup and every batch.
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .test_before_acquire(false)
+        let writer = pool_options(1)
             .connect_with(options.clone())
             .await
             .map_err(|e| why_not_opened(options.get_filename(), e))?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(30))
-            .test_before_acquire(false)
-            .connect_lazy_with(options.read_only(true));
+        let reader = pool_options(4).connect_lazy_with(options.read_only(true));
         Ok(SqliteStore::with_pools(writer, reader))
     }
 
@@ -151,14 +151,8 @@ impl SqliteStore {
             .create_if_missing(false)
             .read_only(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let reader = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
-            .await?;
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with(options);
+        let reader = pool_options(1).connect_with(options.clone()).await?;
+        let writer = pool_options(1).connect_lazy_with(options);
         Ok(SqliteStore::with_pools(writer, reader))
     }
 
