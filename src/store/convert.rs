@@ -120,11 +120,7 @@ pub(crate) struct SprayWithReceipt {
 /// `None` for no rows.
 pub(crate) fn spray_with_receipts(rows: Vec<SprayWithReceipt>) -> Result<Option<SprayRecord>, StoreError> {
     let mut receipts = Vec::with_capacity(rows.len());
-    let mut rows = rows.into_iter();
-    let Some(first) = rows.next() else {
-        return Ok(None);
-    };
-    for row in std::iter::once(&first).chain(rows.as_slice()) {
+    for row in &rows {
         match (row.slot, row.receiver_id, row.amount, row.received_at) {
             (Some(slot), Some(user), Some(amount), Some(at)) => receipts.push((at, slot, user, amount)),
             // The one row of a spray nobody has received (LEFT JOIN).
@@ -132,11 +128,14 @@ pub(crate) fn spray_with_receipts(rows: Vec<SprayWithReceipt>) -> Result<Option<
             _ => {
                 return Err(StoreError::Corrupt(format!(
                     "spray {}: bad receipt",
-                    first.spray.id
+                    row.spray.id
                 )));
             }
         }
     }
+    let Some(first) = rows.into_iter().next() else {
+        return Ok(None);
+    };
     receipts.sort_unstable();
     let receipts = receipts
         .into_iter()
