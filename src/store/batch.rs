@@ -26,18 +26,15 @@
 //!   of the batch is answered 503 and none is kept.
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
 
 use super::commit::{TakenShare, Written, commit_and_confirm};
+use super::queue::{BatchQueues, Reply};
 use super::{Claim, ClaimOutcome, NewSpray, PendingKey, SettleOutcome, SlotClaim, StoreError};
 use crate::domain::ReceiveRefusal;
 
 /// The most writes one transaction holds. A batch this size holds its write lock for a
 /// few milliseconds; more would only make the first write of the batch wait longer.
 pub(super) const MAX_BATCH: usize = 128;
-/// Writes waiting for a batch; past this, callers wait to queue (request-path calls are
-/// bounded well below it by `--store-concurrency`).
-const QUEUE: usize = 4096;
 
 /// One money write, as a batch runs it.
 #[derive(Clone)]
@@ -146,50 +143,36 @@ pub(super) trait BatchWriter: Send + Sync + 'static {
     async fn landed(&self, written: Written) -> Result<bool, StoreError>;
 }
 
-pub(super) type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
-
 /// The queue in front of a backend's writer: [`GroupCommit::write`] queues one write and
 /// waits for the batch that holds it to be committed.
-pub(super) struct GroupCommit {
-    queue: mpsc::Sender<(WriteOp, Reply)>,
-}
+pub(super) struct GroupCommit(BatchQueues<WriteOp, WriteOutcome>);
 
 impl GroupCommit {
     /// Starts the task that writes the batches of `writer`, one at a time. It ends when
     /// the `GroupCommit` is dropped.
     pub(super) fn start<W: BatchWriter>(writer: W) -> GroupCommit {
-        let (queue, mut waiting) = mpsc::channel::<(WriteOp, Reply)>(QUEUE);
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(MAX_BATCH);
-            while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                write_batch(&writer, std::mem::take(&mut batch)).await;
-            }
-        });
-        GroupCommit { queue }
+        let writer = std::sync::Arc::new(writer);
+        GroupCommit(BatchQueues::start(1, MAX_BATCH, move |batch| {
+            let writer = writer.clone();
+            async move { write_batch(writer.as_ref(), batch).await }
+        }))
     }
 
     /// Queues `op` and waits for its answer, given once the batch holding it is durable.
     pub(super) async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((op, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's writer stopped before answering".into()))?
+        self.0.send(op).await
     }
 }
 
 /// A write that has run: its reply, its outcome and whether its savepoint was kept.
 struct Ran {
-    reply: Reply,
+    reply: Reply<WriteOutcome>,
     outcome: Result<WriteOutcome, StoreError>,
     kept: bool,
 }
 
 /// Writes one batch: see the module doc.
-pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp, Reply)>) {
+pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp, Reply<WriteOutcome>)>) {
     let size = batch.len();
     let mut tx = match writer.begin().await {
         Ok(tx) => tx,
@@ -260,8 +243,8 @@ pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp,
 async fn abort<DB: sqlx::Database>(
     tx: sqlx::Transaction<'static, DB>,
     ran: Vec<Ran>,
-    current: Reply,
-    rest: impl Iterator<Item = (WriteOp, Reply)>,
+    current: Reply<WriteOutcome>,
+    rest: impl Iterator<Item = (WriteOp, Reply<WriteOutcome>)>,
     cause: &StoreError,
 ) {
     tracing::warn!(error = %cause, "a batch of writes broke off; answering all of it 503");
@@ -274,7 +257,7 @@ async fn abort<DB: sqlx::Database>(
     fail_all(replies, cause);
 }
 
-fn fail_all(replies: impl Iterator<Item = Reply>, cause: &StoreError) {
+fn fail_all(replies: impl Iterator<Item = Reply<WriteOutcome>>, cause: &StoreError) {
     for reply in replies {
         let _ = reply.send(Err(unavailable(cause)));
     }

@@ -11,9 +11,12 @@ mod convert;
 mod error;
 mod guarded;
 mod idempotency;
+mod multi_row;
 pub mod mysql;
 mod portable;
+mod queue;
 mod slot_batch;
+mod spray_batch;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -33,6 +33,7 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
 use super::slot_batch::{SlotBatches, SlotRequest, SlotWriter};
+use super::spray_batch::{SprayBatches, SprayRequest, SprayWriter};
 use super::{
     Begin, Claim, ClaimOutcome, IdempotentRequest, NewSpray, PendingKey, PoolUse, SettleOutcome, SlotClaim,
     SprayLookup, Store, StoreError, StoredAnswer,
@@ -81,6 +82,8 @@ pub struct MySqlStore {
     free_from: FreeShareHints,
     /// The gate's claims, recorded in batches (see `store/slot_batch.rs`).
     slots: SlotBatches,
+    /// New sprays, written in batches (see `store/spray_batch.rs`).
+    sprays: SprayBatches,
 }
 
 impl MySqlStore {
@@ -139,19 +142,20 @@ impl MySqlStore {
             })
             .connect_with(options)
             .await?;
-        let slots = SlotBatches::start(OneClaim { pool: pool.clone() });
+        let slots = SlotBatches::start(OneByOne { pool: pool.clone() });
+        let sprays = SprayBatches::start(OneByOne { pool: pool.clone() });
         Ok(MySqlStore {
             pool,
             free_from: FreeShareHints::default(),
             slots,
+            sprays,
         })
     }
 
-    /// The claim-by-claim writer of this store's batches, for tests of a batch built by
-    /// hand.
+    /// The one-by-one writer of this store's batches, for tests of a batch built by hand.
     #[cfg(test)]
-    pub(super) fn one_claim(&self) -> OneClaim {
-        OneClaim {
+    pub(super) fn one_by_one(&self) -> OneByOne {
+        OneByOne {
             pool: self.pool.clone(),
         }
     }
@@ -159,22 +163,6 @@ impl MySqlStore {
     /// The migrations this binary carries, to compare with those a store has applied.
     pub fn migrator() -> &'static sqlx::migrate::Migrator {
         &MIGRATOR
-    }
-
-    async fn try_insert_spray(
-        &self,
-        spray: &NewSpray,
-        idempotency: Option<&PendingKey>,
-    ) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let outcome = portable::spray_in(&mut tx, spray, idempotency).await;
-        finish_confirming(
-            tx,
-            outcome,
-            |id| Some(Written::spray(*id, spray)),
-            |w| self.landed(w),
-        )
-        .await
     }
 
     async fn landed(&self, written: Written) -> Result<bool, StoreError> {
@@ -221,14 +209,30 @@ async fn landed_on(pool: &MySqlPool, written: Written) -> Result<bool, StoreErro
     found
 }
 
-/// The gate's claims one at a time, for a batch that one claim would fail (see
-/// `store/slot_batch.rs`), and the read-back of a batch's commit.
-pub(super) struct OneClaim {
+/// The gate's claims and new sprays one at a time, for a batch that one of them would fail
+/// (see `store/slot_batch.rs` and `store/spray_batch.rs`), and the read-back of a batch's
+/// commit.
+pub(super) struct OneByOne {
     pool: MySqlPool,
 }
 
 #[async_trait]
-impl SlotWriter for OneClaim {
+impl SprayWriter for OneByOne {
+    fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    async fn spray_alone(&self, request: &SprayRequest) -> Result<i64, StoreError> {
+        retrying!(self.try_insert_spray(&request.spray, request.idempotency.as_ref()))
+    }
+
+    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
+        landed_on(&self.pool, written).await
+    }
+}
+
+#[async_trait]
+impl SlotWriter for OneByOne {
     fn pool(&self) -> &MySqlPool {
         &self.pool
     }
@@ -242,7 +246,29 @@ impl SlotWriter for OneClaim {
     }
 }
 
-impl OneClaim {
+impl OneByOne {
+    /// The pool, for tests (the two batch traits each have a `pool` too).
+    #[cfg(test)]
+    pub(super) fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    async fn try_insert_spray(
+        &self,
+        spray: &NewSpray,
+        idempotency: Option<&PendingKey>,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let outcome = portable::spray_in(&mut tx, spray, idempotency).await;
+        finish_confirming(
+            tx,
+            outcome,
+            |id| Some(Written::spray(*id, spray)),
+            |w| landed_on(&self.pool, w),
+        )
+        .await
+    }
+
     /// The gate's point update: the spray row first, under the same shared lock as every
     /// claim (see the module doc), then the one share, then the kept effect.
     async fn try_claim_slot(&self, request: &SlotRequest) -> Result<SlotClaim, StoreError> {
@@ -416,7 +442,11 @@ impl Store for MySqlStore {
         spray: &NewSpray,
         idempotency: Option<&PendingKey>,
     ) -> Result<i64, StoreError> {
-        retrying!(self.try_insert_spray(spray, idempotency))
+        let request = SprayRequest {
+            spray: spray.clone(),
+            idempotency: idempotency.cloned(),
+        };
+        self.sprays.insert(request).await
     }
 
     async fn claim_share(
@@ -679,7 +709,6 @@ pub(super) mod portable {
 
 #[cfg(test)]
 mod tests {
-    use super::super::slot_batch::SlotWriter;
     use super::super::slot_batch::tests::Fixture;
     use super::*;
 

@@ -39,22 +39,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use sqlx::{MySql, MySqlPool};
-use tokio::sync::{mpsc, oneshot};
 
-use super::batch::unavailable;
 use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{amount_from, millis};
 use super::error::{Unique, unique_violation};
 use super::idempotency::lease_lost;
+use super::multi_row::{Fallback, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
+use super::queue::{BatchQueues, Reply};
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
 
 /// The most claims one batch holds: its statements stay far below MySQL's 65,535 bound
 /// parameters, and its locks are held for a few milliseconds.
 const MAX_BATCH: usize = 128;
-/// Claims waiting for a batch; past this, callers wait to queue (request-path calls are
-/// bounded well below it by `--store-concurrency`).
-const QUEUE: usize = 4096;
 /// Batch writers, each with a queue and a connection of its own: the claims of one spray
 /// always go to the same writer (by its id), so batches of different sprays are written at
 /// once, and batches of one spray one after the other. Two batches of one spray written
@@ -74,8 +71,6 @@ pub(super) struct SlotRequest {
     pub(super) idempotency: Option<PendingKey>,
 }
 
-type Reply = oneshot::Sender<Result<SlotClaim, StoreError>>;
-
 /// How a batch is written: by the multi-row statements of this module, with the claim-by-
 /// claim way and the read-back supplied by the backend.
 #[async_trait::async_trait]
@@ -91,97 +86,37 @@ pub(super) trait SlotWriter: Send + Sync + 'static {
 }
 
 /// The queues in front of the batch writers, one per writer.
-pub(super) struct SlotBatches {
-    queues: Vec<mpsc::Sender<(SlotRequest, Reply)>>,
-}
+pub(super) struct SlotBatches(BatchQueues<SlotRequest, SlotClaim>);
 
 impl SlotBatches {
     /// Starts [`WRITERS`] tasks, each taking batches off its own queue. They end when the
     /// `SlotBatches` is dropped.
     pub(super) fn start<W: SlotWriter>(writer: W) -> SlotBatches {
         let writer = Arc::new(writer);
-        let queues = (0..WRITERS)
-            .map(|_| {
-                let (queue, mut waiting) = mpsc::channel::<(SlotRequest, Reply)>(QUEUE);
-                let writer = writer.clone();
-                tokio::spawn(async move {
-                    let mut batch = Vec::with_capacity(MAX_BATCH);
-                    while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                        write_batch(writer.as_ref(), std::mem::take(&mut batch)).await;
-                    }
-                });
-                queue
-            })
-            .collect();
-        SlotBatches { queues }
+        SlotBatches(BatchQueues::start(WRITERS, MAX_BATCH, move |batch| {
+            let writer = writer.clone();
+            async move { write_batch(writer.as_ref(), batch).await }
+        }))
     }
 
     /// Queues the claim behind the other claims of its spray and waits for its answer,
     /// given once the batch holding it is durable.
     pub(super) async fn claim(&self, request: SlotRequest) -> Result<SlotClaim, StoreError> {
-        let writers = u64::try_from(self.queues.len()).unwrap_or(1);
-        let writer = usize::try_from(request.spray_id.unsigned_abs() % writers).unwrap_or(0);
-        let (reply, answer) = oneshot::channel();
-        self.queues[writer]
-            .send((request, reply))
+        self.0
+            .send_in_lane(request.spray_id.unsigned_abs(), request)
             .await
-            .map_err(|_| StoreError::Unavailable("the store's claim writer has stopped".into()))?;
-        answer.await.map_err(|_| {
-            StoreError::Unavailable("the store's claim writer stopped before answering".into())
-        })?
     }
 }
 
 /// Writes one batch and answers every claim in it.
-async fn write_batch<W: SlotWriter>(writer: &W, batch: Vec<(SlotRequest, Reply)>) {
-    crate::telemetry::metrics::record_batch(batch.len());
-    let (requests, replies): (Vec<SlotRequest>, Vec<Reply>) = batch.into_iter().unzip();
-    let answers = match write_retrying(writer, &requests).await {
-        Ok(answers) => answers,
-        Err(Fallback::OneByOne) => {
-            let mut answers = Vec::with_capacity(requests.len());
-            for request in &requests {
-                answers.push(writer.claim_alone(request).await);
-            }
-            answers
-        }
-        Err(Fallback::Failed(e)) => requests.iter().map(|_| Err(unavailable(&e))).collect(),
-    };
-    for (reply, answer) in replies.into_iter().zip(answers) {
-        let _ = reply.send(answer);
-    }
-}
-
-/// Why a batch was not written as one.
-#[derive(Debug)]
-enum Fallback {
-    /// A user already held a share: run each claim alone.
-    OneByOne,
-    /// Nothing of it was written (the commit did not land, or the database could not be
-    /// reached): every claim is answered with this, 503.
-    Failed(StoreError),
-}
-
-/// [`write_once`], again when it lost a deadlock or a lock wait, a bounded number of times.
-async fn write_retrying<W: SlotWriter>(
-    writer: &W,
-    requests: &[SlotRequest],
-) -> Result<Vec<Result<SlotClaim, StoreError>>, Fallback> {
-    let mut tries = 1;
-    loop {
-        match write_once(writer, requests).await {
-            Err(Fallback::Failed(StoreError::Conflict(cause))) if tries < super::mysql::ATTEMPTS => {
-                tracing::debug!(%cause, tries, "a batch of claims lost a conflict, retrying");
-                let pause = rand::random_range(1..=10u64) * u64::from(tries);
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-                tries += 1;
-            }
-            Err(Fallback::Failed(StoreError::Conflict(cause))) => {
-                return Err(Fallback::Failed(StoreError::Unavailable(cause)));
-            }
-            other => return other,
-        }
-    }
+async fn write_batch<W: SlotWriter>(writer: &W, batch: Vec<(SlotRequest, Reply<SlotClaim>)>) {
+    let (requests, replies): (Vec<SlotRequest>, Vec<Reply<SlotClaim>>) = batch.into_iter().unzip();
+    write_and_answer(
+        replies,
+        || write_once(writer, &requests),
+        |i| writer.claim_alone(&requests[i]),
+    )
+    .await;
 }
 
 /// What the batch decided for one claim before writing.
@@ -393,7 +328,10 @@ async fn give_in(
 /// does not set `TCP_NODELAY`) that next statement waited for the delayed ACK of the
 /// close, 40 ms. Measured: every statement of a batch took 45 ms once the cache was full,
 /// and winners fell from 1,545/s to 617/s over a 50,000-share spray.
-async fn fetch_text<T>(tx: &mut sqlx::Transaction<'static, MySql>, sql: String) -> Result<Vec<T>, StoreError>
+pub(super) async fn fetch_text<T>(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    sql: String,
+) -> Result<Vec<T>, StoreError>
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::mysql::MySqlRow>,
 {
@@ -423,6 +361,7 @@ fn share_keys(keys: impl Iterator<Item = (i64, i64)>) -> String {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use crate::store::queue::as_one_batch;
     use chrono::{DateTime, TimeDelta, Utc};
     use sqlx::Connection;
 
@@ -438,7 +377,7 @@ pub(super) mod tests {
         database: String,
         admin: String,
         pub(crate) spray_id: i64,
-        now: DateTime<Utc>,
+        pub(crate) now: DateTime<Utc>,
     }
 
     impl Fixture {
@@ -501,8 +440,8 @@ pub(super) mod tests {
             }
         }
 
-        pub(crate) fn writer(&self) -> crate::store::mysql::OneClaim {
-            self.store.one_claim()
+        pub(crate) fn writer(&self) -> crate::store::mysql::OneByOne {
+            self.store.one_by_one()
         }
 
         /// `(slot, receiver)` of every share taken, and the number of CREDITs.
@@ -537,19 +476,7 @@ pub(super) mod tests {
         writer: &W,
         requests: Vec<SlotRequest>,
     ) -> Vec<Result<SlotClaim, StoreError>> {
-        let mut answers = Vec::new();
-        let mut batch = Vec::new();
-        for request in requests {
-            let (reply, answer) = oneshot::channel();
-            batch.push((request, reply));
-            answers.push(answer);
-        }
-        write_batch(writer, batch).await;
-        let mut out = Vec::new();
-        for answer in answers {
-            out.push(answer.await.expect("every claim of a batch is answered"));
-        }
-        out
+        as_one_batch(|batch| write_batch(writer, batch), requests).await
     }
 
     fn received(answer: &Result<SlotClaim, StoreError>) -> bool {

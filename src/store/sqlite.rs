@@ -627,19 +627,7 @@ mod tests {
         writer: &impl BatchWriter,
         ops: Vec<WriteOp>,
     ) -> Vec<Result<WriteOutcome, StoreError>> {
-        let mut answers = Vec::new();
-        let mut batch = Vec::new();
-        for op in ops {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            batch.push((op, reply));
-            answers.push(answer);
-        }
-        super::super::batch::write_batch(writer, batch).await;
-        let mut out = Vec::new();
-        for answer in answers {
-            out.push(answer.await.expect("every write of a batch is answered"));
-        }
-        out
+        super::super::queue::as_one_batch(|batch| super::super::batch::write_batch(writer, batch), ops).await
     }
 
     async fn receivers(store: &SqliteStore) -> Vec<i64> {
