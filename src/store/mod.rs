@@ -11,6 +11,7 @@ mod convert;
 mod error;
 mod guarded;
 mod idempotency;
+mod lookup_batch;
 mod multi_row;
 pub mod mysql;
 mod portable;

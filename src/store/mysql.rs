@@ -32,6 +32,7 @@ use super::commit::{TakenShare, Written, finish, finish_confirming};
 use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
+use super::lookup_batch::LookupBatches;
 use super::slot_batch::{SlotBatches, SlotRequest, SlotWriter};
 use super::spray_batch::{SprayBatches, SprayRequest, SprayWriter};
 use super::{
@@ -84,6 +85,8 @@ pub struct MySqlStore {
     slots: SlotBatches,
     /// New sprays, written in batches (see `store/spray_batch.rs`).
     sprays: SprayBatches,
+    /// Lookups, read many to a statement (see `store/lookup_batch.rs`).
+    lookups: LookupBatches,
 }
 
 impl MySqlStore {
@@ -144,7 +147,9 @@ impl MySqlStore {
             .await?;
         let slots = SlotBatches::start(OneByOne { pool: pool.clone() });
         let sprays = SprayBatches::start(OneByOne { pool: pool.clone() });
+        let lookups = LookupBatches::start(pool.clone());
         Ok(MySqlStore {
+            lookups,
             pool,
             free_from: FreeShareHints::default(),
             slots,
@@ -458,7 +463,7 @@ impl Store for MySqlStore {
     }
 
     async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
-        portable::find_in(&self.pool, key).await
+        self.lookups.find(key.clone()).await
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {

@@ -203,7 +203,7 @@ async fn decide_in(
         .join(", ");
     let sql =
         format!("SELECT id, receive_until, settled_at FROM sprays WHERE id IN ({ids}) LOCK IN SHARE MODE");
-    let sprays: HashMap<i64, (i64, bool)> = fetch_text::<(i64, i64, Option<i64>)>(tx, sql)
+    let sprays: HashMap<i64, (i64, bool)> = fetch_text::<(i64, i64, Option<i64>), _>(&mut **tx, sql)
         .await?
         .into_iter()
         .map(|(id, until, settled)| (id, (until, settled.is_some())))
@@ -214,11 +214,12 @@ async fn decide_in(
     let sql = format!(
         "SELECT spray_id, slot, amount, receiver_id FROM shares WHERE {keys} ORDER BY spray_id, slot FOR UPDATE"
     );
-    let mut shares: HashMap<(i64, i64), (i64, bool)> = fetch_text::<(i64, i64, i64, Option<i64>)>(tx, sql)
-        .await?
-        .into_iter()
-        .map(|(spray, slot, amount, receiver)| ((spray, slot), (amount, receiver.is_some())))
-        .collect();
+    let mut shares: HashMap<(i64, i64), (i64, bool)> =
+        fetch_text::<(i64, i64, i64, Option<i64>), _>(&mut **tx, sql)
+            .await?
+            .into_iter()
+            .map(|(spray, slot, amount, receiver)| ((spray, slot), (amount, receiver.is_some())))
+            .collect();
 
     // Each claim in order, as if the ones before it had committed.
     let mut receivers: HashSet<(i64, i64)> = HashSet::new();
@@ -328,15 +329,13 @@ async fn give_in(
 /// does not set `TCP_NODELAY`) that next statement waited for the delayed ACK of the
 /// close, 40 ms. Measured: every statement of a batch took 45 ms once the cache was full,
 /// and winners fell from 1,545/s to 617/s over a 50,000-share spray.
-pub(super) async fn fetch_text<T>(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    sql: String,
-) -> Result<Vec<T>, StoreError>
+pub(super) async fn fetch_text<'e, T, E>(executor: E, sql: String) -> Result<Vec<T>, StoreError>
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::mysql::MySqlRow>,
+    E: sqlx::Executor<'e, Database = MySql>,
 {
     let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .fetch_all(&mut **tx)
+        .fetch_all(executor)
         .await?;
     Ok(rows.iter().map(T::from_row).collect::<Result<Vec<T>, _>>()?)
 }

@@ -228,7 +228,7 @@ async fn insert_rows_in(
         "SELECT id, room_id, token FROM sprays
          WHERE id >= {first_id} AND (room_id, token, token_live) IN ({keys})"
     );
-    let found: Vec<(i64, String, String)> = fetch_text(tx, select).await?;
+    let found: Vec<(i64, String, String)> = fetch_text(&mut **tx, select).await?;
     let by_key: std::collections::HashMap<(&str, &str), i64> = found
         .iter()
         .map(|(id, room, token)| ((room.as_str(), token.as_str()), *id))
@@ -287,7 +287,7 @@ async fn insert_shares_and_debits_in(
 /// `text` as an ASCII string written in hexadecimal, `_ascii X'…'`: a room id or a token
 /// goes into a batch's text this way, so no character of it (a quote, a backslash) can be
 /// read as SQL. (Room ids and tokens are printable ASCII, checked when parsed.)
-fn hex(text: &str) -> String {
+pub(super) fn hex(text: &str) -> String {
     let mut literal = String::with_capacity(10 + 2 * text.len());
     literal.push_str("_ascii X'");
     for byte in text.bytes() {
