@@ -20,6 +20,7 @@
 //! connection before anyone is answered (see `store/commit.rs`).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,6 +29,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySql, MySqlPool};
 
 use super::ClaimSnapshot;
+use super::claim_batch::{ClaimBatches, ClaimRequest};
 use super::commit::{TakenShare, Written, finish, finish_confirming};
 use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
@@ -79,8 +81,11 @@ macro_rules! retrying {
 
 pub struct MySqlStore {
     pool: MySqlPool,
-    /// Where the SQL-only claim starts looking for a free share, per spray.
-    free_from: FreeShareHints,
+    /// The one-at-a-time writer behind the batches.
+    #[cfg_attr(not(test), allow(dead_code))]
+    one_by_one: OneByOne,
+    /// The SQL-only claims, written in batches (see `store/claim_batch.rs`).
+    claims: ClaimBatches,
     /// The gate's claims, recorded in batches (see `store/slot_batch.rs`).
     slots: SlotBatches,
     /// New sprays, written in batches (see `store/spray_batch.rs`).
@@ -145,60 +150,36 @@ impl MySqlStore {
             })
             .connect_with(options)
             .await?;
-        let slots = SlotBatches::start(OneByOne { pool: pool.clone() });
-        let sprays = SprayBatches::start(OneByOne { pool: pool.clone() });
-        let lookups = LookupBatches::start(pool.clone());
+        let one_by_one = OneByOne {
+            pool: pool.clone(),
+            free_from: Arc::new(FreeShareHints::default()),
+        };
         Ok(MySqlStore {
-            lookups,
+            slots: SlotBatches::start(one_by_one.clone()),
+            sprays: SprayBatches::start(one_by_one.clone()),
+            claims: ClaimBatches::start(one_by_one.clone()),
+            lookups: LookupBatches::start(pool.clone()),
             pool,
-            free_from: FreeShareHints::default(),
-            slots,
-            sprays,
+            one_by_one,
         })
     }
 
     /// The one-by-one writer of this store's batches, for tests of a batch built by hand.
     #[cfg(test)]
     pub(super) fn one_by_one(&self) -> OneByOne {
-        OneByOne {
-            pool: self.pool.clone(),
-        }
+        self.one_by_one.clone()
     }
 
     /// The migrations this binary carries, to compare with those a store has applied.
     pub fn migrator() -> &'static sqlx::migrate::Migrator {
         &MIGRATOR
     }
-
-    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
-        landed_on(&self.pool, written).await
-    }
-
-    async fn try_claim_share(
-        &self,
-        claim: &Claim,
-        idempotency: Option<&PendingKey>,
-    ) -> Result<ClaimOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let free_from = |spray_id| self.free_from.start(spray_id);
-        let outcome = portable::claim_share_in(&mut tx, claim, idempotency, &free_from).await;
-        let written = |taken: &Result<TakenShare, _>| taken.as_ref().ok().map(|t| Written::share(t, claim));
-        Ok(
-            match finish_confirming(tx, outcome, written, |w| self.landed(w)).await? {
-                Ok(taken) => {
-                    self.free_from.taken(taken.spray_id, taken.slot);
-                    ClaimOutcome::Received(taken.amount)
-                }
-                Err(refusal) => ClaimOutcome::Refused(refusal),
-            },
-        )
-    }
 }
 
 /// Whether `written` is in the database, read on a connection of its own rather than one
 /// from the pool: pooled connections may be as dead as the one whose commit failed, or all
 /// busy.
-async fn landed_on(pool: &MySqlPool, written: Written) -> Result<bool, StoreError> {
+pub(super) async fn landed_on(pool: &MySqlPool, written: Written) -> Result<bool, StoreError> {
     use sqlx::{ConnectOptions, Connection};
     let mut conn = pool.connect_options().connect().await?;
     let found = async {
@@ -217,8 +198,11 @@ async fn landed_on(pool: &MySqlPool, written: Written) -> Result<bool, StoreErro
 /// The gate's claims and new sprays one at a time, for a batch that one of them would fail
 /// (see `store/slot_batch.rs` and `store/spray_batch.rs`), and the read-back of a batch's
 /// commit.
+#[derive(Clone)]
 pub(super) struct OneByOne {
     pool: MySqlPool,
+    /// Where the SQL-only claim starts looking for a free share, per spray.
+    free_from: Arc<FreeShareHints>,
 }
 
 #[async_trait]
@@ -252,8 +236,38 @@ impl SlotWriter for OneByOne {
 }
 
 impl OneByOne {
-    /// The pool, for tests (the two batch traits each have a `pool` too).
-    #[cfg(test)]
+    /// Where the SQL-only claim starts looking for a free share, per spray.
+    pub(super) fn hints(&self) -> &FreeShareHints {
+        &self.free_from
+    }
+
+    /// One SQL-only claim alone, in a transaction of its own (retried on conflicts): what
+    /// a claim batch does not decide by itself (see `store/claim_batch.rs`).
+    pub(super) async fn claim_alone(&self, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        retrying!(self.try_claim_share(&request.claim, request.idempotency.as_ref()))
+    }
+
+    async fn try_claim_share(
+        &self,
+        claim: &Claim,
+        idempotency: Option<&PendingKey>,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let free_from = |spray_id| self.free_from.start(spray_id);
+        let outcome = portable::claim_share_in(&mut tx, claim, idempotency, &free_from).await;
+        let written = |taken: &Result<TakenShare, _>| taken.as_ref().ok().map(|t| Written::share(t, claim));
+        Ok(
+            match finish_confirming(tx, outcome, written, |w| landed_on(&self.pool, w)).await? {
+                Ok(taken) => {
+                    self.free_from.taken(taken.spray_id, taken.slot);
+                    ClaimOutcome::Received(taken.amount)
+                }
+                Err(refusal) => ClaimOutcome::Refused(refusal),
+            },
+        )
+    }
+
+    /// The pool (the batch traits each have a `pool` too; this one needs none in scope).
     pub(super) fn pool(&self) -> &MySqlPool {
         &self.pool
     }
@@ -388,18 +402,18 @@ async fn first_free_share_in(
 /// shares start, never trusted (see `take_free_share_in`). Bounded: past
 /// [`FreeShareHints::MOST`] sprays it starts afresh, which costs a longer walk, nothing else.
 #[derive(Default)]
-struct FreeShareHints(std::sync::Mutex<std::collections::HashMap<i64, i64>>);
+pub(super) struct FreeShareHints(std::sync::Mutex<std::collections::HashMap<i64, i64>>);
 
 impl FreeShareHints {
     const MOST: usize = 10_000;
 
-    fn start(&self, spray_id: i64) -> i64 {
+    pub(super) fn start(&self, spray_id: i64) -> i64 {
         self.0
             .lock()
             .map_or(0, |hints| hints.get(&spray_id).copied().unwrap_or(0))
     }
 
-    fn taken(&self, spray_id: i64, slot: i64) {
+    pub(super) fn taken(&self, spray_id: i64, slot: i64) {
         if let Ok(mut hints) = self.0.lock() {
             if hints.len() >= Self::MOST && !hints.contains_key(&spray_id) {
                 hints.clear();
@@ -459,7 +473,11 @@ impl Store for MySqlStore {
         claim: &Claim,
         idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
-        retrying!(self.try_claim_share(claim, idempotency))
+        let request = ClaimRequest {
+            claim: claim.clone(),
+            idempotency: idempotency.cloned(),
+        };
+        self.claims.claim(request).await
     }
 
     async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {

@@ -260,7 +260,7 @@ async fn decide_in(
 
 /// Gives each share its claimant and writes every CREDIT: two statements. False if one of
 /// the claimants already held a share of the spray (nothing changed then).
-async fn give_in(
+pub(super) async fn give_in(
     tx: &mut sqlx::Transaction<'static, MySql>,
     given: &[(&SlotRequest, i64)],
 ) -> Result<bool, StoreError> {

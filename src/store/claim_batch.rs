@@ -1,0 +1,502 @@
+//! Group commit of the SQL-only claims on MySQL (no Redis gate): the claims that arrive
+//! together decided and written by a few statements in one transaction.
+//!
+//! A claim alone is eight round trips (`BEGIN`, the spray, the caller's share if any, the
+//! spray's shared lock, a free share locked, the update, the CREDIT, `COMMIT`), and a
+//! thousand members racing for one spray make as many transactions that each read the
+//! same rows. The claims of one spray always go to the same writer (by its room and
+//! token), and a batch costs the same statements whatever it holds:
+//!
+//! 1. `BEGIN`;
+//! 2. the newest spray under each (room, token), under the shared lock every claim takes
+//!    (see `store/mysql.rs`: claims run side by side, a settlement waits for them);
+//! 3. the shares the callers already hold in those sprays;
+//! 4. rules 1 to 4 decided for each claim, in the order of the batch, by the domain's
+//!    rules on those rows (a settled spray is closed, as alone);
+//! 5. per spray, as many free shares as claims passed the rules, locked with `FOR UPDATE
+//!    SKIP LOCKED` from where this instance last saw a share taken (as alone: see
+//!    `take_free_share_in` in `store/mysql.rs`);
+//! 6. one statement per keyed claim given a share (its kept effect; a lost lease fails
+//!    that claim alone, 503, and its share is not given);
+//! 7. one `UPDATE` giving each share, and one `INSERT` of every CREDIT (those of
+//!    `store/slot_batch.rs`);
+//! 8. `COMMIT`.
+//!
+//! What the batch does not decide on its own rows is written claim by claim after its
+//! commit (`OneByOne::claim_alone`), exactly as before: a second claim of one user to one
+//! spray in the batch (the first one's outcome decides it), and claims left without a
+//! share while committed free shares remain (other transactions hold them and may give
+//! them back). Only when no free share is left are they refused as exhausted. A user
+//! given a share by another instance between steps 3 and 7 fails the `UPDATE` on the
+//! unique key; the batch is then rolled back and written claim by claim.
+//!
+//! Nobody is answered before the commit is durable; a failed `COMMIT` is read back by the
+//! first share given (see `store/multi_row.rs` and `store/commit.rs`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use sqlx::MySql;
+
+use super::commit::{TakenShare, Written};
+use super::convert::{amount_from, time_from, user_from};
+use super::idempotency::lease_lost;
+use super::multi_row::{Fallback, write_and_answer};
+use super::mysql::OneByOne;
+use super::mysql::portable::effect_recorded_in;
+use super::queue::{BatchQueues, Reply};
+use super::slot_batch::{SlotRequest, fetch_text, give_in};
+use super::spray_batch::hex;
+use super::{Claim, ClaimOutcome, Effect, PendingKey, StoreError};
+use crate::domain::{ReceiveFacts, ReceiveRefusal, rules};
+
+/// The most claims one batch holds (see `store/slot_batch.rs`).
+const MAX_BATCH: usize = 128;
+/// Batch writers: the claims of one spray are written one batch after the other, those of
+/// different sprays at once (see `WRITERS` in `store/slot_batch.rs`).
+const WRITERS: usize = 4;
+
+/// One SQL-only claim: `Store::claim_share`'s arguments.
+#[derive(Debug, Clone)]
+pub(super) struct ClaimRequest {
+    pub(super) claim: Claim,
+    pub(super) idempotency: Option<PendingKey>,
+}
+
+/// The queues in front of the batch writers.
+pub(super) struct ClaimBatches(BatchQueues<ClaimRequest, ClaimOutcome>);
+
+impl ClaimBatches {
+    /// Starts [`WRITERS`] tasks, each taking batches off its own queue. They end when the
+    /// `ClaimBatches` is dropped.
+    pub(super) fn start(writer: OneByOne) -> ClaimBatches {
+        let writer = Arc::new(writer);
+        ClaimBatches(BatchQueues::start(WRITERS, MAX_BATCH, move |batch| {
+            let writer = writer.clone();
+            async move { write_batch(writer.as_ref(), batch).await }
+        }))
+    }
+
+    /// Queues the claim behind the other claims of its spray and waits for its answer,
+    /// given once the batch holding it is durable.
+    pub(super) async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        use std::hash::{Hash, Hasher};
+        let mut lane = std::collections::hash_map::DefaultHasher::new();
+        (request.claim.room.as_str(), request.claim.token.as_str()).hash(&mut lane);
+        self.0.send_in_lane(lane.finish(), request).await
+    }
+}
+
+/// Writes one batch and answers every claim in it.
+pub(super) async fn write_batch(writer: &OneByOne, batch: Vec<(ClaimRequest, Reply<ClaimOutcome>)>) {
+    let (requests, replies): (Vec<ClaimRequest>, Vec<Reply<ClaimOutcome>>) = batch.into_iter().unzip();
+    write_and_answer(
+        replies,
+        || write_then_the_rest(writer, &requests),
+        |i| writer.claim_alone(&requests[i]),
+    )
+    .await;
+}
+
+/// What the batch decided for one claim.
+#[derive(Debug)]
+enum Decided {
+    /// Given the share `slot` of `spray_id`, worth `amount`.
+    Give { spray_id: i64, slot: i64, amount: i64 },
+    /// Answered without a write.
+    Answer(Result<ClaimOutcome, StoreError>),
+    /// Written alone, after the batch commits.
+    Alone,
+}
+
+/// The batch in one transaction, then the claims it left, one by one.
+async fn write_then_the_rest(
+    writer: &OneByOne,
+    requests: &[ClaimRequest],
+) -> Result<Vec<Result<ClaimOutcome, StoreError>>, Fallback> {
+    let decided = write_once(writer, requests).await?;
+    let mut answers = Vec::with_capacity(decided.len());
+    for (request, decided) in requests.iter().zip(decided) {
+        answers.push(match decided {
+            Decided::Give { amount, .. } => amount_from(amount).map(ClaimOutcome::Received),
+            Decided::Answer(answer) => answer,
+            Decided::Alone => writer.claim_alone(request).await,
+        });
+    }
+    Ok(answers)
+}
+
+/// One try at writing the batch in one transaction (see the module doc).
+async fn write_once(writer: &OneByOne, requests: &[ClaimRequest]) -> Result<Vec<Decided>, Fallback> {
+    let failed = |e: StoreError| Fallback::Failed(e);
+    let mut tx = writer.pool().begin().await.map_err(|e| failed(e.into()))?;
+    let decided = match decide_in(&mut tx, writer, requests).await {
+        Ok(decided) => decided,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(failed(e));
+        }
+    };
+    let given: Vec<SlotRequest> = requests
+        .iter()
+        .zip(&decided)
+        .filter_map(|(request, decided)| match decided {
+            Decided::Give { spray_id, slot, .. } => Some(SlotRequest {
+                claim: request.claim.clone(),
+                spray_id: *spray_id,
+                slot: *slot,
+                idempotency: None,
+            }),
+            _ => None,
+        })
+        .collect();
+    if given.is_empty() {
+        let _ = tx.rollback().await;
+        return Ok(decided);
+    }
+    let amounts: Vec<(&SlotRequest, i64)> = given.iter().map(|g| (g, 0)).collect();
+    match give_in(&mut tx, &amounts).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = tx.rollback().await;
+            return Err(Fallback::OneByOne);
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(failed(e));
+        }
+    }
+    let first = decided
+        .iter()
+        .zip(requests)
+        .find_map(|(decided, request)| match decided {
+            Decided::Give {
+                spray_id,
+                slot,
+                amount,
+            } => amount_from(*amount).ok().map(|amount| {
+                Written::share(
+                    &TakenShare {
+                        spray_id: *spray_id,
+                        slot: *slot,
+                        amount,
+                    },
+                    &request.claim,
+                )
+            }),
+            _ => None,
+        });
+    let Some(first) = first else {
+        let _ = tx.rollback().await;
+        return Err(failed(StoreError::Other("a batch lost its first share".into())));
+    };
+    super::commit::commit_and_confirm(tx, &first, || {
+        super::mysql::landed_on(writer.pool(), first.clone())
+    })
+    .await
+    .map_err(failed)?;
+    for decided in &decided {
+        if let Decided::Give { spray_id, slot, .. } = decided {
+            writer.hints().taken(*spray_id, *slot);
+        }
+    }
+    Ok(decided)
+}
+
+/// A spray as the batch reads it: `(id, room_id, token, owner_id, receive_until,
+/// recipient_count, settled_at)`.
+type SprayFacts = (i64, String, String, i64, i64, i64, Option<i64>);
+
+/// Reads the batch's sprays and holders, decides each claim, takes the free shares and
+/// records the effect of each keyed claim given one.
+async fn decide_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    writer: &OneByOne,
+    requests: &[ClaimRequest],
+) -> Result<Vec<Decided>, StoreError> {
+    // 2. The newest spray under each key, under the shared lock.
+    let mut newest: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            format!(
+                "(SELECT MAX(id) FROM sprays WHERE room_id = {} AND token = {})",
+                hex(r.claim.room.as_str()),
+                hex(r.claim.token.as_str())
+            )
+        })
+        .collect();
+    newest.sort_unstable();
+    newest.dedup();
+    let sql = format!(
+        "SELECT id, room_id, token, owner_id, receive_until, recipient_count, settled_at
+         FROM sprays WHERE id IN ({}) LOCK IN SHARE MODE",
+        newest.join(", ")
+    );
+    let rows: Vec<SprayFacts> = fetch_text(&mut **tx, sql).await?;
+    let sprays: HashMap<(String, String), SprayFacts> = rows
+        .into_iter()
+        .map(|row| ((row.1.clone(), row.2.clone()), row))
+        .collect();
+    let spray_of =
+        |claim: &Claim| sprays.get(&(claim.room.as_str().to_owned(), claim.token.as_str().to_owned()));
+
+    // 3. The shares the callers already hold there.
+    let mut wanted: Vec<String> = Vec::new();
+    for request in requests {
+        if let Some(spray) = spray_of(&request.claim) {
+            wanted.push(format!("({}, {})", spray.0, request.claim.user.get()));
+        }
+    }
+    let mut held: HashMap<(i64, i64), i64> = HashMap::new();
+    if !wanted.is_empty() {
+        wanted.sort_unstable();
+        wanted.dedup();
+        let sql = format!(
+            "SELECT spray_id, receiver_id, amount FROM shares WHERE (spray_id, receiver_id) IN ({})",
+            wanted.join(", ")
+        );
+        for (spray_id, user, amount) in fetch_text::<(i64, i64, i64), _>(&mut **tx, sql).await? {
+            held.insert((spray_id, user), amount);
+        }
+    }
+
+    // 4. Rules 1 to 4 (and settlement), in order.
+    let mut decided = Vec::with_capacity(requests.len());
+    let mut seen: HashSet<(i64, i64)> = HashSet::new();
+    let mut want_share: HashMap<i64, Vec<usize>> = HashMap::new();
+    for (i, request) in requests.iter().enumerate() {
+        let claim = &request.claim;
+        let Some(&(spray_id, _, _, owner, receive_until, _, settled_at)) = spray_of(claim) else {
+            decided.push(Decided::Answer(Ok(ClaimOutcome::Refused(
+                ReceiveRefusal::NotFound,
+            ))));
+            continue;
+        };
+        let key = (spray_id, claim.user.get());
+        if !seen.insert(key) {
+            // A second claim of one user in the batch: the first one's outcome decides it.
+            decided.push(Decided::Alone);
+            continue;
+        }
+        let facts = ReceiveFacts {
+            owner: user_from(owner)?,
+            receive_until: time_from(receive_until)?,
+            already_received: held.get(&key).copied().map(amount_from).transpose()?,
+        };
+        let verdict = match rules::check_receive(&facts, claim.user, claim.now) {
+            Err(refusal) => Decided::Answer(Ok(ClaimOutcome::Refused(refusal))),
+            // A settled spray is closed, even inside its window (see `claim_share_in`).
+            Ok(()) if settled_at.is_some() => {
+                Decided::Answer(Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired)))
+            }
+            Ok(()) => {
+                want_share.entry(spray_id).or_default().push(i);
+                Decided::Alone
+            }
+        };
+        decided.push(verdict);
+    }
+
+    // 5. Free shares for the claims that passed, per spray.
+    for (spray_id, claims) in want_share {
+        let shares = sprays
+            .values()
+            .find(|s| s.0 == spray_id)
+            .map_or(0, |s| u32::try_from(s.5).unwrap_or(u32::MAX));
+        let from = writer.hints().start(spray_id);
+        let mut free = free_shares_in(tx, spray_id, from, claims.len()).await?;
+        if free.len() < claims.len() && from > 0 {
+            let more = free_shares_in(tx, spray_id, 0, claims.len() - free.len()).await?;
+            for share in more {
+                if !free.contains(&share) {
+                    free.push(share);
+                }
+            }
+        }
+        let left_over = if free.len() < claims.len() {
+            let still_free = sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
+            )
+            .bind(spray_id)
+            .fetch_one(&mut **tx)
+            .await?;
+            // The shares this batch locked are still counted free: it has not taken them.
+            if still_free <= i64::try_from(free.len()).unwrap_or(i64::MAX) {
+                Decided::Answer(Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares })))
+            } else {
+                Decided::Alone
+            }
+        } else {
+            Decided::Alone
+        };
+        let mut free = free.into_iter();
+        for i in claims {
+            decided[i] = match free.next() {
+                Some((slot, amount)) => Decided::Give {
+                    spray_id,
+                    slot,
+                    amount,
+                },
+                None => match &left_over {
+                    Decided::Answer(Ok(refused)) => Decided::Answer(Ok(*refused)),
+                    _ => Decided::Alone,
+                },
+            };
+        }
+    }
+
+    // 6. The kept effects, in order.
+    let mut lost_lease = false;
+    for (request, decided) in requests.iter().zip(decided.iter_mut()) {
+        if let Decided::Give { amount, .. } = *decided {
+            let effect = Effect::Received(amount_from(amount)?);
+            if !effect_recorded_in(tx, request.idempotency.as_ref(), &effect, request.claim.now).await? {
+                *decided = Decided::Answer(Err(lease_lost()));
+                lost_lease = true;
+            }
+        }
+    }
+    // A claim that lost its lease leaves its share free: a claim refused as exhausted
+    // might have had it alone, so it is written alone.
+    if lost_lease {
+        for decided in &mut decided {
+            if matches!(
+                decided,
+                Decided::Answer(Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { .. })))
+            ) {
+                *decided = Decided::Alone;
+            }
+        }
+    }
+    Ok(decided)
+}
+
+/// Up to `count` free shares of the spray from slot `from` on that no other transaction
+/// holds, locked, in slot order: `(slot, amount)`.
+async fn free_shares_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray_id: i64,
+    from: i64,
+    count: usize,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    Ok(sqlx::query_as::<_, (i64, i64)>(
+        "SELECT slot, amount FROM shares FORCE INDEX (PRIMARY)
+         WHERE spray_id = ? AND slot >= ? AND receiver_id IS NULL
+         ORDER BY slot LIMIT ? FOR UPDATE SKIP LOCKED",
+    )
+    .bind(spray_id)
+    .bind(from)
+    .bind(u64::try_from(count).unwrap_or(u64::MAX))
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+    use crate::domain::{Amount, Endpoint, IdempotencyKey, Token, UserId};
+    use crate::store::Store;
+    use crate::store::queue::as_one_batch;
+    use crate::store::slot_batch::tests::Fixture;
+
+    fn request(claim: Claim) -> ClaimRequest {
+        ClaimRequest {
+            claim,
+            idempotency: None,
+        }
+    }
+
+    fn refused(refusal: ReceiveRefusal) -> String {
+        format!("{:?}", ClaimOutcome::Refused(refusal))
+    }
+
+    #[tokio::test]
+    async fn each_claim_of_a_batch_is_decided_as_alone() {
+        // Three shares of 5 by user 1, in ROOM under ABC.
+        let fx = Fixture::new(3).await;
+        let mut lost = request(fx.claim(13));
+        lost.idempotency = Some(PendingKey {
+            user: UserId::from_stored(13).unwrap(),
+            endpoint: Endpoint::Receive,
+            key: IdempotencyKey::parse("gone").unwrap(),
+            lease: 1,
+        });
+        let mut late = request(fx.claim(12));
+        late.claim.now = fx.now + TimeDelta::minutes(10);
+        let mut elsewhere = request(fx.claim(17));
+        elsewhere.claim.token = Token::parse("XYZ").unwrap();
+        let batch = vec![
+            request(fx.claim(1)),
+            request(fx.claim(11)),
+            // The same user again: the first claim's outcome decides it.
+            request(fx.claim(11)),
+            elsewhere,
+            late,
+            // Its share is not given: the lease is lost.
+            lost,
+            request(fx.claim(14)),
+            // The share user 13 could not take.
+            request(fx.claim(15)),
+            request(fx.claim(16)),
+        ];
+        let writer = fx.writer();
+        let answers: Vec<String> = as_one_batch(|batch| write_batch(&writer, batch), batch)
+            .await
+            .into_iter()
+            .map(|a| a.map_or_else(|e| format!("error {e}"), |o| format!("{o:?}")))
+            .collect();
+        let received = format!("{:?}", ClaimOutcome::Received(Amount::new(5)));
+        assert_eq!(answers[0], refused(ReceiveRefusal::OwnSpray));
+        assert_eq!(answers[1], received);
+        assert_eq!(answers[2], refused(ReceiveRefusal::AlreadyReceived));
+        assert_eq!(answers[3], refused(ReceiveRefusal::NotFound));
+        assert_eq!(answers[4], refused(ReceiveRefusal::Expired));
+        assert!(answers[5].starts_with("error"), "{answers:?}");
+        assert_eq!(answers[6], received);
+        assert_eq!(answers[7], received, "{answers:?}");
+        assert_eq!(answers[8], refused(ReceiveRefusal::Exhausted { shares: 3 }));
+        let (taken, credits) = fx.taken().await;
+        let mut receivers: Vec<i64> = taken.iter().map(|(_, user)| *user).collect();
+        receivers.sort_unstable();
+        assert_eq!((receivers, credits), (vec![11, 14, 15], 3));
+        assert!(crate::audit::run(&fx.store).await.unwrap().is_clean());
+        fx.drop_database().await;
+    }
+
+    /// Claims sent at once through the store share batches: every share is given once, no
+    /// user gets two, and whoever gets none is told the spray is exhausted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_claims_share_batches_and_every_share_is_given_once() {
+        const SHARES: i64 = 200;
+        const USERS: i64 = 300;
+        let fx = Arc::new(Fixture::new(SHARES.unsigned_abs()).await);
+        let mut claims = tokio::task::JoinSet::new();
+        // Every user claims once, and every fifth user twice.
+        for user in (2..2 + USERS).chain((2..2 + USERS).step_by(5)) {
+            let fx = fx.clone();
+            claims.spawn(async move { (user, fx.store.claim_share(&fx.claim(user), None).await) });
+        }
+        let mut winners = HashSet::new();
+        while let Some(joined) = claims.join_next().await {
+            match joined.unwrap() {
+                (user, Ok(ClaimOutcome::Received(_))) => {
+                    assert!(winners.insert(user), "user {user} paid twice")
+                }
+                (
+                    _,
+                    Ok(ClaimOutcome::Refused(
+                        ReceiveRefusal::AlreadyReceived | ReceiveRefusal::Exhausted { .. },
+                    )),
+                ) => {}
+                (user, other) => panic!("user {user}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(i64::try_from(winners.len()).unwrap(), SHARES);
+        let (taken, credits) = fx.taken().await;
+        assert_eq!((i64::try_from(taken.len()).unwrap(), credits), (SHARES, SHARES));
+        assert!(crate::audit::run(&fx.store).await.unwrap().is_clean());
+        Arc::into_inner(fx).unwrap().drop_database().await;
+    }
+}
