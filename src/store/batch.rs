@@ -12,7 +12,8 @@
 //!
 //! What a batch keeps and answers:
 //!
-//! - Each write runs in a savepoint. One that is refused (a rule, a taken token, a lost
+//! - Each write runs in a savepoint (but see `WriteOp::needs_savepoint`: a claim without
+//!   an idempotency key needs none). One that is refused (a rule, a taken token, a lost
 //!   idempotency lease) or fails is rolled back to its savepoint alone; its neighbours go
 //!   on. Its answer is the same as it would have been alone, because it ran on the same
 //!   state: every write before it in the batch, exactly as if they had committed first.
@@ -22,8 +23,8 @@
 //!   be known), every write the batch kept is answered 503, and nothing was written; a
 //!   retry (with its idempotency key) then runs afresh, exactly once.
 //! - If the transaction itself breaks (a savepoint cannot be released or rolled back: the
-//!   database rolled the whole transaction back, as MySQL does on a deadlock), every write
-//!   of the batch is answered 503 and none is kept.
+//!   database rolled the whole transaction back, as MySQL does on a deadlock; or a write
+//!   without a savepoint fails), every write of the batch is answered 503 and none is kept.
 
 use async_trait::async_trait;
 
@@ -61,6 +62,29 @@ pub(super) enum WriteOp {
         spray_id: i64,
         now: chrono::DateTime<chrono::Utc>,
     },
+}
+
+impl WriteOp {
+    /// Whether the write must run in a savepoint of its own: whether it can change a row
+    /// and then still be refused or fail by itself. A claim without an idempotency key
+    /// cannot: every rule that refuses it is decided by reads, or by the one statement
+    /// that takes its share, which changes nothing when it refuses (a failed statement is
+    /// rolled back alone). So it runs without one, two statements fewer, and an error in it
+    /// (only the database can cause one) breaks off the whole batch, 503 to all, as a
+    /// broken savepoint does. A new spray (a taken token after expired ones gave it up), a
+    /// settlement and any keyed write (a lost lease after the money) keep theirs.
+    fn needs_savepoint(&self) -> bool {
+        !matches!(
+            self,
+            WriteOp::ClaimShare {
+                idempotency: None,
+                ..
+            } | WriteOp::ClaimSlot {
+                idempotency: None,
+                ..
+            }
+        )
+    }
 }
 
 /// What a write did inside its savepoint.
@@ -182,6 +206,27 @@ pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp,
     let mut written: Option<Written> = None;
     let mut replies = batch.into_iter();
     while let Some((op, reply)) = replies.next() {
+        if !op.needs_savepoint() {
+            // Refused without a write, or kept: any error breaks off the batch.
+            match writer.run(&mut tx, &op).await {
+                Ok(done) => {
+                    let kept = match done.keep(&op) {
+                        Keep::Yes(what) => {
+                            written = written.or(what);
+                            true
+                        }
+                        Keep::No => false,
+                    };
+                    ran.push(Ran {
+                        reply,
+                        outcome: Ok(done),
+                        kept,
+                    });
+                }
+                Err(e) => return abort(tx, ran, reply, replies, &e).await,
+            }
+            continue;
+        }
         if let Err(e) = writer.execute(&mut tx, "SAVEPOINT w").await {
             return abort(tx, ran, reply, replies, &e).await;
         }

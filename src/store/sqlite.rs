@@ -717,6 +717,69 @@ mod tests {
         assert!(crate::audit::run(&store).await.unwrap().is_clean());
     }
 
+    /// A writer under which user 3's claim fails after it took its share (the database
+    /// failing mid-write): that claim runs without a savepoint (no idempotency key).
+    struct FailsAfterWriting(BatchedWrites);
+
+    #[async_trait]
+    impl BatchWriter for FailsAfterWriting {
+        type Db = Sqlite;
+
+        async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+            self.0.begin().await
+        }
+
+        async fn run(
+            &self,
+            tx: &mut sqlx::Transaction<'static, Sqlite>,
+            op: &WriteOp,
+        ) -> Result<WriteOutcome, StoreError> {
+            let done = self.0.run(tx, op).await?;
+            match op {
+                WriteOp::ClaimShare { claim, .. } if claim.user.get() == 3 => Err(StoreError::Unavailable(
+                    "injected after the share was taken".into(),
+                )),
+                _ => Ok(done),
+            }
+        }
+
+        async fn execute(
+            &self,
+            tx: &mut sqlx::Transaction<'static, Sqlite>,
+            statement: &'static str,
+        ) -> Result<(), StoreError> {
+            self.0.execute(tx, statement).await
+        }
+
+        async fn landed(&self, written: Written) -> Result<bool, StoreError> {
+            self.0.landed(written).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_without_a_savepoint_that_fails_breaks_off_its_batch_and_nothing_is_kept() {
+        let (_dir, store, claim) = store_with_a_spray().await;
+        let answers = one_batch(
+            &FailsAfterWriting(writer_of(&store)),
+            vec![
+                claim_op(claim(2), None),
+                claim_op(claim(3), None),
+                claim_op(claim(4), None),
+            ],
+        )
+        .await;
+        for answer in &answers {
+            assert!(matches!(answer, Err(StoreError::Unavailable(_))), "{answers:?}");
+        }
+        assert_eq!(
+            receivers(&store).await,
+            Vec::<i64>::new(),
+            "nothing of the batch is kept"
+        );
+        assert_eq!(credits(&store).await, 0);
+        assert!(crate::audit::run(&store).await.unwrap().is_clean());
+    }
+
     /// A writer whose commits fail: every transaction it begins also writes a share of a
     /// spray that does not exist, under a foreign-key check deferred to `COMMIT`, so the
     /// real `COMMIT` is refused and nothing of the transaction is written.
