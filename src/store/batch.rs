@@ -12,8 +12,8 @@
 //!
 //! What a batch keeps and answers:
 //!
-//! - Each write runs in a savepoint (but see `WriteOp::needs_savepoint`: a claim without
-//!   an idempotency key needs none). One that is refused (a rule, a taken token, a lost
+//! - Each write runs in a savepoint (but see `WriteOp::needs_savepoint`: a claim or a new
+//!   spray without an idempotency key needs none). One that is refused (a rule, a taken token, a lost
 //!   idempotency lease) or fails is rolled back to its savepoint alone; its neighbours go
 //!   on. Its answer is the same as it would have been alone, because it ran on the same
 //!   state: every write before it in the batch, exactly as if they had committed first.
@@ -66,13 +66,14 @@ pub(super) enum WriteOp {
 
 impl WriteOp {
     /// Whether the write must run in a savepoint of its own: whether it can change a row
-    /// and then still be refused or fail by itself. A claim without an idempotency key
-    /// cannot: every rule that refuses it is decided by reads, or by the one statement
-    /// that takes its share, which changes nothing when it refuses (a failed statement is
-    /// rolled back alone). So it runs without one, two statements fewer, and an error in it
-    /// (only the database can cause one) breaks off the whole batch, 503 to all, as a
-    /// broken savepoint does. A new spray (a taken token after expired ones gave it up), a
-    /// settlement and any keyed write (a lost lease after the money) keep theirs.
+    /// and then still be refused or fail by itself. A claim or a new spray without an
+    /// idempotency key cannot: every rule that refuses it is decided by reads, or by the one
+    /// statement that takes its share or inserts its row, which changes nothing when it
+    /// refuses (a failed statement is rolled back alone; for a taken token see
+    /// `insert_spray_row_in` in `store/sqlite.rs`). So it runs without one, two statements
+    /// fewer, and an error in it (only the database can cause one) breaks off the whole
+    /// batch, 503 to all, as a broken savepoint does. A settlement and any keyed write (a
+    /// lost lease after the money) keep theirs.
     fn needs_savepoint(&self) -> bool {
         !matches!(
             self,
@@ -80,6 +81,9 @@ impl WriteOp {
                 idempotency: None,
                 ..
             } | WriteOp::ClaimSlot {
+                idempotency: None,
+                ..
+            } | WriteOp::Spray {
                 idempotency: None,
                 ..
             }
@@ -223,6 +227,12 @@ pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp,
                         kept,
                     });
                 }
+                // The one refusal carried as an error: decided before anything was written.
+                Err(StoreError::TokenTaken) => ran.push(Ran {
+                    reply,
+                    outcome: Err(StoreError::TokenTaken),
+                    kept: false,
+                }),
                 Err(e) => return abort(tx, ran, reply, replies, &e).await,
             }
             continue;

@@ -389,12 +389,31 @@ async fn take_free_share_in(
 /// lookup window made to give it up (see the migration) before a second try: a spray
 /// nearly always draws a free token, so this saves a statement. (A constraint failure
 /// rolls back the failed statement only, not the transaction.)
+///
+/// A spray still inside its lookup window that holds the token refuses the new one before
+/// anything is written; otherwise only expired sprays hold it, and once they give it up
+/// the second insert cannot be refused (the single writer changes nothing in between). So
+/// a new spray is refused without a write, and needs no savepoint in a batch (see
+/// `WriteOp::needs_savepoint`).
 async fn insert_spray_row_in(
     tx: &mut sqlx::Transaction<'static, Sqlite>,
     spray: &NewSpray,
 ) -> Result<i64, StoreError> {
     match insert_spray_row_once(tx, spray).await {
         Err(StoreError::TokenTaken) => {
+            let held_by_live = sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM sprays
+                     WHERE token = ? AND token_live = 1 AND lookup_until > ? AND (room_id = ? OR owner_id = ?)",
+            )
+            .bind(spray.token.as_str())
+            .bind(millis(spray.created_at))
+            .bind(spray.room.as_str())
+            .bind(spray.owner.get())
+            .fetch_one(&mut **tx)
+            .await?;
+            if held_by_live > 0 {
+                return Err(StoreError::TokenTaken);
+            }
             sqlx::query(
                 "UPDATE sprays SET token_live = NULL
                      WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
@@ -714,6 +733,45 @@ mod tests {
         );
         assert_eq!(credits(&store).await, 2);
         assert_eq!(store.count("SELECT COUNT(*) FROM sprays").await.unwrap(), 1);
+        assert!(crate::audit::run(&store).await.unwrap().is_clean());
+    }
+
+    /// A token held by a spray still inside its lookup window refuses a new spray without a
+    /// write (the expired spray that also holds it keeps it); held only by an expired spray,
+    /// it is given up and the new spray written.
+    #[tokio::test]
+    async fn a_taken_token_is_refused_before_anything_is_written() {
+        let (_dir, store, now) = fresh_store().await;
+        let mut expired = spray_at(now - TimeDelta::days(8), "ABC", 1);
+        expired.room = RoomId::parse("R1").unwrap();
+        store.insert_spray(&expired, None).await.unwrap();
+        let mut live = spray_at(now, "ABC", 2);
+        live.room = RoomId::parse("R2").unwrap();
+        store.insert_spray(&live, None).await.unwrap();
+        let token_holders = || async {
+            store
+                .count("SELECT COUNT(*) FROM sprays WHERE token_live = 1")
+                .await
+                .unwrap()
+        };
+
+        // In R1 by user 2: the expired spray holds the room's key, the live one user 2's.
+        let mut refused = spray_at(now, "ABC", 2);
+        refused.room = RoomId::parse("R1").unwrap();
+        // In R1 by user 3: only the expired spray stands in the way.
+        let mut written = spray_at(now, "ABC", 3);
+        written.room = RoomId::parse("R1").unwrap();
+        let spray_op = |spray: NewSpray| WriteOp::Spray {
+            spray,
+            idempotency: None,
+        };
+        let answers = one_batch(&writer_of(&store), vec![spray_op(refused)]).await;
+        assert!(matches!(answers[0], Err(StoreError::TokenTaken)), "{answers:?}");
+        assert_eq!(token_holders().await, 2, "the expired spray kept its token");
+        let answers = one_batch(&writer_of(&store), vec![spray_op(written)]).await;
+        assert!(answers[0].is_ok(), "{answers:?}");
+        assert_eq!(token_holders().await, 2, "the expired spray gave it up");
+        assert_eq!(store.count("SELECT COUNT(*) FROM sprays").await.unwrap(), 3);
         assert!(crate::audit::run(&store).await.unwrap().is_clean());
     }
 
