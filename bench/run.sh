@@ -6,7 +6,8 @@
 #   bench/run.sh --quick    one round of shortened workloads (1-2 minutes), to check it works
 #   bench/run.sh --soak     full, then the mixed workload for 10 minutes, sampling RSS
 #   bench/run.sh [--quick] --probe STORE WORKLOAD   one workload on one store (sqlite, mysql,
-#                           gated; healthz, create, lookup, hot, winners), printed only: for profiling
+#                           gated; healthz, create, lookup, hot, winners, or mixed: 3 instances on
+#                           MySQL + Redis at peak and half peak), printed only: for profiling
 # Needs MariaDB on 127.0.0.1:3306 (root, no password), Redis on 127.0.0.1:6379 and
 # mariadb-slap (the MariaDB client package).
 set -euo pipefail

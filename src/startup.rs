@@ -164,7 +164,12 @@ impl Application {
             self.sweep,
             stopping_rx.clone(),
         ));
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        // TCP_NODELAY on every accepted connection (axum leaves Nagle's algorithm on): an
+        // answer is written as soon as it is ready, whatever is still unacknowledged.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections, draining in-flight requests");
             let _ = stopping_tx.send(true);

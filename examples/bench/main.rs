@@ -706,6 +706,9 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
 /// profiling the server (its PID is printed, for `perf record -p`) and for trying a change
 /// quickly.
 async fn probe(mode: &Mode, store: &str, workload: &str) {
+    if workload == "mixed" {
+        return probe_mixed(mode).await;
+    }
     let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
     let mut database = None;
     let (name, url, flags): (&'static str, String, Vec<String>) = match store {
@@ -793,6 +796,40 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     );
 }
 
+/// The mixed workload on three instances on MySQL + Redis (whatever the store argument),
+/// at its peak and then paced at half of it, printed only.
+async fn probe_mixed(mode: &Mode) {
+    let (servers, bases, url, db) = instances().await;
+    let pids: Vec<u32> = servers.iter().map(server::Server::pid).collect();
+    eprintln!("server PIDs {pids:?}");
+    let ids = Arc::new(Ids::new());
+    let peak = measure(mixed(&bases, &ids), closed(mode.mixed_duration)).await;
+    let offered = peak.per_second() / 2.0;
+    let half = measure(
+        mixed(&bases, &ids),
+        Load {
+            connections: CONNECTIONS,
+            pace: Pace::Rate(offered),
+            limit: mode.mixed_duration,
+        },
+    )
+    .await;
+    drop(servers);
+    let audit = audit(&url);
+    drop_database(&db).await;
+    for (what, measured) in [("peak", &peak), ("half peak", &half)] {
+        println!(
+            "mixed on MySQL + Redis, 3 instances, {what}: {:.0}/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, errors {}",
+            measured.per_second(),
+            measured.ms(50.0),
+            measured.ms(90.0),
+            measured.ms(99.0),
+            measured.errors
+        );
+    }
+    println!("spray audit: {audit}");
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -807,7 +844,7 @@ async fn main() {
     if let Some(at) = args.iter().position(|a| a == "--probe") {
         let (Some(store), Some(workload)) = (args.get(at + 1), args.get(at + 2)) else {
             eprintln!(
-                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners"
+                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners|mixed"
             );
             std::process::exit(2);
         };

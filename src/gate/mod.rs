@@ -104,6 +104,14 @@ pub struct RedisGate {
     resume_at: AtomicU64,
 }
 
+/// `TCP_NODELAY` on every connection to Redis (redis-rs leaves Nagle's algorithm on). The
+/// gate multiplexes every request's script calls over one connection, so a call is
+/// written while others are still unanswered, and Nagle held such small writes back until
+/// the earlier ones were acknowledged.
+fn no_delay() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 impl RedisGate {
     /// A gate for `url`: one `redis://` URL, or several separated by commas for a Redis
     /// Cluster (the seed nodes). Does not connect yet: the service starts and serves
@@ -122,6 +130,7 @@ impl RedisGate {
         };
         let target = if urls.len() > 1 {
             let mut builder = redis::cluster::ClusterClient::builder(urls)
+                .tcp_settings(no_delay())
                 .connection_timeout(CALL_TIMEOUT)
                 .response_timeout(CALL_TIMEOUT)
                 .retries(1);
@@ -134,9 +143,11 @@ impl RedisGate {
                 connection: Mutex::new(None),
             }))
         } else {
+            use redis::IntoConnectionInfo;
+            let info = url.into_connection_info()?.set_tcp_settings(no_delay());
             let client = match ca_pem {
-                Some(ca) => redis::Client::build_with_tls(url, certificates(ca))?,
-                None => redis::Client::open(url)?,
+                Some(ca) => redis::Client::build_with_tls(info, certificates(ca))?,
+                None => redis::Client::open(info)?,
             };
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CALL_TIMEOUT))
