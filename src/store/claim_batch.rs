@@ -8,8 +8,9 @@
 //! token), and a batch costs the same statements whatever it holds:
 //!
 //! 1. `BEGIN`;
-//! 2. the newest spray under each (room, token), under the shared lock every claim takes
-//!    (see `store/mysql.rs`: claims run side by side, a settlement waits for them);
+//! 2. the newest spray under each (room, token), then those rows under the shared lock
+//!    every claim takes (see `store/mysql.rs`: claims run side by side, a settlement waits
+//!    for them);
 //! 3. the shares the callers already hold in those sprays;
 //! 4. rules 1 to 4 decided for each claim, in the order of the batch, by the domain's
 //!    rules on those rows (a settled spray is closed, as alone);
@@ -33,7 +34,7 @@
 //! Nobody is answered before the commit is durable; a failed `COMMIT` is read back by the
 //! first share given (see `store/multi_row.rs` and `store/commit.rs`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::MySql;
@@ -214,7 +215,11 @@ async fn decide_in(
     writer: &OneByOne,
     requests: &[ClaimRequest],
 ) -> Result<Vec<Decided>, StoreError> {
-    // 2. The newest spray under each key, under the shared lock.
+    // 2. The newest spray under each key (a plain read, as rule 1 alone), then those rows
+    //    under the shared lock, by primary key, with `settled_at` read under it (as
+    //    `unsettled_in` alone). Two statements rather than one locking read of the
+    //    subqueries: a server that did not resolve them first would scan and lock every
+    //    spray.
     let mut newest: Vec<String> = requests
         .iter()
         .map(|r| {
@@ -229,10 +234,27 @@ async fn decide_in(
     newest.dedup();
     let sql = format!(
         "SELECT id, room_id, token, owner_id, receive_until, recipient_count, settled_at
-         FROM sprays WHERE id IN ({}) LOCK IN SHARE MODE",
+         FROM sprays WHERE id IN ({})",
         newest.join(", ")
     );
-    let rows: Vec<SprayFacts> = fetch_text(&mut **tx, sql).await?;
+    let mut rows: Vec<SprayFacts> = fetch_text(&mut **tx, sql).await?;
+    if !rows.is_empty() {
+        let ids = rows
+            .iter()
+            .map(|row| row.0.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql =
+            format!("SELECT id, settled_at FROM sprays WHERE id IN ({ids}) ORDER BY id LOCK IN SHARE MODE");
+        let locked: HashMap<i64, Option<i64>> = fetch_text::<(i64, Option<i64>), _>(&mut **tx, sql)
+            .await?
+            .into_iter()
+            .collect();
+        // A spray purged in between is gone: it counts as settled (see `unsettled_in`).
+        for row in &mut rows {
+            row.6 = locked.get(&row.0).copied().unwrap_or(Some(0));
+        }
+    }
     let sprays: HashMap<(String, String), SprayFacts> = rows
         .into_iter()
         .map(|row| ((row.1.clone(), row.2.clone()), row))
@@ -262,7 +284,7 @@ async fn decide_in(
 
     // 4. Rules 1 to 4 (and settlement), in order.
     let mut decided = Vec::with_capacity(requests.len());
-    let mut seen: HashSet<(i64, i64)> = HashSet::new();
+    let mut seen: HashMap<(i64, i64), usize> = HashMap::new();
     let mut want_share: HashMap<i64, Vec<usize>> = HashMap::new();
     for (i, request) in requests.iter().enumerate() {
         let claim = &request.claim;
@@ -273,10 +295,18 @@ async fn decide_in(
             continue;
         };
         let key = (spray_id, claim.user.get());
-        if !seen.insert(key) {
-            // A second claim of one user in the batch: the first one's outcome decides it.
-            decided.push(Decided::Alone);
-            continue;
+        match seen.get(&key) {
+            // A second claim of one user in the batch, after one that may get a share: that
+            // outcome decides it, so it is written alone after the batch.
+            Some(&first) if !matches!(decided[first], Decided::Answer(_)) => {
+                decided.push(Decided::Alone);
+                continue;
+            }
+            // After one refused by a rule (its own `now`, say), it is decided as if alone,
+            // and a later one follows its outcome.
+            _ => {
+                seen.insert(key, i);
+            }
         }
         let facts = ReceiveFacts {
             owner: user_from(owner)?,
@@ -465,6 +495,29 @@ mod tests {
         fx.drop_database().await;
     }
 
+    /// A user's second claim after a first one refused by a rule (its own later `now`) is
+    /// decided in its place in the batch, as alone: before the claim after it.
+    #[tokio::test]
+    async fn a_second_claim_after_a_refused_one_keeps_its_place() {
+        let fx = Fixture::new(1).await;
+        let mut late = request(fx.claim(12));
+        late.claim.now = fx.now + TimeDelta::minutes(10);
+        let writer = fx.writer();
+        let answers = as_one_batch(
+            |batch| write_batch(&writer, batch),
+            vec![late, request(fx.claim(12)), request(fx.claim(13))],
+        )
+        .await;
+        let answers: Vec<String> = answers.into_iter().map(|a| format!("{:?}", a.unwrap())).collect();
+        assert_eq!(answers[0], refused(ReceiveRefusal::Expired));
+        assert_eq!(
+            answers[1],
+            format!("{:?}", ClaimOutcome::Received(Amount::new(5)))
+        );
+        assert_eq!(answers[2], refused(ReceiveRefusal::Exhausted { shares: 1 }));
+        fx.drop_database().await;
+    }
+
     /// Claims sent at once through the store share batches: every share is given once, no
     /// user gets two, and whoever gets none is told the spray is exhausted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,7 +531,7 @@ mod tests {
             let fx = fx.clone();
             claims.spawn(async move { (user, fx.store.claim_share(&fx.claim(user), None).await) });
         }
-        let mut winners = HashSet::new();
+        let mut winners = std::collections::HashSet::new();
         while let Some(joined) = claims.join_next().await {
             match joined.unwrap() {
                 (user, Ok(ClaimOutcome::Received(_))) => {

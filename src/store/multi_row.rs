@@ -1,7 +1,9 @@
-//! What the MySQL batch writers (`store/slot_batch.rs`, `store/spray_batch.rs`) share: a
+//! What the MySQL batch writers (`store/slot_batch.rs`, `store/spray_batch.rs`,
+//! `store/claim_batch.rs`) share: a
 //! batch is tried as one transaction of multi-row statements, again when it loses a
 //! deadlock or a lock wait; if one request would fail it as a whole, each request is
-//! written alone instead; if nothing of it could be written, every request is answered 503.
+//! written alone instead, as it is when it keeps losing conflicts; if nothing of it could be
+//! written, every request is answered 503.
 
 use std::future::Future;
 
@@ -44,16 +46,15 @@ pub(super) async fn write_and_answer<A, One, OneFut, Alone, AloneFut>(
                 tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 tries += 1;
             }
-            Err(Fallback::OneByOne) => {
+            // A batch that keeps losing deadlocks (one spray's batches from several
+            // instances, a purge) is written one by one, each with its own retries,
+            // rather than answered 503 as a whole.
+            Err(Fallback::OneByOne | Fallback::Failed(StoreError::Conflict(_))) => {
                 let mut answers = Vec::with_capacity(replies.len());
                 for request in 0..replies.len() {
                     answers.push(alone(request).await);
                 }
                 break answers;
-            }
-            Err(Fallback::Failed(StoreError::Conflict(cause))) => {
-                let cause = StoreError::Unavailable(cause);
-                break replies.iter().map(|_| Err(unavailable(&cause))).collect();
             }
             Err(Fallback::Failed(e)) => break replies.iter().map(|_| Err(unavailable(&e))).collect(),
         }
