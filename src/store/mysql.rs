@@ -81,9 +81,6 @@ macro_rules! retrying {
 
 pub struct MySqlStore {
     pool: MySqlPool,
-    /// The one-at-a-time writer behind the batches.
-    #[cfg_attr(not(test), allow(dead_code))]
-    one_by_one: OneByOne,
     /// The SQL-only claims, written in batches (see `store/claim_batch.rs`).
     claims: ClaimBatches,
     /// The gate's claims, recorded in batches (see `store/slot_batch.rs`).
@@ -157,17 +154,20 @@ impl MySqlStore {
         Ok(MySqlStore {
             slots: SlotBatches::start(one_by_one.clone()),
             sprays: SprayBatches::start(one_by_one.clone()),
-            claims: ClaimBatches::start(one_by_one.clone()),
+            claims: ClaimBatches::start(one_by_one),
             lookups: LookupBatches::start(pool.clone()),
             pool,
-            one_by_one,
         })
     }
 
-    /// The one-by-one writer of this store's batches, for tests of a batch built by hand.
+    /// A one-by-one writer on this store's pool (with search hints of its own), for tests
+    /// of a batch built by hand.
     #[cfg(test)]
     pub(super) fn one_by_one(&self) -> OneByOne {
-        self.one_by_one.clone()
+        OneByOne {
+            pool: self.pool.clone(),
+            free_from: Arc::default(),
+        }
     }
 
     /// The migrations this binary carries, to compare with those a store has applied.
