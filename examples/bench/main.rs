@@ -351,6 +351,15 @@ fn closed(limit: Duration) -> Load {
     }
 }
 
+/// `rate` requests a second offered for `limit` (open loop), over as many connections.
+fn paced(rate: f64, limit: Duration) -> Load {
+    Load {
+        connections: CONNECTIONS,
+        pace: Pace::Rate(rate),
+        limit,
+    }
+}
+
 async fn measure(workload: Arc<dyn Workload>, load: Load) -> Measured {
     load::run(workload, load).await
 }
@@ -481,16 +490,11 @@ async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
             continue;
         }
         let offered = peak / 2.0;
-        let paced = |limit| Load {
-            connections: CONNECTIONS,
-            pace: Pace::Rate(offered),
-            limit,
-        };
         let measured = match kind {
             Kind::Healthz => {
                 measure(
                     Arc::new(Healthz { base: base.clone() }),
-                    paced(mode.half_duration),
+                    paced(offered, mode.half_duration),
                 )
                 .await
             }
@@ -500,13 +504,13 @@ async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
                         base: base.clone(),
                         ids: ids.clone(),
                     }),
-                    paced(mode.half_duration),
+                    paced(offered, mode.half_duration),
                 )
                 .await
             }
             Kind::Lookup => {
                 let lookup = Lookup::prepare(&base, &ids).await.expect("a spray to look up");
-                measure(Arc::new(lookup), paced(mode.half_duration)).await
+                measure(Arc::new(lookup), paced(offered, mode.half_duration)).await
             }
             Kind::Hot | Kind::Winners => {
                 let (shares, users) = if kind == Kind::Hot {
@@ -517,7 +521,7 @@ async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
                 let race = Race::prepare(&base, &ids, shares, users).await.expect("a spray");
                 let limit =
                     Duration::from_secs_f64(load::count_f64(users) / offered) + Duration::from_secs(5);
-                measure(Arc::new(race), paced(limit.min(mode.half_cap))).await
+                measure(Arc::new(race), paced(offered, limit.min(mode.half_cap))).await
             }
             Kind::Mixed => continue,
         };
@@ -638,15 +642,7 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
     let rates: Vec<f64> = results.rows[first_row..].iter().map(|r| r.rate).collect();
     let offered = report::median(&rates) / 2.0;
     if offered > 0.0 {
-        let measured = measure(
-            mixed(&bases, &ids),
-            Load {
-                connections: CONNECTIONS,
-                pace: Pace::Rate(offered),
-                limit: mode.mixed_duration,
-            },
-        )
-        .await;
+        let measured = measure(mixed(&bases, &ids), paced(offered, mode.mixed_duration)).await;
         results.half.push(Half {
             store: "MySQL + Redis",
             kind: Kind::Mixed,
@@ -667,11 +663,7 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
         let (servers, bases, url, db) = instances().await;
         let pids: Vec<u32> = servers.iter().map(server::Server::pid).collect();
         let workload = mixed(&bases, &ids);
-        let load = Load {
-            connections: CONNECTIONS,
-            pace: Pace::Rate(offered),
-            limit: length,
-        };
+        let load = paced(offered, length);
         let started = Instant::now();
         let running = tokio::spawn(load::run(workload, load));
         let mut samples = Vec::new();
@@ -805,15 +797,7 @@ async fn probe_mixed(mode: &Mode) {
     let ids = Arc::new(Ids::new());
     let peak = measure(mixed(&bases, &ids), closed(mode.mixed_duration)).await;
     let offered = peak.per_second() / 2.0;
-    let half = measure(
-        mixed(&bases, &ids),
-        Load {
-            connections: CONNECTIONS,
-            pace: Pace::Rate(offered),
-            limit: mode.mixed_duration,
-        },
-    )
-    .await;
+    let half = measure(mixed(&bases, &ids), paced(offered, mode.mixed_duration)).await;
     drop(servers);
     let audit = audit(&url);
     drop_database(&db).await;
