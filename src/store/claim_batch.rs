@@ -43,8 +43,8 @@ use super::commit::{TakenShare, Written};
 use super::convert::{amount_from, time_from, user_from};
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, write_and_answer};
-use super::mysql::OneByOne;
 use super::mysql::portable::effect_recorded_in;
+use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in};
 use super::queue::{BatchQueues, Reply};
 use super::slot_batch::{SlotRequest, fetch_text, give_in};
 use super::spray_batch::hex;
@@ -344,12 +344,7 @@ async fn decide_in(
             }
         }
         let left_over = if free.len() < claims.len() {
-            let still_free = sqlx::query_scalar::<_, i64>(
-                "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
-            )
-            .bind(spray_id)
-            .fetch_one(&mut **tx)
-            .await?;
+            let still_free = committed_free_shares_in(tx, spray_id).await?;
             // The shares this batch locked are still counted free: it has not taken them.
             if still_free <= i64::try_from(free.len()).unwrap_or(i64::MAX) {
                 Decided::Answer(Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares })))
@@ -399,26 +394,6 @@ async fn decide_in(
         }
     }
     Ok(decided)
-}
-
-/// Up to `count` free shares of the spray from slot `from` on that no other transaction
-/// holds, locked, in slot order: `(slot, amount)`.
-async fn free_shares_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    spray_id: i64,
-    from: i64,
-    count: usize,
-) -> Result<Vec<(i64, i64)>, StoreError> {
-    Ok(sqlx::query_as::<_, (i64, i64)>(
-        "SELECT slot, amount FROM shares FORCE INDEX (PRIMARY)
-         WHERE spray_id = ? AND slot >= ? AND receiver_id IS NULL
-         ORDER BY slot LIMIT ? FOR UPDATE SKIP LOCKED",
-    )
-    .bind(spray_id)
-    .bind(from)
-    .bind(u64::try_from(count).unwrap_or(u64::MAX))
-    .fetch_all(&mut **tx)
-    .await?)
 }
 
 #[cfg(test)]

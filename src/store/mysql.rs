@@ -340,13 +340,7 @@ async fn take_free_share_in(
 ) -> Result<Result<(i64, Amount), ReceiveRefusal>, StoreError> {
     let mut free = first_free_share_in(tx, spray_id, free_from).await?;
     if free.is_none() {
-        let still_free = sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
-        )
-        .bind(spray_id)
-        .fetch_one(&mut **tx)
-        .await?;
-        if still_free == 0 {
+        if committed_free_shares_in(tx, spray_id).await? == 0 {
             return Ok(Err(ReceiveRefusal::Exhausted { shares }));
         }
         if free_from > 0 {
@@ -380,22 +374,50 @@ async fn take_free_share_in(
     }
 }
 
-/// The first free share from slot `from` on that no other claim holds, locked; walks the
-/// primary key (see `take_free_share_in`).
+/// Up to `count` free shares of the spray from slot `from` on that no other transaction
+/// holds, locked, in slot order: `(slot, amount)`. Walks the primary key (see
+/// `take_free_share_in`); the SQL-only claim takes one, a claim batch as many as it needs.
+pub(super) async fn free_shares_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray_id: i64,
+    from: i64,
+    count: usize,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    Ok(sqlx::query_as::<_, (i64, i64)>(
+        "SELECT slot, amount FROM shares FORCE INDEX (PRIMARY)
+         WHERE spray_id = ? AND slot >= ? AND receiver_id IS NULL
+         ORDER BY slot LIMIT ? FOR UPDATE SKIP LOCKED",
+    )
+    .bind(spray_id)
+    .bind(from)
+    .bind(u64::try_from(count).unwrap_or(u64::MAX))
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// The first free share from slot `from` on that no other claim holds, locked.
 async fn first_free_share_in(
     tx: &mut sqlx::Transaction<'static, MySql>,
     spray_id: i64,
     from: i64,
 ) -> Result<Option<(i64, i64)>, StoreError> {
-    Ok(sqlx::query_as::<_, (i64, i64)>(
-        "SELECT slot, amount FROM shares FORCE INDEX (PRIMARY)
-         WHERE spray_id = ? AND slot >= ? AND receiver_id IS NULL
-         ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED",
+    Ok(free_shares_in(tx, spray_id, from, 1).await?.into_iter().next())
+}
+
+/// How many of the spray's shares are free as committed, held or not: a plain read, which
+/// SKIP LOCKED cannot give (see `take_free_share_in`).
+pub(super) async fn committed_free_shares_in(
+    tx: &mut sqlx::Transaction<'static, MySql>,
+    spray_id: i64,
+) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
+        )
+        .bind(spray_id)
+        .fetch_one(&mut **tx)
+        .await?,
     )
-    .bind(spray_id)
-    .bind(from)
-    .fetch_optional(&mut **tx)
-    .await?)
 }
 
 /// Per spray, the highest slot this instance has seen a claim take: a hint of where free
