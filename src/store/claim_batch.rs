@@ -39,17 +39,16 @@ use std::sync::Arc;
 
 use sqlx::MySql;
 
-use super::commit::{TakenShare, Written};
 use super::convert::{amount_from, time_from, user_from};
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
-use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in};
+use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in, landed_on};
 use super::queue::{BatchQueues, Reply};
-use super::slot_batch::{SlotRequest, fetch_text, give_in};
+use super::slot_batch::{SlotRequest, fetch_text, give_and_commit};
 use super::spray_batch::hex;
 use super::{Claim, ClaimOutcome, Effect, PendingKey, StoreError};
-use crate::domain::{ReceiveFacts, ReceiveRefusal, rules};
+use crate::domain::{Amount, ReceiveFacts, ReceiveRefusal, rules};
 
 /// The most claims one batch holds (see `store/slot_batch.rs`).
 const MAX_BATCH: usize = 128;
@@ -103,7 +102,11 @@ pub(super) async fn write_batch(writer: &OneByOne, batch: Vec<(ClaimRequest, Rep
 #[derive(Debug)]
 enum Decided {
     /// Given the share `slot` of `spray_id`, worth `amount`.
-    Give { spray_id: i64, slot: i64, amount: i64 },
+    Give {
+        spray_id: i64,
+        slot: i64,
+        amount: Amount,
+    },
     /// Answered without a write.
     Answer(Result<ClaimOutcome, StoreError>),
     /// Written alone, after the batch commits.
@@ -119,7 +122,7 @@ async fn write_then_the_rest(
     let mut answers = Vec::with_capacity(decided.len());
     for (request, decided) in requests.iter().zip(decided) {
         answers.push(match decided {
-            Decided::Give { amount, .. } => amount_from(amount).map(ClaimOutcome::Received),
+            Decided::Give { amount, .. } => Ok(ClaimOutcome::Received(amount)),
             Decided::Answer(answer) => answer,
             Decided::Alone => writer.claim_alone(request).await,
         });
@@ -138,64 +141,30 @@ async fn write_once(writer: &OneByOne, requests: &[ClaimRequest]) -> Result<Vec<
             return Err(failed(e));
         }
     };
-    let given: Vec<SlotRequest> = requests
+    // The shares given, as the gate's claims of those slots: the same two statements.
+    let given: Vec<(SlotRequest, Amount)> = requests
         .iter()
         .zip(&decided)
-        .filter_map(|(request, decided)| match decided {
-            Decided::Give { spray_id, slot, .. } => Some(SlotRequest {
-                claim: request.claim.clone(),
-                spray_id: *spray_id,
-                slot: *slot,
-                idempotency: None,
-            }),
-            _ => None,
-        })
-        .collect();
-    if given.is_empty() {
-        let _ = tx.rollback().await;
-        return Ok(decided);
-    }
-    let amounts: Vec<(&SlotRequest, i64)> = given.iter().map(|g| (g, 0)).collect();
-    match give_in(&mut tx, &amounts).await {
-        Ok(true) => {}
-        Ok(false) => {
-            let _ = tx.rollback().await;
-            return Err(Fallback::OneByOne);
-        }
-        Err(e) => {
-            let _ = tx.rollback().await;
-            return Err(failed(e));
-        }
-    }
-    let first = decided
-        .iter()
-        .zip(requests)
-        .find_map(|(decided, request)| match decided {
+        .filter_map(|(request, decided)| match *decided {
             Decided::Give {
                 spray_id,
                 slot,
                 amount,
-            } => amount_from(*amount).ok().map(|amount| {
-                Written::share(
-                    &TakenShare {
-                        spray_id: *spray_id,
-                        slot: *slot,
-                        amount,
-                    },
-                    &request.claim,
-                )
-            }),
+            } => Some((
+                SlotRequest {
+                    claim: request.claim.clone(),
+                    spray_id,
+                    slot,
+                    idempotency: None,
+                },
+                amount,
+            )),
             _ => None,
-        });
-    let Some(first) = first else {
-        let _ = tx.rollback().await;
-        return Err(failed(StoreError::Other("a batch lost its first share".into())));
-    };
-    super::commit::commit_and_confirm(tx, &first, || {
-        super::mysql::landed_on(writer.pool(), first.clone())
-    })
-    .await
-    .map_err(failed)?;
+        })
+        .collect();
+    let given: Vec<(&SlotRequest, Amount)> =
+        given.iter().map(|(request, amount)| (request, *amount)).collect();
+    give_and_commit(tx, &given, |what| landed_on(writer.pool(), what)).await?;
     for decided in &decided {
         if let Decided::Give { spray_id, slot, .. } = decided {
             writer.hints().taken(*spray_id, *slot);
@@ -360,7 +329,7 @@ async fn decide_in(
                 Some((slot, amount)) => Decided::Give {
                     spray_id,
                     slot,
-                    amount,
+                    amount: amount_from(amount)?,
                 },
                 None => match &left_over {
                     Decided::Answer(Ok(refused)) => Decided::Answer(Ok(*refused)),
@@ -374,7 +343,7 @@ async fn decide_in(
     let mut lost_lease = false;
     for (request, decided) in requests.iter().zip(decided.iter_mut()) {
         if let Decided::Give { amount, .. } = *decided {
-            let effect = Effect::Received(amount_from(amount)?);
+            let effect = Effect::Received(amount);
             if !effect_recorded_in(tx, request.idempotency.as_ref(), &effect, request.claim.now).await? {
                 *decided = Decided::Answer(Err(lease_lost()));
                 lost_lease = true;

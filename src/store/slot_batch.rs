@@ -48,6 +48,7 @@ use super::multi_row::{Fallback, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
 use super::queue::{BatchQueues, Reply};
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
+use crate::domain::Amount;
 
 /// The most claims one batch holds: its statements stay far below MySQL's 65,535 bound
 /// parameters, and its locks are held for a few milliseconds.
@@ -122,7 +123,7 @@ async fn write_batch<W: SlotWriter>(writer: &W, batch: Vec<(SlotRequest, Reply<S
 /// What the batch decided for one claim before writing.
 enum Decided {
     /// Given its share: `amount` is what it receives.
-    Give { amount: i64 },
+    Give { amount: Amount },
     /// Answered without a write.
     Answer(Result<SlotClaim, StoreError>),
 }
@@ -141,7 +142,7 @@ async fn write_once<W: SlotWriter>(
             return Err(failed(e));
         }
     };
-    let given: Vec<(&SlotRequest, i64)> = requests
+    let given: Vec<(&SlotRequest, Amount)> = requests
         .iter()
         .zip(&decided)
         .filter_map(|(request, decided)| match decided {
@@ -149,11 +150,28 @@ async fn write_once<W: SlotWriter>(
             Decided::Answer(_) => None,
         })
         .collect();
-    if given.is_empty() {
+    give_and_commit(tx, &given, |what| writer.landed(what)).await?;
+    Ok(decided.into_iter().map(answer_of).collect())
+}
+
+/// Gives each share of `given` to its claimant, writes every CREDIT and commits `tx`,
+/// reading the first share back with `landed` if the commit's answer is lost (see
+/// `store/commit.rs`). Rolls `tx` back when there is nothing to give, when a claimant
+/// already held a share of the spray (`OneByOne`) or when anything fails.
+pub(super) async fn give_and_commit<F, Fut>(
+    mut tx: sqlx::Transaction<'static, MySql>,
+    given: &[(&SlotRequest, Amount)],
+    landed: F,
+) -> Result<(), Fallback>
+where
+    F: Fn(Written) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, StoreError>>,
+{
+    let Some(&(first, amount)) = given.first() else {
         let _ = tx.rollback().await;
-        return Ok(decided.into_iter().map(answer_of).collect());
-    }
-    match give_in(&mut tx, &given).await {
+        return Ok(());
+    };
+    match give_in(&mut tx, given).await {
         Ok(true) => {}
         Ok(false) => {
             let _ = tx.rollback().await;
@@ -161,27 +179,25 @@ async fn write_once<W: SlotWriter>(
         }
         Err(e) => {
             let _ = tx.rollback().await;
-            return Err(failed(e));
+            return Err(Fallback::Failed(e));
         }
     }
-    let (first, first_amount) = given[0];
     let what = Written::share(
         &TakenShare {
             spray_id: first.spray_id,
             slot: first.slot,
-            amount: amount_from(first_amount).map_err(failed)?,
+            amount,
         },
         &first.claim,
     );
-    commit_and_confirm(tx, &what, || writer.landed(what.clone()))
+    commit_and_confirm(tx, &what, || landed(what.clone()))
         .await
-        .map_err(failed)?;
-    Ok(decided.into_iter().map(answer_of).collect())
+        .map_err(Fallback::Failed)
 }
 
 fn answer_of(decided: Decided) -> Result<SlotClaim, StoreError> {
     match decided {
-        Decided::Give { amount } => amount_from(amount).map(SlotClaim::Received),
+        Decided::Give { amount } => Ok(SlotClaim::Received(amount)),
         Decided::Answer(answer) => answer,
     }
 }
@@ -240,8 +256,8 @@ async fn decide_in(
                 Decided::Answer(Ok(SlotClaim::AlreadyReceived))
             }
             Some((amount, taken)) => {
-                let amount = *amount;
-                let effect = Effect::Received(amount_from(amount)?);
+                let amount = amount_from(*amount)?;
+                let effect = Effect::Received(amount);
                 let pending = request.idempotency.as_ref();
                 match effect_recorded_in(tx, pending, &effect, request.claim.now).await? {
                     true => {
@@ -260,9 +276,9 @@ async fn decide_in(
 
 /// Gives each share its claimant and writes every CREDIT: two statements. False if one of
 /// the claimants already held a share of the spray (nothing changed then).
-pub(super) async fn give_in(
+async fn give_in(
     tx: &mut sqlx::Transaction<'static, MySql>,
-    given: &[(&SlotRequest, i64)],
+    given: &[(&SlotRequest, Amount)],
 ) -> Result<bool, StoreError> {
     use std::fmt::Write as _;
     let keys = share_keys(given.iter().map(|(r, _)| (r.spray_id, r.slot)));
