@@ -775,16 +775,36 @@ mod tests {
         assert!(crate::audit::run(&store).await.unwrap().is_clean());
     }
 
-    /// A writer under which user 3's claim fails after it took its share (the database
-    /// failing mid-write): that claim runs without a savepoint (no idempotency key).
-    struct FailsAfterWriting(BatchedWrites);
+    /// What a [`Faulty`] writer breaks.
+    enum Fault {
+        /// User 3's claim fails after it took its share (the database failing mid-write):
+        /// that claim runs without a savepoint (no idempotency key).
+        AfterUser3TookAShare,
+        /// The real `COMMIT` is refused: every transaction also writes a share of a spray
+        /// that does not exist, under a foreign-key check deferred to `COMMIT`, so nothing
+        /// of the transaction is written.
+        Commit,
+    }
+
+    /// The store's batch writer with one fault injected.
+    struct Faulty(BatchedWrites, Fault);
 
     #[async_trait]
-    impl BatchWriter for FailsAfterWriting {
+    impl BatchWriter for Faulty {
         type Db = Sqlite;
 
         async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-            self.0.begin().await
+            let mut tx = self.0.begin().await?;
+            if let Fault::Commit = self.1 {
+                self.0.execute(&mut tx, "PRAGMA defer_foreign_keys = ON").await?;
+                self.0
+                    .execute(
+                        &mut tx,
+                        "INSERT INTO shares (spray_id, slot, amount) VALUES (-1, 0, 1)",
+                    )
+                    .await?;
+            }
+            Ok(tx)
         }
 
         async fn run(
@@ -793,10 +813,12 @@ mod tests {
             op: &WriteOp,
         ) -> Result<WriteOutcome, StoreError> {
             let done = self.0.run(tx, op).await?;
-            match op {
-                WriteOp::ClaimShare { claim, .. } if claim.user.get() == 3 => Err(StoreError::Unavailable(
-                    "injected after the share was taken".into(),
-                )),
+            match (&self.1, op) {
+                (Fault::AfterUser3TookAShare, WriteOp::ClaimShare { claim, .. }) if claim.user.get() == 3 => {
+                    Err(StoreError::Unavailable(
+                        "injected after the share was taken".into(),
+                    ))
+                }
                 _ => Ok(done),
             }
         }
@@ -818,7 +840,7 @@ mod tests {
     async fn a_write_without_a_savepoint_that_fails_breaks_off_its_batch_and_nothing_is_kept() {
         let (_dir, store, claim) = store_with_a_spray().await;
         let answers = one_batch(
-            &FailsAfterWriting(writer_of(&store)),
+            &Faulty(writer_of(&store), Fault::AfterUser3TookAShare),
             vec![
                 claim_op(claim(2), None),
                 claim_op(claim(3), None),
@@ -836,48 +858,6 @@ mod tests {
         );
         assert_eq!(credits(&store).await, 0);
         assert!(crate::audit::run(&store).await.unwrap().is_clean());
-    }
-
-    /// A writer whose commits fail: every transaction it begins also writes a share of a
-    /// spray that does not exist, under a foreign-key check deferred to `COMMIT`, so the
-    /// real `COMMIT` is refused and nothing of the transaction is written.
-    struct CommitFails(BatchedWrites);
-
-    #[async_trait]
-    impl BatchWriter for CommitFails {
-        type Db = Sqlite;
-
-        async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-            let mut tx = self.0.begin().await?;
-            self.0.execute(&mut tx, "PRAGMA defer_foreign_keys = ON").await?;
-            self.0
-                .execute(
-                    &mut tx,
-                    "INSERT INTO shares (spray_id, slot, amount) VALUES (-1, 0, 1)",
-                )
-                .await?;
-            Ok(tx)
-        }
-
-        async fn run(
-            &self,
-            tx: &mut sqlx::Transaction<'static, Sqlite>,
-            op: &WriteOp,
-        ) -> Result<WriteOutcome, StoreError> {
-            self.0.run(tx, op).await
-        }
-
-        async fn execute(
-            &self,
-            tx: &mut sqlx::Transaction<'static, Sqlite>,
-            statement: &'static str,
-        ) -> Result<(), StoreError> {
-            self.0.execute(tx, statement).await
-        }
-
-        async fn landed(&self, written: Written) -> Result<bool, StoreError> {
-            self.0.landed(written).await
-        }
     }
 
     #[tokio::test]
@@ -898,7 +878,7 @@ mod tests {
         };
 
         let answers = one_batch(
-            &CommitFails(writer_of(&store)),
+            &Faulty(writer_of(&store), Fault::Commit),
             vec![
                 claim_op(claim(2), Some(pending.clone())),
                 claim_op(claim(3), None),
