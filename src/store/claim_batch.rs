@@ -41,12 +41,11 @@ use sqlx::MySql;
 
 use super::convert::{amount_from, time_from, user_from};
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, write_and_answer};
+use super::multi_row::{Fallback, fetch_text, hex, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
 use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in, landed_on};
 use super::queue::{BatchQueues, Reply};
-use super::slot_batch::{SlotRequest, fetch_text, give_and_commit};
-use super::spray_batch::hex;
+use super::slot_batch::{SlotRequest, give_and_commit};
 use super::{Claim, ClaimOutcome, Effect, PendingKey, StoreError};
 use crate::domain::{Amount, ReceiveFacts, ReceiveRefusal, rules};
 

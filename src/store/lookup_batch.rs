@@ -18,10 +18,9 @@ use std::collections::HashMap;
 use sqlx::MySqlPool;
 
 use super::convert::{SPRAY_COLUMNS, SprayWithReceipt, spray_with_receipts};
+use super::multi_row::{fetch_text, hex};
 use super::mysql::portable::find_in;
 use super::queue::{BatchQueues, Reply};
-use super::slot_batch::fetch_text;
-use super::spray_batch::hex;
 use super::{SprayLookup, StoreError};
 use crate::domain::SprayRecord;
 

@@ -504,7 +504,7 @@ macro_rules! portable_sql_functions {
             // nothing can be injected), not prepared: the statement's text changes with
             // the number of shares, and on MySQL prepared texts that vary churn sqlx's
             // statement cache, whose evictions stall the next statement for 40 ms (see
-            // `fetch_text` in `store/slot_batch.rs`).
+            // `fetch_text` in `store/multi_row.rs`).
             for chunk in share_rows(&spray.shares)?.chunks(SHARES_PER_INSERT) {
                 let rows: Vec<String> = chunk
                     .iter()

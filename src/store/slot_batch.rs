@@ -44,7 +44,7 @@ use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{amount_from, millis};
 use super::error::{Unique, unique_violation};
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, write_and_answer};
+use super::multi_row::{Fallback, fetch_text, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
 use super::queue::{BatchQueues, Reply};
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
@@ -333,27 +333,6 @@ async fn give_in(
         )));
     }
     Ok(true)
-}
-
-/// Runs `sql` by the text protocol and reads its rows as `T`.
-///
-/// The statements of a batch are written with their values (integers only: ids, slots,
-/// times, formatted from `i64`, so nothing can be injected) in the text, and sent
-/// unprepared. Their text changes with the batch, and prepared they would churn sqlx's
-/// per-connection statement cache: each eviction sends `COM_STMT_CLOSE`, which the server
-/// does not answer, right before the next statement, and with Nagle's algorithm on (sqlx
-/// does not set `TCP_NODELAY`) that next statement waited for the delayed ACK of the
-/// close, 40 ms. Measured: every statement of a batch took 45 ms once the cache was full,
-/// and winners fell from 1,545/s to 617/s over a 50,000-share spray.
-pub(super) async fn fetch_text<'e, T, E>(executor: E, sql: String) -> Result<Vec<T>, StoreError>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::mysql::MySqlRow>,
-    E: sqlx::Executor<'e, Database = MySql>,
-{
-    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .fetch_all(executor)
-        .await?;
-    Ok(rows.iter().map(T::from_row).collect::<Result<Vec<T>, _>>()?)
 }
 
 /// `(spray_id = 1 AND slot IN (3, 4)) OR …`, one group per spray: ranges of the primary

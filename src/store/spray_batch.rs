@@ -35,10 +35,9 @@ use super::commit::{Written, commit_and_confirm};
 use super::convert::{millis, share_rows, stored};
 use super::error::unique_violation;
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, write_and_answer};
+use super::multi_row::{Fallback, fetch_text, hex, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
 use super::queue::{BatchQueues, Reply};
-use super::slot_batch::fetch_text;
 use super::{Effect, NewSpray, PendingKey, StoreError};
 
 /// The most sprays one batch holds: its statements stay a few tens of kilobytes.
@@ -251,7 +250,7 @@ async fn insert_shares_and_debits_in(
     sprays: &[&NewSpray],
     ids: &[i64],
 ) -> Result<(), StoreError> {
-    // Integers only, formatted from `i64` (see `fetch_text` in `store/slot_batch.rs`).
+    // Integers only, formatted from `i64` (see `fetch_text` in `store/multi_row.rs`).
     let mut shares = Vec::new();
     let mut debits = Vec::with_capacity(sprays.len());
     for (spray, id) in sprays.iter().zip(ids) {
@@ -284,19 +283,6 @@ async fn insert_shares_and_debits_in(
     Ok(())
 }
 
-/// `text` as an ASCII string written in hexadecimal, `_ascii X'…'`: a room id or a token
-/// goes into a batch's text this way, so no character of it (a quote, a backslash) can be
-/// read as SQL. (Room ids and tokens are printable ASCII, checked when parsed.)
-pub(super) fn hex(text: &str) -> String {
-    let mut literal = String::with_capacity(10 + 2 * text.len());
-    literal.push_str("_ascii X'");
-    for byte in text.bytes() {
-        let _ = write!(literal, "{byte:02x}");
-    }
-    literal.push('\'');
-    literal
-}
-
 #[cfg(test)]
 mod tests {
     use crate::store::queue::as_one_batch;
@@ -307,12 +293,6 @@ mod tests {
     use crate::store::mysql::OneByOne;
     use crate::store::slot_batch::tests::Fixture;
     use crate::store::{Begin, IdempotentRequest, Kept, SprayLookup, Store};
-
-    #[test]
-    fn a_hex_literal_carries_every_byte_and_nothing_else() {
-        assert_eq!(hex("R'1\\"), "_ascii X'5227315c'");
-        assert_eq!(hex("AbC"), "_ascii X'416243'");
-    }
 
     /// A spray of `shares` uneven shares (1, 2, …) in `room` under `token` by `owner`, made
     /// when the fixture's spray was.
