@@ -87,7 +87,7 @@ impl ClaimBatches {
 }
 
 /// Writes one batch and answers every claim in it.
-pub(super) async fn write_batch(writer: &OneByOne, batch: Vec<(ClaimRequest, Reply<ClaimOutcome>)>) {
+async fn write_batch(writer: &OneByOne, batch: Vec<(ClaimRequest, Reply<ClaimOutcome>)>) {
     let (requests, replies): (Vec<ClaimRequest>, Vec<Reply<ClaimOutcome>>) = batch.into_iter().unzip();
     write_and_answer(
         replies,

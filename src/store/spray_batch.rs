@@ -96,7 +96,7 @@ impl SprayBatches {
 }
 
 /// Writes one batch and answers every spray in it.
-pub(super) async fn write_batch<W: SprayWriter>(writer: &W, batch: Vec<(SprayRequest, Reply<i64>)>) {
+async fn write_batch<W: SprayWriter>(writer: &W, batch: Vec<(SprayRequest, Reply<i64>)>) {
     let (requests, replies): (Vec<SprayRequest>, Vec<Reply<i64>>) = batch.into_iter().unzip();
     write_and_answer(
         replies,
