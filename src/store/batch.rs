@@ -10,6 +10,10 @@
 //! batches grow by themselves (WeChat's red packets queue the claims of one packet in front
 //! of the database for the same reason).
 //!
+//! A batch is handed whole to a blocking thread, which runs it on the backend's connection
+//! (`BatchWriter`, SQLite's in `store/sqlite_writes.rs`) and hands the outcomes back: one
+//! crossing of threads per batch, not two per statement.
+//!
 //! What a batch keeps and answers:
 //!
 //! - Each write runs in a savepoint (but see `WriteOp::needs_savepoint`: a claim or a new
@@ -26,9 +30,11 @@
 //!   database rolled the whole transaction back, as MySQL does on a deadlock; or a write
 //!   without a savepoint fails), every write of the batch is answered 503 and none is kept.
 
-use async_trait::async_trait;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
-use super::commit::{TakenShare, Written, commit_and_confirm};
+use super::commit::{TakenShare, Written, confirm_commit};
 use super::queue::{BatchQueues, Reply};
 use super::{Claim, ClaimOutcome, NewSpray, PendingKey, SettleOutcome, SlotClaim, StoreError};
 use crate::domain::ReceiveRefusal;
@@ -145,44 +151,51 @@ impl WriteOutcome {
 }
 
 /// A backend's side of group commit: how it begins a write transaction, runs one write in
-/// it and reads a write back.
-#[async_trait]
-pub(super) trait BatchWriter: Send + Sync + 'static {
-    type Db: sqlx::Database;
-
+/// it, and ends it. Called on a blocking thread, a whole batch at a time (see
+/// `store/sqlite_writes.rs` for why).
+pub(super) trait BatchWriter: Send + 'static {
     /// Begins a write transaction.
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, Self::Db>, StoreError>;
+    fn begin(&mut self) -> Result<(), StoreError>;
 
-    /// Runs `op` in `tx` (inside a savepoint the batch has opened).
-    async fn run(
-        &self,
-        tx: &mut sqlx::Transaction<'static, Self::Db>,
-        op: &WriteOp,
-    ) -> Result<WriteOutcome, StoreError>;
+    /// Runs `op` in the transaction (inside a savepoint the batch has opened, if it needs
+    /// one).
+    fn run(&mut self, op: &WriteOp) -> Result<WriteOutcome, StoreError>;
 
-    /// Runs a statement without arguments in `tx` (the savepoints).
-    async fn execute(
-        &self,
-        tx: &mut sqlx::Transaction<'static, Self::Db>,
-        statement: &'static str,
-    ) -> Result<(), StoreError>;
+    /// Runs a statement without arguments in the transaction (the savepoints).
+    fn execute(&mut self, statement: &str) -> Result<(), StoreError>;
 
-    /// Whether `written` is in the database, read on a connection of its own.
-    async fn landed(&self, written: Written) -> Result<bool, StoreError>;
+    /// Commits the transaction; when that fails, the transaction is over all the same.
+    fn commit(&mut self) -> Result<(), StoreError>;
+
+    /// Rolls the transaction back, if one is open.
+    fn rollback(&mut self);
 }
+
+/// Whether `written` is in the database, read on a connection other than the writer's.
+pub(super) type Landed =
+    Arc<dyn Fn(Written) -> Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send>> + Send + Sync>;
 
 /// The queue in front of a backend's writer: [`GroupCommit::write`] queues one write and
 /// waits for the batch that holds it to be committed.
 pub(super) struct GroupCommit(BatchQueues<WriteOp, WriteOutcome>);
 
 impl GroupCommit {
-    /// Starts the task that writes the batches of `writer`, one at a time. It ends when
-    /// the `GroupCommit` is dropped.
-    pub(super) fn start<W: BatchWriter>(writer: W) -> GroupCommit {
-        let writer = std::sync::Arc::new(writer);
+    /// Starts the task that writes the batches of `writer`, one at a time, each while it
+    /// holds `turn` (the database's one write lock, shared with the backend's other
+    /// writes). `landed` reads a write back after a failed commit. The task ends when the
+    /// `GroupCommit` is dropped.
+    pub(super) fn start<W: BatchWriter>(
+        writer: W,
+        turn: Arc<tokio::sync::Mutex<()>>,
+        landed: Landed,
+    ) -> GroupCommit {
+        let writer = Arc::new(std::sync::Mutex::new(writer));
         GroupCommit(BatchQueues::start(1, MAX_BATCH, move |batch| {
-            let writer = writer.clone();
-            async move { write_batch(writer.as_ref(), batch).await }
+            let (writer, turn, landed) = (writer.clone(), turn.clone(), landed.clone());
+            async move {
+                let _turn = turn.lock().await;
+                write_batch(writer, batch, &landed).await;
+            }
         }))
     }
 
@@ -192,130 +205,137 @@ impl GroupCommit {
     }
 }
 
-/// A write that has run: its reply, its outcome and whether its savepoint was kept.
+/// A write that has run: its outcome and whether its savepoint was kept.
 struct Ran {
-    reply: Reply<WriteOutcome>,
     outcome: Result<WriteOutcome, StoreError>,
     kept: bool,
 }
 
-/// Writes one batch: see the module doc.
-pub(super) async fn write_batch<W: BatchWriter>(writer: &W, batch: Vec<(WriteOp, Reply<WriteOutcome>)>) {
-    let size = batch.len();
-    let mut tx = match writer.begin().await {
-        Ok(tx) => tx,
-        Err(e) => return fail_all(batch.into_iter().map(|(_, reply)| reply), &e),
-    };
-    let mut ran = Vec::with_capacity(size);
-    let mut written: Option<Written> = None;
-    let mut replies = batch.into_iter();
-    while let Some((op, reply)) = replies.next() {
-        if !op.needs_savepoint() {
-            // Refused without a write, or kept: any error breaks off the batch.
-            match writer.run(&mut tx, &op).await {
-                Ok(done) => {
-                    let kept = match done.keep(&op) {
-                        Keep::Yes(what) => {
-                            written = written.or(what);
-                            true
-                        }
-                        Keep::No => false,
-                    };
-                    ran.push(Ran {
-                        reply,
-                        outcome: Ok(done),
-                        kept,
-                    });
-                }
-                // The one refusal carried as an error: decided before anything was written.
-                Err(StoreError::TokenTaken) => ran.push(Ran {
-                    reply,
-                    outcome: Err(StoreError::TokenTaken),
-                    kept: false,
-                }),
-                Err(e) => return abort(tx, ran, reply, replies, &e).await,
-            }
-            continue;
-        }
-        if let Err(e) = writer.execute(&mut tx, "SAVEPOINT w").await {
-            return abort(tx, ran, reply, replies, &e).await;
-        }
-        let outcome = writer.run(&mut tx, &op).await;
-        let keep = match &outcome {
-            Ok(done) => done.keep(&op),
-            Err(_) => Keep::No,
-        };
-        let ended = match keep {
-            Keep::Yes(what) => {
-                written = written.or(what);
-                writer
-                    .execute(&mut tx, "RELEASE SAVEPOINT w")
-                    .await
-                    .map(|()| true)
-            }
-            Keep::No => match writer.execute(&mut tx, "ROLLBACK TO SAVEPOINT w").await {
-                Ok(()) => writer
-                    .execute(&mut tx, "RELEASE SAVEPOINT w")
-                    .await
-                    .map(|()| false),
-                Err(e) => Err(e),
-            },
-        };
-        match ended {
-            Ok(kept) => ran.push(Ran { reply, outcome, kept }),
-            Err(e) => return abort(tx, ran, reply, replies, &e).await,
-        }
-    }
-    let kept = ran.iter().filter(|r| r.kept).count();
-    crate::telemetry::metrics::record_batch(size);
-    let committed = if kept == 0 {
-        // Nothing to keep: every write was refused or failed, and was rolled back.
-        tx.rollback().await.map_err(StoreError::from)
-    } else {
-        match &written {
-            Some(what) => commit_and_confirm(tx, what, || writer.landed(what.clone())).await,
-            None => tx.commit().await.map_err(StoreError::from),
-        }
-    };
-    match committed {
-        Ok(()) => {
-            for r in ran {
-                let _ = r.reply.send(r.outcome);
-            }
-        }
-        Err(e) => {
-            for r in ran {
-                // A refusal stands as it was decided; only what was to be kept is lost.
-                let answer = if r.kept { Err(unavailable(&e)) } else { r.outcome };
-                let _ = r.reply.send(answer);
-            }
-        }
-    }
+/// How a batch ended on the writer's thread.
+enum Ended {
+    /// Committed, or rolled back with nothing to keep: each write's outcome stands.
+    Done(Vec<Ran>),
+    /// The transaction broke (before its commit): nothing of it is kept, every write is
+    /// answered 503.
+    Broke(StoreError),
+    /// The commit failed: whether it landed is read back by `written` (when the batch
+    /// wrote something that can be found again) before anyone is answered.
+    CommitFailed {
+        ran: Vec<Ran>,
+        failed: StoreError,
+        written: Option<Written>,
+    },
 }
 
-/// The transaction broke in the middle of a batch: nothing of it is kept, and every write,
-/// run or not, is answered 503.
-async fn abort<DB: sqlx::Database>(
-    tx: sqlx::Transaction<'static, DB>,
-    ran: Vec<Ran>,
-    current: Reply<WriteOutcome>,
-    rest: impl Iterator<Item = (WriteOp, Reply<WriteOutcome>)>,
-    cause: &StoreError,
+/// Writes one batch (see the module doc) and answers each of its writes.
+pub(super) async fn write_batch<W: BatchWriter>(
+    writer: Arc<std::sync::Mutex<W>>,
+    batch: Vec<(WriteOp, Reply<WriteOutcome>)>,
+    landed: &Landed,
 ) {
-    tracing::warn!(error = %cause, "a batch of writes broke off; answering all of it 503");
-    let _ = tx.rollback().await;
-    let replies = ran
-        .into_iter()
-        .map(|r| r.reply)
-        .chain(std::iter::once(current))
-        .chain(rest.map(|(_, reply)| reply));
-    fail_all(replies, cause);
+    let (ops, replies): (Vec<WriteOp>, Vec<Reply<WriteOutcome>>) = batch.into_iter().unzip();
+    crate::telemetry::metrics::record_batch(ops.len());
+    let ended = tokio::task::spawn_blocking(move || match writer.lock() {
+        Ok(mut writer) => run_batch(&mut *writer, &ops),
+        Err(_) => Ended::Broke(StoreError::Other("the batch writer panicked earlier".into())),
+    })
+    .await
+    .unwrap_or_else(|e| Ended::Broke(StoreError::Other(format!("the batch writer failed: {e}"))));
+    let answers: Vec<Result<WriteOutcome, StoreError>> = match ended {
+        Ended::Done(ran) => ran.into_iter().map(|r| r.outcome).collect(),
+        Ended::Broke(cause) => {
+            tracing::warn!(error = %cause, "a batch of writes broke off; answering all of it 503");
+            replies.iter().map(|_| Err(unavailable(&cause))).collect()
+        }
+        Ended::CommitFailed { ran, failed, written } => {
+            let committed = match written {
+                Some(what) => {
+                    tracing::warn!(error = %failed, written = ?what, "a commit failed; reading back whether it landed");
+                    confirm_commit(failed, &what, || landed(what.clone())).await
+                }
+                None => Err(failed),
+            };
+            match committed {
+                Ok(()) => ran.into_iter().map(|r| r.outcome).collect(),
+                // A refusal stands as it was decided; only what was to be kept is lost.
+                Err(e) => ran
+                    .into_iter()
+                    .map(|r| if r.kept { Err(unavailable(&e)) } else { r.outcome })
+                    .collect(),
+            }
+        }
+    };
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        let _ = reply.send(answer);
+    }
 }
 
-fn fail_all(replies: impl Iterator<Item = Reply<WriteOutcome>>, cause: &StoreError) {
-    for reply in replies {
-        let _ = reply.send(Err(unavailable(cause)));
+/// Runs `ops` as one transaction on the writer's thread: see the module doc.
+fn run_batch<W: BatchWriter>(writer: &mut W, ops: &[WriteOp]) -> Ended {
+    if let Err(e) = writer.begin() {
+        writer.rollback();
+        return Ended::Broke(e);
     }
+    let mut ran = Vec::with_capacity(ops.len());
+    let mut written: Option<Written> = None;
+    for op in ops {
+        match run_one(writer, op) {
+            Ok((outcome, keep)) => {
+                let kept = match keep {
+                    Keep::Yes(what) => {
+                        written = written.or(what);
+                        true
+                    }
+                    Keep::No => false,
+                };
+                ran.push(Ran { outcome, kept });
+            }
+            Err(e) => {
+                writer.rollback();
+                return Ended::Broke(e);
+            }
+        }
+    }
+    if !ran.iter().any(|r| r.kept) {
+        // Nothing to keep: every write was refused or failed, and was rolled back.
+        writer.rollback();
+        return Ended::Done(ran);
+    }
+    match writer.commit() {
+        Ok(()) => Ended::Done(ran),
+        Err(failed) => Ended::CommitFailed { ran, failed, written },
+    }
+}
+
+/// Runs one write of a batch: its outcome and whether it is kept, or the error that breaks
+/// off the whole batch.
+fn run_one<W: BatchWriter>(
+    writer: &mut W,
+    op: &WriteOp,
+) -> Result<(Result<WriteOutcome, StoreError>, Keep), StoreError> {
+    if !op.needs_savepoint() {
+        // Refused without a write, or kept: any error breaks off the batch.
+        return match writer.run(op) {
+            Ok(done) => {
+                let keep = done.keep(op);
+                Ok((Ok(done), keep))
+            }
+            // The one refusal carried as an error: decided before anything was written.
+            Err(StoreError::TokenTaken) => Ok((Err(StoreError::TokenTaken), Keep::No)),
+            Err(e) => Err(e),
+        };
+    }
+    writer.execute("SAVEPOINT w")?;
+    let outcome = writer.run(op);
+    let keep = match &outcome {
+        Ok(done) => done.keep(op),
+        Err(_) => Keep::No,
+    };
+    if matches!(keep, Keep::No) {
+        writer.execute("ROLLBACK TO SAVEPOINT w")?;
+    }
+    writer.execute("RELEASE SAVEPOINT w")?;
+    Ok((outcome, keep))
 }
 
 /// The 503 each write of a batch that was not written is answered with, one per caller:

@@ -159,7 +159,21 @@ where
         return Ok(());
     };
     tracing::warn!(error = %failed, written = ?what, "a commit failed; reading back whether it landed");
-    confirm(StoreError::from(failed), what, VERIFY_FOR, VERIFY_PAUSE, landed).await
+    confirm_commit(StoreError::from(failed), what, landed).await
+}
+
+/// After a commit of `what` that failed with `failed`: `Ok(())` if it landed after all, as
+/// [`commit_and_confirm`] finds out (for a commit run elsewhere, as SQLite's batches are).
+pub(super) async fn confirm_commit<F, Fut>(
+    failed: StoreError,
+    what: &Written,
+    landed: F,
+) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool, StoreError>>,
+{
+    confirm(failed, what, VERIFY_FOR, VERIFY_PAUSE, landed).await
 }
 
 /// The reading back, with its bounds as inputs so that tests can make them short.

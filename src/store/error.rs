@@ -38,6 +38,24 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The same mapping for the SQLite money writes, which run on rusqlite (see
+/// `store/sqlite_writes.rs`): busy or locked is "try again later", as through sqlx.
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        match &error {
+            rusqlite::Error::SqliteFailure(e, _)
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                StoreError::Unavailable(error.to_string())
+            }
+            _ => StoreError::Other(error.to_string()),
+        }
+    }
+}
+
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(error: sqlx::migrate::MigrateError) -> StoreError {
         match error {
@@ -98,6 +116,18 @@ pub(crate) fn unique_violation(error: &sqlx::Error) -> Option<Unique> {
         return None;
     }
     constraint_named_in(db.message())
+}
+
+/// [`unique_violation`] for an error of rusqlite.
+pub(crate) fn sqlite_unique_violation(error: &rusqlite::Error) -> Option<Unique> {
+    match error {
+        rusqlite::Error::SqliteFailure(e, Some(message))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            constraint_named_in(message)
+        }
+        _ => None,
+    }
 }
 
 fn constraint_named_in(message: &str) -> Option<Unique> {

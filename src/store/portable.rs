@@ -6,148 +6,34 @@
 //! generated once per backend by this macro (sqlx's types differ per database); each
 //! backend's `impl Store` begins a transaction its own way, runs one of these bodies in it
 //! and ends it with `store/commit.rs`. The backends differ only in dialect, given here:
-//! `lock` is the clause that locks the rows read (`" FOR UPDATE"` on MySQL; empty on
-//! SQLite, whose single writer serializes every write transaction anyway), `share_lock`
-//! the one that takes a shared lock, `insert_spray_row` writes a new spray's row (token
-//! release and id assignment differ) and `take_free_share` takes a free share for the
-//! SQL-only claim (the way to find one without a queue differs), starting where a hint says.
+//! `lock` is the clause that locks the rows read (`" FOR UPDATE"` on MySQL), `share_lock`
+//! the one that takes a shared lock (empty on SQLite, whose single writer serializes every
+//! write transaction anyway), `insert_spray_row` writes a new spray's row (token release
+//! and id assignment differ) and `take_free_share` takes a free share for the SQL-only
+//! claim (the way to find one without a queue differs), starting where a hint says.
+//!
+//! SQLite takes only the reads and the idempotency rows from here: its money writes run
+//! on a rusqlite connection of their own, many to a commit (`store/sqlite_writes.rs`).
+
+/// The ledger's entries and the settlement's mark, the same text for every backend and
+/// driver (the SQLite money writes run them on rusqlite: `store/sqlite_writes.rs`).
+pub(crate) const CREDIT_SQL: &str =
+    "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)";
+pub(crate) const DEBIT_SQL: &str =
+    "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)";
+pub(crate) const REFUND_SQL: &str =
+    "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'REFUND', ?, ?, ?)";
+/// Conditional: only one settlement of a spray can ever match `settled_at IS NULL`.
+pub(crate) const SETTLE_SQL: &str =
+    "UPDATE sprays SET settled_at = ?, refunded_amount = ? WHERE id = ? AND settled_at IS NULL";
 
 macro_rules! portable_sql_functions {
+    // The reads and idempotency rows every backend shares.
     (
         db = $db:ty,
-        lock = $lock:literal,
-        share_lock = $share_lock:literal,
-        insert_spray_row = $insert_spray_row:path,
-        take_free_share = $take_free_share:path $(,)?
+        share_lock = $share_lock:literal $(,)?
     ) => {
         use crate::store::StoreError;
-
-        /// A new spray in the caller's transaction: its row, its shares, the sprayer's
-        /// DEBIT and, with `idempotency`, the kept effect. Its id.
-        pub(crate) async fn spray_in(
-            tx: &mut sqlx::Transaction<'static, $db>,
-            spray: &crate::store::NewSpray,
-            idempotency: Option<&crate::store::PendingKey>,
-        ) -> Result<i64, StoreError> {
-            let spray_id = $insert_spray_row(tx, spray).await?;
-            insert_shares_and_debit_in(tx, spray_id, spray).await?;
-            let effect = crate::store::Effect::Sprayed(spray.created());
-            record_effect_in(tx, idempotency, &effect, spray.created_at).await?;
-            Ok(spray_id)
-        }
-
-        /// The SQL-only claim in the caller's transaction: rules 1 to 4, settlement,
-        /// rule 5 (the dialect's way to take a free share), the CREDIT and, with
-        /// `idempotency`, the kept effect. The share taken (its slot kept, to find it again
-        /// if the commit fails), or the rule that refused it.
-        ///
-        /// `free_from` says, for a spray id, the slot where the search for a free share may
-        /// start (a hint; 0 when nothing is known).
-        pub(crate) async fn claim_share_in(
-            tx: &mut sqlx::Transaction<'static, $db>,
-            claim: &crate::store::Claim,
-            idempotency: Option<&crate::store::PendingKey>,
-            free_from: &(dyn Fn(i64) -> i64 + Send + Sync),
-        ) -> Result<Result<crate::store::commit::TakenShare, crate::domain::ReceiveRefusal>, StoreError> {
-            use crate::domain::ReceiveRefusal;
-            let (spray_id, recipient_count) = match receive_rules_in(tx, claim).await? {
-                Ok(spray) => spray,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
-            // Rule 4 again: a settled spray is closed, even to a claim whose `now` is still
-            // inside the window (it started before the deadline and queued behind the
-            // settlement).
-            if !unsettled_in(tx, spray_id).await? {
-                return Ok(Err(ReceiveRefusal::Expired));
-            }
-            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-            let (slot, amount) =
-                match $take_free_share(tx, claim, spray_id, shares, free_from(spray_id)).await? {
-                    Ok(taken) => taken,
-                    Err(refusal) => return Ok(Err(refusal)),
-                };
-            credit_in(tx, spray_id, claim, amount).await?;
-            record_effect_in(
-                tx,
-                idempotency,
-                &crate::store::Effect::Received(amount),
-                claim.now,
-            )
-            .await?;
-            Ok(Ok(crate::store::commit::TakenShare {
-                spray_id,
-                slot,
-                amount,
-            }))
-        }
-
-        /// The gate's claim of one slot in the caller's transaction: settlement first (see
-        /// `unsettled_in`), then the point update and its CREDIT, then the kept effect.
-        pub(crate) async fn claim_given_slot_in(
-            tx: &mut sqlx::Transaction<'static, $db>,
-            claim: &crate::store::Claim,
-            spray_id: i64,
-            slot: i64,
-            idempotency: Option<&crate::store::PendingKey>,
-        ) -> Result<crate::store::SlotClaim, StoreError> {
-            use crate::store::SlotClaim;
-            if !unsettled_in(tx, spray_id).await? {
-                return Ok(SlotClaim::Closed);
-            }
-            match claim_slot_in(tx, claim, spray_id, slot).await? {
-                SlotClaim::Received(amount) => {
-                    record_effect_in(
-                        tx,
-                        idempotency,
-                        &crate::store::Effect::Received(amount),
-                        claim.now,
-                    )
-                    .await?;
-                    Ok(SlotClaim::Received(amount))
-                }
-                other => Ok(other),
-            }
-        }
-
-        /// Whether the spray is there and unsettled, read under `share_lock`. Every
-        /// transaction that gives a share away calls this before touching the shares: on
-        /// MySQL the shared lock lets claims run side by side but makes a settlement (which
-        /// locks the row exclusively) wait for them, and them wait for it; on SQLite the
-        /// single writer orders them. A spray that is gone (purged) counts as settled: it
-        /// was settled before it could be purged.
-        pub(crate) async fn unsettled_in(
-            tx: &mut sqlx::Transaction<'static, $db>,
-            spray_id: i64,
-        ) -> Result<bool, StoreError> {
-            let settled_at = sqlx::query_scalar::<_, Option<i64>>(concat!(
-                "SELECT settled_at FROM sprays WHERE id = ?",
-                $share_lock
-            ))
-            .bind(spray_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-            Ok(matches!(settled_at, Some(None)))
-        }
-
-        /// The CREDIT of a share `claim` took, in the caller's transaction.
-        async fn credit_in(
-            tx: &mut sqlx::Transaction<'static, $db>,
-            spray_id: i64,
-            claim: &crate::store::Claim,
-            amount: crate::domain::Amount,
-        ) -> Result<(), StoreError> {
-            use crate::store::convert::{millis, stored};
-            sqlx::query(
-                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'CREDIT', ?, ?, ?)",
-            )
-            .bind(spray_id)
-            .bind(claim.user.get())
-            .bind(stored(amount)?)
-            .bind(millis(claim.now))
-            .execute(&mut **tx)
-            .await?;
-            Ok(())
-        }
 
         /// The newest spray under `key` with its receipts in order of receipt, in one
         /// statement: the spray row joined to its received shares. One statement reads one
@@ -278,6 +164,215 @@ macro_rules! portable_sql_functions {
             crate::store::convert::claim_snapshot_from(spray, free_slots, receivers).map(Some)
         }
 
+        pub(crate) async fn share_of(
+            writer: &sqlx::Pool<$db>,
+            spray_id: i64,
+            user: crate::domain::UserId,
+        ) -> Result<Option<crate::domain::Amount>, StoreError> {
+            // Read through the writer: the answer must include every committed claim.
+            sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
+                .bind(spray_id)
+                .bind(user.get())
+                .fetch_optional(writer)
+                .await?
+                .map(crate::store::convert::amount_from)
+                .transpose()
+        }
+
+        /// Completes the idempotency row `slot` holds with `answer`, if it is still
+        /// pending under the slot's lease; how many rows that changed (0 or 1).
+        pub(crate) async fn complete_row<'e, E>(
+            executor: E,
+            slot: &crate::store::PendingKey,
+            answer: &crate::store::StoredAnswer,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<u64, StoreError>
+        where
+            E: sqlx::Executor<'e, Database = $db>,
+        {
+            let (status, content_type, location, body) = crate::store::idempotency::answer_columns(answer);
+            let done = sqlx::query(crate::store::idempotency::COMPLETE_SQL)
+                .bind(status)
+                .bind(content_type)
+                .bind(location)
+                .bind(body)
+                .bind(crate::store::convert::millis(now))
+                .bind(slot.user.get())
+                .bind(slot.endpoint.as_str())
+                .bind(slot.key.as_str())
+                .bind(slot.lease)
+                .execute(executor)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        /// Deletes the row `slot` holds if it is still pending under its lease.
+        pub(crate) async fn release_row(
+            writer: &sqlx::Pool<$db>,
+            slot: &crate::store::PendingKey,
+        ) -> Result<(), StoreError> {
+            sqlx::query(crate::store::idempotency::RELEASE_SQL)
+                .bind(slot.user.get())
+                .bind(slot.endpoint.as_str())
+                .bind(slot.key.as_str())
+                .bind(slot.lease)
+                .execute(writer)
+                .await?;
+            Ok(())
+        }
+
+        /// Up to `limit` ids of unsettled sprays whose window closed by `closed_by`.
+        pub(crate) async fn unsettled_sprays(
+            reader: &sqlx::Pool<$db>,
+            closed_by: chrono::DateTime<chrono::Utc>,
+            limit: u32,
+        ) -> Result<Vec<i64>, StoreError> {
+            Ok(sqlx::query_scalar::<_, i64>(
+                "SELECT id FROM sprays WHERE settled_at IS NULL AND receive_until <= ?
+                 ORDER BY receive_until, id LIMIT ?",
+            )
+            .bind(crate::store::convert::millis(closed_by))
+            .bind(limit)
+            .fetch_all(reader)
+            .await?)
+        }
+    };
+    // Those, and the money writes in the caller's transaction (SQLite writes its money
+    // on a rusqlite connection instead: see `store/sqlite_writes.rs`).
+    (
+        db = $db:ty,
+        lock = $lock:literal,
+        share_lock = $share_lock:literal,
+        insert_spray_row = $insert_spray_row:path,
+        take_free_share = $take_free_share:path $(,)?
+    ) => {
+        crate::store::portable::portable_sql_functions!(db = $db, share_lock = $share_lock);
+
+        /// A new spray in the caller's transaction: its row, its shares, the sprayer's
+        /// DEBIT and, with `idempotency`, the kept effect. Its id.
+        pub(crate) async fn spray_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray: &crate::store::NewSpray,
+            idempotency: Option<&crate::store::PendingKey>,
+        ) -> Result<i64, StoreError> {
+            let spray_id = $insert_spray_row(tx, spray).await?;
+            insert_shares_and_debit_in(tx, spray_id, spray).await?;
+            let effect = crate::store::Effect::Sprayed(spray.created());
+            record_effect_in(tx, idempotency, &effect, spray.created_at).await?;
+            Ok(spray_id)
+        }
+
+        /// The SQL-only claim in the caller's transaction: rules 1 to 4, settlement,
+        /// rule 5 (the dialect's way to take a free share), the CREDIT and, with
+        /// `idempotency`, the kept effect. The share taken (its slot kept, to find it again
+        /// if the commit fails), or the rule that refused it.
+        ///
+        /// `free_from` says, for a spray id, the slot where the search for a free share may
+        /// start (a hint; 0 when nothing is known).
+        pub(crate) async fn claim_share_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            claim: &crate::store::Claim,
+            idempotency: Option<&crate::store::PendingKey>,
+            free_from: &(dyn Fn(i64) -> i64 + Send + Sync),
+        ) -> Result<Result<crate::store::commit::TakenShare, crate::domain::ReceiveRefusal>, StoreError> {
+            use crate::domain::ReceiveRefusal;
+            let (spray_id, recipient_count) = match receive_rules_in(tx, claim).await? {
+                Ok(spray) => spray,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            // Rule 4 again: a settled spray is closed, even to a claim whose `now` is still
+            // inside the window (it started before the deadline and queued behind the
+            // settlement).
+            if !unsettled_in(tx, spray_id).await? {
+                return Ok(Err(ReceiveRefusal::Expired));
+            }
+            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
+            let (slot, amount) =
+                match $take_free_share(tx, claim, spray_id, shares, free_from(spray_id)).await? {
+                    Ok(taken) => taken,
+                    Err(refusal) => return Ok(Err(refusal)),
+                };
+            credit_in(tx, spray_id, claim, amount).await?;
+            record_effect_in(
+                tx,
+                idempotency,
+                &crate::store::Effect::Received(amount),
+                claim.now,
+            )
+            .await?;
+            Ok(Ok(crate::store::commit::TakenShare {
+                spray_id,
+                slot,
+                amount,
+            }))
+        }
+
+        /// The gate's claim of one slot in the caller's transaction: settlement first (see
+        /// `unsettled_in`), then the point update and its CREDIT, then the kept effect.
+        pub(crate) async fn claim_given_slot_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            claim: &crate::store::Claim,
+            spray_id: i64,
+            slot: i64,
+            idempotency: Option<&crate::store::PendingKey>,
+        ) -> Result<crate::store::SlotClaim, StoreError> {
+            use crate::store::SlotClaim;
+            if !unsettled_in(tx, spray_id).await? {
+                return Ok(SlotClaim::Closed);
+            }
+            match claim_slot_in(tx, claim, spray_id, slot).await? {
+                SlotClaim::Received(amount) => {
+                    record_effect_in(
+                        tx,
+                        idempotency,
+                        &crate::store::Effect::Received(amount),
+                        claim.now,
+                    )
+                    .await?;
+                    Ok(SlotClaim::Received(amount))
+                }
+                other => Ok(other),
+            }
+        }
+
+        /// Whether the spray is there and unsettled, read under `share_lock`. Every
+        /// transaction that gives a share away calls this before touching the shares: on
+        /// MySQL the shared lock lets claims run side by side but makes a settlement (which
+        /// locks the row exclusively) wait for them, and them wait for it; on SQLite the
+        /// single writer orders them. A spray that is gone (purged) counts as settled: it
+        /// was settled before it could be purged.
+        pub(crate) async fn unsettled_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray_id: i64,
+        ) -> Result<bool, StoreError> {
+            let settled_at = sqlx::query_scalar::<_, Option<i64>>(concat!(
+                "SELECT settled_at FROM sprays WHERE id = ?",
+                $share_lock
+            ))
+            .bind(spray_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            Ok(matches!(settled_at, Some(None)))
+        }
+
+        /// The CREDIT of a share `claim` took, in the caller's transaction.
+        async fn credit_in(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            spray_id: i64,
+            claim: &crate::store::Claim,
+            amount: crate::domain::Amount,
+        ) -> Result<(), StoreError> {
+            use crate::store::convert::{millis, stored};
+            sqlx::query(crate::store::portable::CREDIT_SQL)
+                .bind(spray_id)
+                .bind(claim.user.get())
+                .bind(stored(amount)?)
+                .bind(millis(claim.now))
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        }
+
         /// The point update of one slot and its CREDIT, inside the caller's transaction
         /// (which has already checked that the spray is not settled).
         async fn claim_slot_in(
@@ -336,48 +431,6 @@ macro_rules! portable_sql_functions {
             Ok(SlotClaim::Received(amount))
         }
 
-        pub(crate) async fn share_of(
-            writer: &sqlx::Pool<$db>,
-            spray_id: i64,
-            user: crate::domain::UserId,
-        ) -> Result<Option<crate::domain::Amount>, StoreError> {
-            // Read through the writer: the answer must include every committed claim.
-            sqlx::query_scalar::<_, i64>("SELECT amount FROM shares WHERE spray_id = ? AND receiver_id = ?")
-                .bind(spray_id)
-                .bind(user.get())
-                .fetch_optional(writer)
-                .await?
-                .map(crate::store::convert::amount_from)
-                .transpose()
-        }
-
-        /// Completes the idempotency row `slot` holds with `answer`, if it is still
-        /// pending under the slot's lease; how many rows that changed (0 or 1).
-        pub(crate) async fn complete_row<'e, E>(
-            executor: E,
-            slot: &crate::store::PendingKey,
-            answer: &crate::store::StoredAnswer,
-            now: chrono::DateTime<chrono::Utc>,
-        ) -> Result<u64, StoreError>
-        where
-            E: sqlx::Executor<'e, Database = $db>,
-        {
-            let (status, content_type, location, body) = crate::store::idempotency::answer_columns(answer);
-            let done = sqlx::query(crate::store::idempotency::COMPLETE_SQL)
-                .bind(status)
-                .bind(content_type)
-                .bind(location)
-                .bind(body)
-                .bind(crate::store::convert::millis(now))
-                .bind(slot.user.get())
-                .bind(slot.endpoint.as_str())
-                .bind(slot.key.as_str())
-                .bind(slot.lease)
-                .execute(executor)
-                .await?;
-            Ok(done.rows_affected())
-        }
-
         /// Records `effect` on the pending idempotency row, if any, inside the effect's
         /// transaction: the money and what a retry is answered from commit together. A lost
         /// lease (the row was taken over) fails the whole transaction.
@@ -415,37 +468,6 @@ macro_rules! portable_sql_functions {
                 .execute(&mut **tx)
                 .await?;
             Ok(recorded.rows_affected() == 1)
-        }
-
-        /// Deletes the row `slot` holds if it is still pending under its lease.
-        pub(crate) async fn release_row(
-            writer: &sqlx::Pool<$db>,
-            slot: &crate::store::PendingKey,
-        ) -> Result<(), StoreError> {
-            sqlx::query(crate::store::idempotency::RELEASE_SQL)
-                .bind(slot.user.get())
-                .bind(slot.endpoint.as_str())
-                .bind(slot.key.as_str())
-                .bind(slot.lease)
-                .execute(writer)
-                .await?;
-            Ok(())
-        }
-
-        /// Up to `limit` ids of unsettled sprays whose window closed by `closed_by`.
-        pub(crate) async fn unsettled_sprays(
-            reader: &sqlx::Pool<$db>,
-            closed_by: chrono::DateTime<chrono::Utc>,
-            limit: u32,
-        ) -> Result<Vec<i64>, StoreError> {
-            Ok(sqlx::query_scalar::<_, i64>(
-                "SELECT id FROM sprays WHERE settled_at IS NULL AND receive_until <= ?
-                 ORDER BY receive_until, id LIMIT ?",
-            )
-            .bind(crate::store::convert::millis(closed_by))
-            .bind(limit)
-            .fetch_all(reader)
-            .await?)
         }
 
         /// Rules 1 to 4 of a receive, in the contract's order, inside the caller's claim
@@ -521,15 +543,13 @@ macro_rules! portable_sql_functions {
             // A prepared statement, not a second statement in the shares' text: measured
             // side by side, that saved nothing on MySQL and cost SQLite a tenth of its
             // sprays (the text is compiled every time, the prepared statement once).
-            sqlx::query(
-                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'DEBIT', ?, ?, ?)",
-            )
-            .bind(spray_id)
-            .bind(spray.owner.get())
-            .bind(stored(spray.total_amount)?)
-            .bind(millis(spray.created_at))
-            .execute(&mut **tx)
-            .await?;
+            sqlx::query(crate::store::portable::DEBIT_SQL)
+                .bind(spray_id)
+                .bind(spray.owner.get())
+                .bind(stored(spray.total_amount)?)
+                .bind(millis(spray.created_at))
+                .execute(&mut **tx)
+                .await?;
             Ok(())
         }
 
@@ -574,29 +594,25 @@ macro_rules! portable_sql_functions {
             .await?;
             let refund = sum_amounts(spray_id, free)?;
             // Conditional: only one settlement of a spray can ever match `settled_at IS NULL`.
-            let marked = sqlx::query(
-                "UPDATE sprays SET settled_at = ?, refunded_amount = ? WHERE id = ? AND settled_at IS NULL",
-            )
-            .bind(millis(now))
-            .bind(stored(refund)?)
-            .bind(spray_id)
-            .execute(&mut **tx)
-            .await?;
+            let marked = sqlx::query(crate::store::portable::SETTLE_SQL)
+                .bind(millis(now))
+                .bind(stored(refund)?)
+                .bind(spray_id)
+                .execute(&mut **tx)
+                .await?;
             if marked.rows_affected() != 1 {
                 return Ok(SettleOutcome::AlreadySettled);
             }
             if refund == Amount::ZERO {
                 return Ok(SettleOutcome::Completed);
             }
-            sqlx::query(
-                "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES (?, 'REFUND', ?, ?, ?)",
-            )
-            .bind(spray_id)
-            .bind(owner_id)
-            .bind(stored(refund)?)
-            .bind(millis(now))
-            .execute(&mut **tx)
-            .await?;
+            sqlx::query(crate::store::portable::REFUND_SQL)
+                .bind(spray_id)
+                .bind(owner_id)
+                .bind(stored(refund)?)
+                .bind(millis(now))
+                .execute(&mut **tx)
+                .await?;
             Ok(SettleOutcome::Refunded(refund))
         }
     };

@@ -1,15 +1,18 @@
 //! The embedded store: one SQLite file in WAL mode with durable commits.
 //!
 //! SQLite allows one writer at a time. Rather than let many connections race for the
-//! write lock and back off on `SQLITE_BUSY`, every write goes through a pool of exactly
-//! one connection, so writers queue fairly in the pool and each transaction runs
-//! without contention. Reads use a separate pool and never wait for writers (WAL).
+//! write lock and back off on `SQLITE_BUSY`, writes take turns (`SqliteStore::turn`), so
+//! writers queue fairly and each transaction runs without contention: the money writes, many
+//! to a commit on a rusqlite connection of their own (`store/sqlite_writes.rs`), and the
+//! rest (idempotency rows, purges, migrations) through a sqlx pool of exactly one
+//! connection. Reads use a separate pool and never wait for writers (WAL).
 //!
 //! A spray or a claim whose `COMMIT` fails is read back through the readers before anyone
 //! is answered (see `store/commit.rs`): SQLite may report an error from a commit that
 //! reached the disk (an I/O error while cleaning up after it, say).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,16 +21,16 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Sqlite, SqlitePool};
 
 use super::ClaimSnapshot;
-use super::batch::{BatchWriter, GroupCommit, WriteOp, WriteOutcome};
-use super::commit::{Written, finish};
-use super::convert::{amount_from, millis, stored};
-use super::error::{Unique, unique_violation};
+use super::batch::{GroupCommit, Landed, WriteOp};
+use super::commit::finish;
+use super::convert::millis;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
+use super::sqlite_writes::SqliteWrites;
 use super::{
     Begin, Claim, ClaimOutcome, IdempotentRequest, NewSpray, PendingKey, PoolUse, SettleOutcome, SlotClaim,
     SprayLookup, Store, StoreError, StoredAnswer,
 };
-use crate::domain::{Amount, ReceiveRefusal, RoomId, SprayRecord, Token, UserId};
+use crate::domain::{Amount, RoomId, SprayRecord, Token, UserId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -37,69 +40,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-    /// The money writes (sprays, claims, settlements), many to a commit: see
-    /// `store/batch.rs`. They go through the single writer like every other write.
+    /// The money writes (sprays, claims, settlements), many to a commit, on a connection of
+    /// their own: see `store/batch.rs` and `store/sqlite_writes.rs`.
     batches: GroupCommit,
-}
-
-/// The single writer as the group commit uses it.
-struct BatchedWrites {
-    writer: SqlitePool,
-    reader: SqlitePool,
-}
-
-#[async_trait]
-impl BatchWriter for BatchedWrites {
-    type Db = Sqlite;
-
-    /// IMMEDIATE takes the write lock up front, so the transaction never has to upgrade a
-    /// read lock (which SQLite may refuse with SQLITE_BUSY).
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
-    }
-
-    async fn run(
-        &self,
-        tx: &mut sqlx::Transaction<'static, Sqlite>,
-        op: &WriteOp,
-    ) -> Result<WriteOutcome, StoreError> {
-        // The single writer orders every write, settlements included, and each sees all
-        // the writes before it (in this batch or committed).
-        Ok(match op {
-            WriteOp::Spray { spray, idempotency } => {
-                WriteOutcome::Sprayed(portable::spray_in(tx, spray, idempotency.as_ref()).await?)
-            }
-            WriteOp::ClaimShare { claim, idempotency } => WriteOutcome::Claimed(
-                portable::claim_share_in(tx, claim, idempotency.as_ref(), &|_| 0).await?,
-            ),
-            WriteOp::ClaimSlot {
-                claim,
-                spray_id,
-                slot,
-                idempotency,
-            } => WriteOutcome::ClaimedSlot(
-                portable::claim_given_slot_in(tx, claim, *spray_id, *slot, idempotency.as_ref()).await?,
-            ),
-            WriteOp::Settle { spray_id, now } => {
-                WriteOutcome::Settled(portable::settle_in(tx, *spray_id, *now).await?)
-            }
-        })
-    }
-
-    async fn execute(
-        &self,
-        tx: &mut sqlx::Transaction<'static, Sqlite>,
-        statement: &'static str,
-    ) -> Result<(), StoreError> {
-        sqlx::raw_sql(statement).execute(&mut **tx).await?;
-        Ok(())
-    }
-
-    /// Read through a reader: a connection other than the writer whose commit failed,
-    /// which sees every committed transaction.
-    async fn landed(&self, written: Written) -> Result<bool, StoreError> {
-        portable::landed(&self.reader, &written).await
-    }
+    /// The turn to write: held by a batch of money writes, or by a write through `writer`
+    /// (idempotency rows, purges), so that the two connections never wait on each other's
+    /// file lock (SQLite's busy handler would sleep, and a busy writer could starve the
+    /// other). Tokio's mutex is fair: turns are taken in order of arrival.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A pool of at most `connections`, each handed out without a ping first (sqlx's
@@ -127,20 +75,20 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(|e| why_not_opened(options.get_filename(), e))?;
-        let reader = pool_options(4).connect_lazy_with(options.read_only(true));
-        Ok(SqliteStore::with_pools(writer, reader))
+        let reader = pool_options(4).connect_lazy_with(options.clone().read_only(true));
+        Ok(SqliteStore::with_pools(writer, reader, &options))
     }
 
-    /// The store over its two pools, with the group commit started on the writer.
-    fn with_pools(writer: SqlitePool, reader: SqlitePool) -> SqliteStore {
-        let batches = GroupCommit::start(BatchedWrites {
-            writer: writer.clone(),
-            reader: reader.clone(),
-        });
+    /// The store over its two pools, with the group commit started on a connection of its
+    /// own to the same file (opened by the first batch).
+    fn with_pools(writer: SqlitePool, reader: SqlitePool, options: &SqliteConnectOptions) -> SqliteStore {
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        let money = SqliteWrites::new(options.get_filename().to_path_buf(), BUSY_TIMEOUT);
         SqliteStore {
+            batches: GroupCommit::start(money, turn.clone(), landed_through(reader.clone())),
             writer,
             reader,
-            batches,
+            turn,
         }
     }
 
@@ -152,8 +100,8 @@ impl SqliteStore {
             .read_only(true)
             .busy_timeout(BUSY_TIMEOUT);
         let reader = pool_options(1).connect_with(options.clone()).await?;
-        let writer = pool_options(1).connect_lazy_with(options);
-        Ok(SqliteStore::with_pools(writer, reader))
+        let writer = pool_options(1).connect_lazy_with(options.clone());
+        Ok(SqliteStore::with_pools(writer, reader, &options))
     }
 
     /// The migrations this binary carries, to compare with those a store has applied.
@@ -166,6 +114,15 @@ impl SqliteStore {
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// Whether a write is in the database, read through a reader: a connection other than the
+/// writer whose commit failed, which sees every committed transaction.
+fn landed_through(reader: SqlitePool) -> Landed {
+    Arc::new(move |written| {
+        let reader = reader.clone();
+        Box::pin(async move { portable::landed(&reader, &written).await })
+    })
 }
 
 /// SQLite says only "unable to open database file" (code 14); the operator needs the
@@ -203,6 +160,7 @@ fn why_not_opened(path: &std::path::Path, error: sqlx::Error) -> StoreError {
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
+        let _turn = self.turn.lock().await;
         MIGRATOR.run(&self.writer).await?;
         Ok(())
     }
@@ -304,6 +262,7 @@ impl Store for SqliteStore {
     async fn purge_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
         // Shares go with their spray (ON DELETE CASCADE); the ledger has no foreign key and
         // stays. Only settled sprays: their money is fully accounted for in the ledger.
+        let _turn = self.turn.lock().await;
         let done = sqlx::query(
             "DELETE FROM sprays WHERE id IN
                  (SELECT id FROM sprays WHERE settled_at IS NOT NULL AND lookup_until <= ?
@@ -319,6 +278,7 @@ impl Store for SqliteStore {
     async fn begin_idempotent(&self, request: &IdempotentRequest) -> Result<Begin, StoreError> {
         // One transaction on the single writer: the read and the insert or take-over that
         // follows it cannot interleave with another request's.
+        let _turn = self.turn.lock().await;
         let mut tx = self.begin_write().await?;
         let begun = begin_in(&mut tx, request).await;
         finish(tx, begun, |b| matches!(b, Begin::Run(_))).await
@@ -330,14 +290,17 @@ impl Store for SqliteStore {
         answer: &StoredAnswer,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
+        let _turn = self.turn.lock().await;
         Ok(portable::complete_row(&self.writer, pending, answer, now).await? == 1)
     }
 
     async fn release_idempotent(&self, pending: &PendingKey) -> Result<(), StoreError> {
+        let _turn = self.turn.lock().await;
         portable::release_row(&self.writer, pending).await
     }
 
     async fn purge_idempotency(&self, touched_before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        let _turn = self.turn.lock().await;
         let done = sqlx::query(
             "DELETE FROM idempotency WHERE rowid IN
                  (SELECT rowid FROM idempotency WHERE touched_at < ? ORDER BY touched_at LIMIT ?)",
@@ -350,130 +313,9 @@ impl Store for SqliteStore {
     }
 }
 
-/// Rule 5 of the SQL-only claim, in the caller's transaction: the first free share, taken
-/// in one statement (the single writer means nobody else can take it meanwhile). Its slot
-/// and amount, or the rule that refuses. (No hint is needed: the free shares' index holds
-/// only free shares.)
-async fn take_free_share_in(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
-    claim: &Claim,
-    spray_id: i64,
-    shares: u32,
-    _free_from: i64,
-) -> Result<Result<(i64, Amount), ReceiveRefusal>, StoreError> {
-    let claimed = sqlx::query_as::<_, (i64, i64)>(
-        "UPDATE shares SET receiver_id = ?, received_at = ?
-             WHERE spray_id = ? AND receiver_id IS NULL
-               AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
-             RETURNING slot, amount",
-    )
-    .bind(claim.user.get())
-    .bind(millis(claim.now))
-    .bind(spray_id)
-    .bind(spray_id)
-    .fetch_optional(&mut **tx)
-    .await;
-    match claimed {
-        Ok(Some((slot, units))) => Ok(Ok((slot, amount_from(units)?))),
-        Ok(None) => Ok(Err(ReceiveRefusal::Exhausted { shares })),
-        Err(e) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => {
-            Ok(Err(ReceiveRefusal::AlreadyReceived))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// A new spray's row under a fresh id, in the caller's transaction. Its id.
-///
-/// The row is inserted first, and only if its token is taken are the sprays past their
-/// lookup window made to give it up (see the migration) before a second try: a spray
-/// nearly always draws a free token, so this saves a statement. (A constraint failure
-/// rolls back the failed statement only, not the transaction.)
-///
-/// A spray still inside its lookup window that holds the token refuses the new one before
-/// anything is written; otherwise only expired sprays hold it, and once they give it up
-/// the second insert cannot be refused (the single writer changes nothing in between). So
-/// a new spray is refused without a write, and needs no savepoint in a batch (see
-/// `WriteOp::needs_savepoint`).
-async fn insert_spray_row_in(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
-    spray: &NewSpray,
-) -> Result<i64, StoreError> {
-    match insert_spray_row_once(tx, spray).await {
-        Err(StoreError::TokenTaken) => {
-            let held_by_live = sqlx::query_scalar::<_, i64>(
-                "SELECT COUNT(*) FROM sprays
-                     WHERE token = ? AND token_live = 1 AND lookup_until > ? AND (room_id = ? OR owner_id = ?)",
-            )
-            .bind(spray.token.as_str())
-            .bind(millis(spray.created_at))
-            .bind(spray.room.as_str())
-            .bind(spray.owner.get())
-            .fetch_one(&mut **tx)
-            .await?;
-            if held_by_live > 0 {
-                return Err(StoreError::TokenTaken);
-            }
-            sqlx::query(
-                "UPDATE sprays SET token_live = NULL
-                     WHERE token = ? AND token_live = 1 AND lookup_until <= ? AND (room_id = ? OR owner_id = ?)",
-            )
-            .bind(spray.token.as_str())
-            .bind(millis(spray.created_at))
-            .bind(spray.room.as_str())
-            .bind(spray.owner.get())
-            .execute(&mut **tx)
-            .await?;
-            insert_spray_row_once(tx, spray).await
-        }
-        other => other,
-    }
-}
-
-async fn insert_spray_row_once(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
-    spray: &NewSpray,
-) -> Result<i64, StoreError> {
-    let now = millis(spray.created_at);
-    let recipient_count = i64::try_from(spray.shares.len()).map_err(|e| StoreError::Other(e.to_string()))?;
-    // The id is never one a purged spray had: the ledger keeps every spray id ever used
-    // (each spray's DEBIT), and a reused id would tie that old history to the new spray.
-    // SQLite itself would hand out MAX(id) + 1 of the rows left, and the table has no
-    // AUTOINCREMENT. The single writer makes reading the maximum and inserting atomic.
-    let inserted = sqlx::query_scalar::<_, i64>(
-        "INSERT INTO sprays (id, room_id, token, owner_id, mode, total_amount, recipient_count,
-                                 created_at, receive_until, lookup_until)
-             VALUES (max(COALESCE((SELECT MAX(id) FROM sprays), 0),
-                         COALESCE((SELECT MAX(spray_id) FROM ledger), 0)) + 1,
-                     ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(spray.room.as_str())
-    .bind(spray.token.as_str())
-    .bind(spray.owner.get())
-    .bind(spray.mode.as_str())
-    .bind(stored(spray.total_amount)?)
-    .bind(recipient_count)
-    .bind(now)
-    .bind(millis(spray.receive_until))
-    .bind(millis(spray.lookup_until))
-    .fetch_one(&mut **tx)
-    .await;
-    match inserted {
-        Ok(id) => Ok(id),
-        Err(e) if unique_violation(&e).is_some_and(Unique::is_token_taken) => Err(StoreError::TokenTaken),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// The SQL that is the same for every backend (see `store/portable.rs`).
 mod portable {
-    super::super::portable::portable_sql_functions!(
-        db = sqlx::Sqlite,
-        lock = "",
-        share_lock = "",
-        insert_spray_row = super::insert_spray_row_in,
-        take_free_share = super::take_free_share_in,
-    );
+    super::super::portable::portable_sql_functions!(db = sqlx::Sqlite, share_lock = "");
 }
 
 /// Begins an idempotent request inside the caller's transaction; see `Store::begin_idempotent`.
@@ -529,7 +371,9 @@ mod tests {
     use chrono::TimeDelta;
 
     use super::*;
-    use crate::domain::SplitMode;
+    use crate::domain::{ReceiveRefusal, SplitMode};
+    use crate::store::batch::{BatchWriter, WriteOutcome, write_batch};
+    use crate::store::commit::Written;
     use crate::store::{Effect, Kept};
 
     /// A migrated store on a fresh file, and the time the tests run at.
@@ -643,10 +487,13 @@ mod tests {
 
     /// Runs `ops` as one batch through `writer`, and their answers in order.
     async fn one_batch(
-        writer: &impl BatchWriter,
+        store: &SqliteStore,
+        writer: impl BatchWriter,
         ops: Vec<WriteOp>,
     ) -> Vec<Result<WriteOutcome, StoreError>> {
-        super::super::queue::as_one_batch(|batch| super::super::batch::write_batch(writer, batch), ops).await
+        let writer = Arc::new(std::sync::Mutex::new(writer));
+        let landed = landed_through(store.reader.clone());
+        super::super::queue::as_one_batch(|batch| write_batch(writer, batch, &landed), ops).await
     }
 
     async fn receivers(store: &SqliteStore) -> Vec<i64> {
@@ -665,11 +512,10 @@ mod tests {
             .unwrap()
     }
 
-    fn writer_of(store: &SqliteStore) -> BatchedWrites {
-        BatchedWrites {
-            writer: store.writer.clone(),
-            reader: store.reader.clone(),
-        }
+    /// A money writer of its own on the store's file.
+    fn writer_of(store: &SqliteStore) -> SqliteWrites {
+        let path = store.writer.connect_options().get_filename().to_path_buf();
+        SqliteWrites::new(path, BUSY_TIMEOUT)
     }
 
     /// A pending row that does not exist: its lease counts as lost, which fails the write
@@ -688,7 +534,8 @@ mod tests {
         let (_dir, store, claim) = store_with_a_spray().await;
         let now = claim(2).now;
         let answers = one_batch(
-            &writer_of(&store),
+            &store,
+            writer_of(&store),
             vec![
                 claim_op(claim(2), None),
                 // Refused by a rule: the sprayer.
@@ -765,10 +612,10 @@ mod tests {
             spray,
             idempotency: None,
         };
-        let answers = one_batch(&writer_of(&store), vec![spray_op(refused)]).await;
+        let answers = one_batch(&store, writer_of(&store), vec![spray_op(refused)]).await;
         assert!(matches!(answers[0], Err(StoreError::TokenTaken)), "{answers:?}");
         assert_eq!(token_holders().await, 2, "the expired spray kept its token");
-        let answers = one_batch(&writer_of(&store), vec![spray_op(written)]).await;
+        let answers = one_batch(&store, writer_of(&store), vec![spray_op(written)]).await;
         assert!(answers[0].is_ok(), "{answers:?}");
         assert_eq!(token_holders().await, 2, "the expired spray gave it up");
         assert_eq!(store.count("SELECT COUNT(*) FROM sprays").await.unwrap(), 3);
@@ -787,32 +634,21 @@ mod tests {
     }
 
     /// The store's batch writer with one fault injected.
-    struct Faulty(BatchedWrites, Fault);
+    struct Faulty(SqliteWrites, Fault);
 
-    #[async_trait]
     impl BatchWriter for Faulty {
-        type Db = Sqlite;
-
-        async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-            let mut tx = self.0.begin().await?;
+        fn begin(&mut self) -> Result<(), StoreError> {
+            self.0.begin()?;
             if let Fault::Commit = self.1 {
-                self.0.execute(&mut tx, "PRAGMA defer_foreign_keys = ON").await?;
+                self.0.execute("PRAGMA defer_foreign_keys = ON")?;
                 self.0
-                    .execute(
-                        &mut tx,
-                        "INSERT INTO shares (spray_id, slot, amount) VALUES (-1, 0, 1)",
-                    )
-                    .await?;
+                    .execute("INSERT INTO shares (spray_id, slot, amount) VALUES (-1, 0, 1)")?;
             }
-            Ok(tx)
+            Ok(())
         }
 
-        async fn run(
-            &self,
-            tx: &mut sqlx::Transaction<'static, Sqlite>,
-            op: &WriteOp,
-        ) -> Result<WriteOutcome, StoreError> {
-            let done = self.0.run(tx, op).await?;
+        fn run(&mut self, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+            let done = self.0.run(op)?;
             match (&self.1, op) {
                 (Fault::AfterUser3TookAShare, WriteOp::ClaimShare { claim, .. }) if claim.user.get() == 3 => {
                     Err(StoreError::Unavailable(
@@ -823,16 +659,16 @@ mod tests {
             }
         }
 
-        async fn execute(
-            &self,
-            tx: &mut sqlx::Transaction<'static, Sqlite>,
-            statement: &'static str,
-        ) -> Result<(), StoreError> {
-            self.0.execute(tx, statement).await
+        fn execute(&mut self, statement: &str) -> Result<(), StoreError> {
+            self.0.execute(statement)
         }
 
-        async fn landed(&self, written: Written) -> Result<bool, StoreError> {
-            self.0.landed(written).await
+        fn commit(&mut self) -> Result<(), StoreError> {
+            self.0.commit()
+        }
+
+        fn rollback(&mut self) {
+            self.0.rollback();
         }
     }
 
@@ -840,7 +676,8 @@ mod tests {
     async fn a_write_without_a_savepoint_that_fails_breaks_off_its_batch_and_nothing_is_kept() {
         let (_dir, store, claim) = store_with_a_spray().await;
         let answers = one_batch(
-            &Faulty(writer_of(&store), Fault::AfterUser3TookAShare),
+            &store,
+            Faulty(writer_of(&store), Fault::AfterUser3TookAShare),
             vec![
                 claim_op(claim(2), None),
                 claim_op(claim(3), None),
@@ -878,7 +715,8 @@ mod tests {
         };
 
         let answers = one_batch(
-            &Faulty(writer_of(&store), Fault::Commit),
+            &store,
+            Faulty(writer_of(&store), Fault::Commit),
             vec![
                 claim_op(claim(2), Some(pending.clone())),
                 claim_op(claim(3), None),
