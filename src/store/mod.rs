@@ -20,6 +20,7 @@ mod queue;
 mod slot_batch;
 mod spray_batch;
 pub mod sqlite;
+mod sqlite_reads;
 mod sqlite_writes;
 
 use std::sync::Arc;

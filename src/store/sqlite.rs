@@ -25,6 +25,7 @@ use super::batch::{GroupCommit, Landed, WriteOp};
 use super::commit::finish;
 use super::convert::millis;
 use super::idempotency::{INSERT_PENDING_SQL, IdempotencyRow, Judgement, SELECT_ROW_SQL, TAKE_OVER_SQL};
+use super::sqlite_reads::SqliteLookups;
 use super::sqlite_writes::SqliteWrites;
 use super::{
     Begin, Claim, ClaimOutcome, IdempotentRequest, NewSpray, PendingKey, PoolUse, SettleOutcome, SlotClaim,
@@ -48,6 +49,9 @@ pub struct SqliteStore {
     /// file lock (SQLite's busy handler would sleep, and a busy writer could starve the
     /// other). Tokio's mutex is fair: turns are taken in order of arrival.
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// The lookups of a spray, many to a batch on connections of their own: see
+    /// `store/sqlite_reads.rs`.
+    lookups: SqliteLookups,
 }
 
 /// A pool of at most `connections`, each handed out without a ping first (sqlx's
@@ -83,12 +87,14 @@ impl SqliteStore {
     /// own to the same file (opened by the first batch).
     fn with_pools(writer: SqlitePool, reader: SqlitePool, options: &SqliteConnectOptions) -> SqliteStore {
         let turn = Arc::new(tokio::sync::Mutex::new(()));
-        let money = SqliteWrites::new(options.get_filename().to_path_buf(), BUSY_TIMEOUT);
+        let path = options.get_filename().to_path_buf();
+        let money = SqliteWrites::new(path.clone(), BUSY_TIMEOUT);
         SqliteStore {
             batches: GroupCommit::start(money, turn.clone(), landed_through(reader.clone())),
             writer,
             reader,
             turn,
+            lookups: SqliteLookups::start(path, BUSY_TIMEOUT),
         }
     }
 
@@ -195,7 +201,7 @@ impl Store for SqliteStore {
     }
 
     async fn find_spray(&self, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
-        portable::find_in(&self.reader, key).await
+        self.lookups.find(key).await
     }
 
     async fn count(&self, sql: &'static str) -> Result<i64, StoreError> {

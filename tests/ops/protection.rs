@@ -149,7 +149,10 @@ async fn requests_past_the_store_concurrency_are_refused_at_once_and_change_noth
     let mut waiting = tokio::spawn(app.router.clone().oneshot(spray_request()));
     // A lookup reads without the write lock, so it is answered at once either way: 404
     // while the permit is free, 503 once the spray holds it. (Should a lookup take the
-    // permit just as the spray asks for it, the spray is the one refused: send it again.)
+    // permit just as the spray asks for it, the spray is the one refused: send it again,
+    // and let it run to the store before the next lookup. On this single-threaded runtime
+    // a spray sent just before a lookup first runs while the lookup waits for its answer,
+    // permit in hand.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let refused = loop {
         assert!(
@@ -160,6 +163,8 @@ async fn requests_past_the_store_concurrency_are_refused_at_once_and_change_noth
             let early = waiting.await.unwrap().unwrap();
             assert_eq!(early.status(), 503, "the spray ended while the store was locked");
             waiting = tokio::spawn(app.router.clone().oneshot(spray_request()));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
         }
         let answer = app.lookup(OWNER, "abc").await;
         if answer.status == 503 {
