@@ -235,9 +235,16 @@ pub(super) async fn write_batch<W: BatchWriter>(
 ) {
     let (ops, replies): (Vec<WriteOp>, Vec<Reply<WriteOutcome>>) = batch.into_iter().unzip();
     crate::telemetry::metrics::record_batch(ops.len());
-    let ended = tokio::task::spawn_blocking(move || match writer.lock() {
-        Ok(mut writer) => run_batch(&mut *writer, &ops),
-        Err(_) => Ended::Broke(StoreError::Other("the batch writer panicked earlier".into())),
+    let ended = tokio::task::spawn_blocking(move || {
+        let mut writer = writer.lock().unwrap_or_else(|poisoned| {
+            // A batch panicked (a bug) and was answered 503. The writer is still usable
+            // once the transaction it may have left open is rolled back.
+            writer.clear_poison();
+            let mut writer = poisoned.into_inner();
+            writer.rollback();
+            writer
+        });
+        run_batch(&mut *writer, &ops)
     })
     .await
     .unwrap_or_else(|e| Ended::Broke(StoreError::Other(format!("the batch writer failed: {e}"))));

@@ -637,6 +637,8 @@ mod tests {
         /// that does not exist, under a foreign-key check deferred to `COMMIT`, so nothing
         /// of the transaction is written.
         Commit,
+        /// User 3's claim panics after it took its share (a bug), its transaction open.
+        PanicAfterUser3TookAShare,
     }
 
     /// The store's batch writer with one fault injected.
@@ -660,6 +662,11 @@ mod tests {
                     Err(StoreError::Unavailable(
                         "injected after the share was taken".into(),
                     ))
+                }
+                (Fault::PanicAfterUser3TookAShare, WriteOp::ClaimShare { claim, .. })
+                    if claim.user.get() == 3 =>
+                {
+                    panic!("injected after the share was taken")
                 }
                 _ => Ok(done),
             }
@@ -700,6 +707,44 @@ mod tests {
             "nothing of the batch is kept"
         );
         assert_eq!(credits(&store).await, 0);
+        assert!(crate::audit::run(&store).await.unwrap().is_clean());
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_panics_answers_503_to_all_keeps_nothing_and_the_next_batch_is_written() {
+        let (_dir, store, claim) = store_with_a_spray().await;
+        let writer = Arc::new(std::sync::Mutex::new(Faulty(
+            writer_of(&store),
+            Fault::PanicAfterUser3TookAShare,
+        )));
+        let landed = landed_through(store.reader.clone());
+        let batch = |users: Vec<i64>| {
+            let ops = users
+                .into_iter()
+                .map(|user| claim_op(claim(user), None))
+                .collect();
+            super::super::queue::as_one_batch(|batch| write_batch(writer.clone(), batch, &landed), ops)
+        };
+        let answers = batch(vec![2, 3, 4]).await;
+        for answer in &answers {
+            assert!(matches!(answer, Err(StoreError::Unavailable(_))), "{answers:?}");
+        }
+        assert_eq!(
+            receivers(&store).await,
+            Vec::<i64>::new(),
+            "nothing of the batch is kept"
+        );
+
+        // The writer goes on: the transaction the panic left open was rolled back.
+        let answers = batch(vec![2, 4]).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Ok(WriteOutcome::Claimed(Ok(_))))),
+            "{answers:?}"
+        );
+        assert_eq!(receivers(&store).await, vec![2, 4]);
+        assert_eq!(credits(&store).await, 2);
         assert!(crate::audit::run(&store).await.unwrap().is_clean());
     }
 
