@@ -524,6 +524,23 @@ mod tests {
         SqliteWrites::new(path, BUSY_TIMEOUT)
     }
 
+    /// Every write of a batch answered 503, and nothing of it in the store.
+    async fn assert_503_to_all_and_nothing_kept(
+        store: &SqliteStore,
+        answers: &[Result<WriteOutcome, StoreError>],
+    ) {
+        for answer in answers {
+            assert!(matches!(answer, Err(StoreError::Unavailable(_))), "{answers:?}");
+        }
+        assert_eq!(
+            receivers(store).await,
+            Vec::<i64>::new(),
+            "nothing of the batch is kept"
+        );
+        assert_eq!(credits(store).await, 0);
+        assert!(crate::audit::run(store).await.unwrap().is_clean());
+    }
+
     /// A pending row that does not exist: its lease counts as lost, which fails the write
     /// it is part of.
     fn lost_lease(user: i64) -> PendingKey {
@@ -698,16 +715,7 @@ mod tests {
             ],
         )
         .await;
-        for answer in &answers {
-            assert!(matches!(answer, Err(StoreError::Unavailable(_))), "{answers:?}");
-        }
-        assert_eq!(
-            receivers(&store).await,
-            Vec::<i64>::new(),
-            "nothing of the batch is kept"
-        );
-        assert_eq!(credits(&store).await, 0);
-        assert!(crate::audit::run(&store).await.unwrap().is_clean());
+        assert_503_to_all_and_nothing_kept(&store, &answers).await;
     }
 
     #[tokio::test]
@@ -726,14 +734,7 @@ mod tests {
             super::super::queue::as_one_batch(|batch| write_batch(writer.clone(), batch, &landed), ops)
         };
         let answers = batch(vec![2, 3, 4]).await;
-        for answer in &answers {
-            assert!(matches!(answer, Err(StoreError::Unavailable(_))), "{answers:?}");
-        }
-        assert_eq!(
-            receivers(&store).await,
-            Vec::<i64>::new(),
-            "nothing of the batch is kept"
-        );
+        assert_503_to_all_and_nothing_kept(&store, &answers).await;
 
         // The writer goes on: the transaction the panic left open was rolled back.
         let answers = batch(vec![2, 4]).await;
