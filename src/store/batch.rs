@@ -256,10 +256,7 @@ pub(super) async fn write_batch<W: BatchWriter>(
         }
         Ended::CommitFailed { ran, failed, written } => {
             let committed = match written {
-                Some(what) => {
-                    tracing::warn!(error = %failed, written = ?what, "a commit failed; reading back whether it landed");
-                    confirm_commit(failed, &what, || landed(what.clone())).await
-                }
+                Some(what) => confirm_commit(failed, &what, || landed(what.clone())).await,
                 None => Err(failed),
             };
             match committed {

@@ -158,7 +158,6 @@ where
     let Err(failed) = tx.commit().await else {
         return Ok(());
     };
-    tracing::warn!(error = %failed, written = ?what, "a commit failed; reading back whether it landed");
     confirm_commit(StoreError::from(failed), what, landed).await
 }
 
@@ -173,6 +172,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool, StoreError>>,
 {
+    tracing::warn!(error = %failed, written = ?what, "a commit failed; reading back whether it landed");
     confirm(failed, what, VERIFY_FOR, VERIFY_PAUSE, landed).await
 }
 

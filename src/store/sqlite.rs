@@ -79,15 +79,15 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(|e| why_not_opened(options.get_filename(), e))?;
-        let reader = pool_options(4).connect_lazy_with(options.clone().read_only(true));
-        Ok(SqliteStore::with_pools(writer, reader, &options))
+        let reader = pool_options(4).connect_lazy_with(options.read_only(true));
+        Ok(SqliteStore::with_pools(writer, reader))
     }
 
     /// The store over its two pools, with the group commit started on a connection of its
     /// own to the same file (opened by the first batch).
-    fn with_pools(writer: SqlitePool, reader: SqlitePool, options: &SqliteConnectOptions) -> SqliteStore {
+    fn with_pools(writer: SqlitePool, reader: SqlitePool) -> SqliteStore {
         let turn = Arc::new(tokio::sync::Mutex::new(()));
-        let path = options.get_filename().to_path_buf();
+        let path = writer.connect_options().get_filename().to_path_buf();
         let money = SqliteWrites::new(path.clone(), BUSY_TIMEOUT);
         SqliteStore {
             batches: GroupCommit::start(money, turn.clone(), landed_through(reader.clone())),
@@ -106,8 +106,8 @@ impl SqliteStore {
             .read_only(true)
             .busy_timeout(BUSY_TIMEOUT);
         let reader = pool_options(1).connect_with(options.clone()).await?;
-        let writer = pool_options(1).connect_lazy_with(options.clone());
-        Ok(SqliteStore::with_pools(writer, reader, &options))
+        let writer = pool_options(1).connect_lazy_with(options);
+        Ok(SqliteStore::with_pools(writer, reader))
     }
 
     /// The migrations this binary carries, to compare with those a store has applied.

@@ -108,7 +108,7 @@ impl Readers {
 
 /// One lookup: see `portable::find_sql`.
 fn find(db: &Connection, key: &SprayLookup) -> Result<Option<SprayRecord>, StoreError> {
-    let mut statement = db.prepare_cached(&super::portable::find_sql(key))?;
+    let mut statement = db.prepare_cached(super::portable::find_sql(key))?;
     let token = match key {
         SprayLookup::Room(_, token) | SprayLookup::Owner(_, token) => token.as_str(),
     };
