@@ -8,12 +8,17 @@
 //!    slot back when SQL could not record it, or forgets it when SQL says it is taken.
 //! 5. Whenever Redis cannot answer, or its view proves stale, the claim takes the
 //!    SQL-only path, which decides on its own.
+//!
+//! Before all that, a spray this instance has seen taken for good answers its newcomers
+//! and its sprayer from memory (`exhausted.rs`): the crowd that arrives after the last
+//! share costs no Redis call.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::TimeDelta;
 
+use super::exhausted::ExhaustedSprays;
 use super::{ClaimPath, RedisStatus};
 use crate::domain::ReceiveRefusal;
 use crate::domain::rules::window_open;
@@ -26,11 +31,29 @@ pub struct GatedClaim {
     gate: RedisGate,
     /// How long a slot handed out may stay unrecorded before another claim takes it over.
     lease: TimeDelta,
+    /// The sprays seen taken for good, answered without Redis until their window closes.
+    exhausted: ExhaustedSprays,
 }
 
 impl GatedClaim {
     pub fn new(store: Arc<dyn Store>, gate: RedisGate, lease: TimeDelta) -> GatedClaim {
-        GatedClaim { store, gate, lease }
+        GatedClaim {
+            store,
+            gate,
+            lease,
+            exhausted: ExhaustedSprays::default(),
+        }
+    }
+
+    /// The gate said the spray is taken for good: read it from Redis once and remember
+    /// it. Best effort: if that fails, the next newcomer asks the gate again.
+    async fn remember_exhausted(&self, keys: &GateKeys, claim: &Claim, spray_id: i64) {
+        let Some(loading) = self.exhausted.start_loading(&claim.room, &claim.token, claim.now) else {
+            return;
+        };
+        if let Ok(spray) = self.gate.exhausted_spray(keys, spray_id).await {
+            loading.remember(spray, claim.now);
+        }
     }
 
     /// The SQL-only claim, when the gate cannot help.
@@ -89,6 +112,13 @@ impl ClaimPath for GatedClaim {
         claim: &Claim,
         idempotency: Option<&PendingKey>,
     ) -> Result<ClaimOutcome, StoreError> {
+        if let Some(refusal) = self
+            .exhausted
+            .refusal(&claim.room, &claim.token, claim.user, claim.now)
+        {
+            telemetry::record_gate_remembered();
+            return Ok(ClaimOutcome::Refused(refusal));
+        }
         let keys = self.gate.keys(&claim.room, &claim.token);
         // One rebuild per request at most: if the keys vanish again at once (Redis being
         // flushed over and over), SQL alone answers.
@@ -117,7 +147,14 @@ impl ClaimPath for GatedClaim {
                 }
                 GateVerdict::OwnSpray { .. } => return refused(ReceiveRefusal::OwnSpray),
                 GateVerdict::Expired { .. } => return refused(ReceiveRefusal::Expired),
-                GateVerdict::Exhausted { shares, .. } => {
+                GateVerdict::Exhausted {
+                    spray_id,
+                    shares,
+                    for_good,
+                } => {
+                    if for_good {
+                        self.remember_exhausted(&keys, claim, spray_id).await;
+                    }
                     return refused(ReceiveRefusal::Exhausted { shares });
                 }
                 GateVerdict::AlreadyHeld { spray_id, slot } => {

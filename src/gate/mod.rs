@@ -56,9 +56,12 @@ pub enum GateVerdict {
     Expired {
         spray_id: i64,
     },
+    /// No share is free. `for_good`: none is held either, so the answer to newcomers
+    /// cannot change before the window closes ([`RedisGate::exhausted_spray`]).
     Exhausted {
         spray_id: i64,
         shares: u32,
+        for_good: bool,
     },
     /// This request, and no other, now holds `slot`. `taken_over`: the slot was held by
     /// a claim older than the lease, which may yet record it; SQL decides.
@@ -99,6 +102,7 @@ pub struct RedisGate {
     release: Script,
     forget: Script,
     confirm: Script,
+    exhausted_spray: Script,
     started: Instant,
     /// Milliseconds since `started` before which Redis is not tried (the back-off).
     resume_at: AtomicU64,
@@ -163,6 +167,7 @@ impl RedisGate {
             release: Script::new(scripts::RELEASE),
             forget: Script::new(scripts::FORGET),
             confirm: Script::new(scripts::CONFIRM),
+            exhausted_spray: Script::new(scripts::EXHAUSTED_SPRAY),
             started: Instant::now(),
             resume_at: AtomicU64::new(0),
         })
@@ -314,6 +319,25 @@ impl RedisGate {
             .map(drop)
     }
 
+    /// The spray `spray_id` under `keys` when it is taken for good (no share free or
+    /// held): what an instance needs to answer its newcomers by itself until the window
+    /// closes. `None` when the keys hold another spray or a share is free or held.
+    pub async fn exhausted_spray(
+        &self,
+        keys: &GateKeys,
+        spray_id: i64,
+    ) -> Result<Option<ExhaustedSpray>, GateUnavailable> {
+        let answer = self
+            .run(&self.exhausted_spray, keys, vec![spray_id.to_string()])
+            .await?;
+        if answer == Value::Nil {
+            return Ok(None);
+        }
+        parse_exhausted_spray(&answer)
+            .map(Some)
+            .ok_or_else(|| GateUnavailable(format!("unexpected answer {answer:?}")))
+    }
+
     /// Whether Redis answers a PING now (for `/readyz`).
     pub async fn ping(&self) -> bool {
         self.check().await.is_ok()
@@ -342,6 +366,40 @@ impl RedisGate {
     }
 }
 
+/// A spray whose every share is recorded, as the gate lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExhaustedSpray {
+    pub owner: UserId,
+    pub receive_until: DateTime<Utc>,
+    pub shares: u32,
+    /// Everyone the gate lists as a receiver: a superset of SQL's receivers (a holder
+    /// whose slot was taken over keeps its entry).
+    pub receivers: Vec<UserId>,
+}
+
+fn parse_exhausted_spray(value: &Value) -> Option<ExhaustedSpray> {
+    let Value::Array(parts) = value else { return None };
+    let number = |value: &Value| -> Option<i64> {
+        match value {
+            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+            Value::Int(n) => Some(*n),
+            _ => None,
+        }
+    };
+    let [owner, until, shares, Value::Array(receivers)] = parts.as_slice() else {
+        return None;
+    };
+    Some(ExhaustedSpray {
+        owner: UserId::from_stored(number(owner)?)?,
+        receive_until: DateTime::from_timestamp_millis(number(until)?)?,
+        shares: u32::try_from(number(shares)?).ok()?,
+        receivers: receivers
+            .iter()
+            .map(|r| UserId::from_stored(number(r)?))
+            .collect::<Option<Vec<_>>>()?,
+    })
+}
+
 fn parse_verdict(value: &Value) -> Option<GateVerdict> {
     let Value::Array(parts) = value else { return None };
     let text = |i: usize| -> Option<String> {
@@ -365,6 +423,7 @@ fn parse_verdict(value: &Value) -> Option<GateVerdict> {
         "EXHAUSTED" => GateVerdict::Exhausted {
             spray_id: number(1)?,
             shares: u32::try_from(number(2)?).ok()?,
+            for_good: number(3)? == 1,
         },
         "SLOT" => GateVerdict::Slot {
             spray_id: number(1)?,

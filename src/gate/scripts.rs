@@ -15,7 +15,8 @@
 /// claim lease (ms).
 /// Answers, in the contract's rule order: `{"MISSING"}` (rebuild from SQL),
 /// `{"OWN", id}`, `{"ALREADY", id, slot}`, `{"EXPIRED", id}`,
-/// `{"EXHAUSTED", id, shares}`, `{"SLOT", id, slot, taken_over}`. Keys past their time by
+/// `{"EXHAUSTED", id, shares, for_good}`, `{"SLOT", id, slot, taken_over}`; `for_good` is
+/// 1 when no share is held either (every one is recorded: see [`EXHAUSTED_SPRAY`]). Keys past their time by
 /// the service's clock are dropped and answered as missing, whatever Redis's own TTL
 /// says: SQL then answers for a spray that is long closed, purged or replaced.
 ///
@@ -40,7 +41,11 @@ local taken_over = 0
 local slot = redis.call('LPOP', KEYS[2])
 if not slot then
   local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, 1)
-  if #stale == 0 then return {'EXHAUSTED', id, redis.call('HGET', KEYS[1], 'shares')} end
+  if #stale == 0 then
+    local for_good = 0
+    if redis.call('ZCARD', KEYS[4]) == 0 then for_good = 1 end
+    return {'EXHAUSTED', id, redis.call('HGET', KEYS[1], 'shares'), for_good}
+  end
   redis.call('ZREM', KEYS[4], stale[1])
   slot = string.match(stale[1], '^(%d+):')
   taken_over = 1
@@ -109,4 +114,15 @@ redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
+"#;
+
+/// A spray taken for good: no share free, none held, so every share is recorded in SQL
+/// and no script can free one again (see `claim/exhausted.rs`). ARGV: spray id.
+/// Answers nil unless the keys hold that spray in that state, else
+/// `{owner, receive_until (ms), shares, {receivers...}}`.
+pub(crate) const EXHAUSTED_SPRAY: &str = r#"
+if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return false end
+if redis.call('LLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[4]) > 0 then return false end
+local meta = redis.call('HMGET', KEYS[1], 'owner', 'until', 'shares')
+return {meta[1], meta[2], meta[3], redis.call('HKEYS', KEYS[3])}
 "#;

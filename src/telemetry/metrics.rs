@@ -42,7 +42,7 @@ pub const PROBLEM_CODES: &[&str] = &[
 ];
 
 /// The Redis gate's events (`spray_gate_events_total{event}`).
-pub const GATE_EVENTS: &[&str] = &["hit", "miss", "rebuild", "takeover", "fallback"];
+pub const GATE_EVENTS: &[&str] = &["hit", "miss", "rebuild", "takeover", "fallback", "remembered"];
 
 /// Every store call `store/guarded.rs` times (`spray_store_duration_seconds{operation}`);
 /// a unit test below reads that file so that the two cannot drift apart.
@@ -250,7 +250,7 @@ fn describe() {
     );
     describe_counter!(
         "spray_gate_events_total",
-        "Redis gate events: hit, miss, rebuild (key reloaded from SQL), takeover (a hold past the claim lease handed to another claim), fallback (SQL-only claim)."
+        "Redis gate events: hit, miss, rebuild (key reloaded from SQL), takeover (a hold past the claim lease handed to another claim), fallback (SQL-only claim), remembered (a claim on a spray taken for good, answered from the instance's memory without Redis)."
     );
     describe_gauge!(
         "spray_store_calls_admitted",
@@ -367,6 +367,11 @@ pub fn record_refund(amount: Amount) {
 /// The Redis gate answered a claim from its key.
 pub fn record_gate_hit() {
     counter!("spray_gate_events_total", "event" => "hit").increment(1);
+}
+
+/// A claim on a spray taken for good, answered from the instance's memory of it.
+pub fn record_gate_remembered() {
+    counter!("spray_gate_events_total", "event" => "remembered").increment(1);
 }
 
 /// The Redis gate had no key for the spray.

@@ -208,3 +208,57 @@ async fn a_slot_that_sql_could_not_record_is_given_back() {
         (vec!["0".to_owned(), "1".to_owned(), "2".to_owned()], None)
     );
 }
+
+/// Once every share is recorded (none free, none held), nothing can change the answer to
+/// a newcomer before the window closes: each instance remembers the spray and answers its
+/// losers and its owner without Redis. Proof here: the keys deleted from Redis stay
+/// deleted (a claim through the gate would rebuild them), while the answers stay right.
+#[tokio::test]
+async fn a_fully_received_spray_answers_newcomers_from_memory_until_its_window_closes() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 2).await;
+    app.receive(2, &token).await.assert_status(200);
+    app.receive(3, &token).await.assert_status(200);
+    let remembered = [("event", "remembered")];
+    let before = counter(&app, GATE_EVENTS, &remembered).await;
+    // This loser learns from the gate that the spray is taken for good.
+    app.receive(4, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    for key in keys.all() {
+        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
+    }
+    for user in 5..=9 {
+        app.receive(user, &token)
+            .await
+            .assert_problem(409, "SPRAY_EXHAUSTED");
+    }
+    app.receive(OWNER, &token).await.assert_problem(403, "OWN_SPRAY");
+    let exists: i64 = redis.query(redis::cmd("EXISTS").arg(&keys.meta)).await;
+    assert_eq!(exists, 0, "a newcomer's claim went to Redis");
+    assert!(
+        counter(&app, GATE_EVENTS, &remembered).await >= before + 6.0,
+        "answers from memory are counted"
+    );
+
+    // A receiver is never told "exhausted": their claim goes through the gate (rebuilt
+    // from SQL) and SQL confirms it.
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+
+    // When the window closes the remembered answer no longer holds.
+    for key in keys.all() {
+        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
+    }
+    app.advance(chrono::TimeDelta::minutes(10));
+    app.receive(10, &token)
+        .await
+        .assert_problem(410, "RECEIVE_EXPIRED");
+    let (paid, users) = app.recipients(&token).await;
+    assert_eq!((paid, users), (100, HashSet::from([2, 3])));
+    app.assert_audit_clean().await;
+}

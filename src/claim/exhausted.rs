@@ -1,0 +1,324 @@
+//! The sprays this instance has seen received to the last share, remembered until their
+//! receive window closes, so that a crowd of late members is answered without Redis.
+//!
+//! Why the answer cannot change: the gate calls a spray taken for good only when no slot
+//! is free and none is held (every share recorded in SQL). From there no script puts a
+//! slot back (only a hold can be given back or taken over), and a rebuild from SQL finds
+//! no unrecorded share; a share recorded in SQL is never unrecorded. So until the window
+//! closes, a member the gate does not list as a receiver gets `SPRAY_EXHAUSTED`, and the
+//! sprayer `OWN_SPRAY`, whatever happens next. A listed receiver is not answered from
+//! here: "already received" is SQL's to confirm. After the window the token's answer
+//! changes (`RECEIVE_EXPIRED`, and later another spray may take the token), so an entry
+//! is used only while `now < receive_until` by the service clock.
+//!
+//! Bounded: at most [`MAX_SPRAYS`] sprays and [`MAX_RECEIVERS`] receivers in all. When
+//! full, the sprays whose window has closed are dropped; if that frees too little, the new
+//! spray is not remembered and its claims keep asking the gate, as before.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{ReceiveRefusal, RoomId, Token, UserId};
+use crate::gate::ExhaustedSpray;
+
+/// The answer for `user` at `now` from what is remembered of `spray`, when it can give one.
+fn refusal(spray: &ExhaustedSpray, user: UserId, now: DateTime<Utc>) -> Option<ReceiveRefusal> {
+    if now >= spray.receive_until {
+        return None;
+    }
+    if user == spray.owner {
+        return Some(ReceiveRefusal::OwnSpray);
+    }
+    if spray.receivers.binary_search(&user).is_ok() {
+        return None;
+    }
+    Some(ReceiveRefusal::Exhausted { shares: spray.shares })
+}
+
+/// The most sprays remembered at once.
+pub(super) const MAX_SPRAYS: usize = 10_000;
+/// The most receivers remembered at once, over all sprays (8 bytes each).
+pub(super) const MAX_RECEIVERS: usize = 1_000_000;
+
+enum Entry {
+    /// One claim is reading the spray from Redis; the others keep asking the gate.
+    Loading,
+    Known(Arc<ExhaustedSpray>),
+}
+
+#[derive(Default)]
+pub(super) struct ExhaustedSprays {
+    entries: RwLock<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_spray: HashMap<(RoomId, Token), Entry>,
+    receivers: usize,
+}
+
+impl ExhaustedSprays {
+    /// The remembered answer to `user` claiming `token` in `room` at `now`, if any.
+    pub(super) fn refusal(
+        &self,
+        room: &RoomId,
+        token: &Token,
+        user: UserId,
+        now: DateTime<Utc>,
+    ) -> Option<ReceiveRefusal> {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match entries.by_spray.get(&(room.clone(), token.clone()))? {
+            Entry::Known(spray) => refusal(spray, user, now),
+            Entry::Loading => None,
+        }
+    }
+
+    /// A ticket to read the spray from Redis and [`Loading::remember`] it: for the first
+    /// caller only, until that ticket is used or dropped; none when memory is full of
+    /// sprays still open at `now`.
+    pub(super) fn start_loading(
+        &self,
+        room: &RoomId,
+        token: &Token,
+        now: DateTime<Utc>,
+    ) -> Option<Loading<'_>> {
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.by_spray.len() >= MAX_SPRAYS {
+            entries.drop_closed(now);
+            if entries.by_spray.len() >= MAX_SPRAYS {
+                return None;
+            }
+        }
+        let key = (room.clone(), token.clone());
+        if entries.by_spray.contains_key(&key) {
+            return None;
+        }
+        entries.by_spray.insert(key.clone(), Entry::Loading);
+        Some(Loading {
+            memory: self,
+            key: Some(key),
+        })
+    }
+
+    fn finish(&self, key: (RoomId, Token), spray: Option<ExhaustedSpray>, now: DateTime<Utc>) {
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.by_spray.remove(&key);
+        let Some(mut spray) = spray else { return };
+        if now >= spray.receive_until {
+            return;
+        }
+        entries.drop_closed(now);
+        let total = entries.receivers.saturating_add(spray.receivers.len());
+        if entries.by_spray.len() >= MAX_SPRAYS || total > MAX_RECEIVERS {
+            return;
+        }
+        spray.receivers.sort_unstable();
+        entries.receivers = total;
+        entries.by_spray.insert(key, Entry::Known(Arc::new(spray)));
+    }
+
+    /// How many sprays are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries
+            .by_spray
+            .values()
+            .filter(|e| matches!(e, Entry::Known(_)))
+            .count()
+    }
+}
+
+/// The right to load one spray (see [`ExhaustedSprays::start_loading`]). Dropped unused
+/// (the read failed, the task ended early), it lets the next claim try.
+pub(super) struct Loading<'a> {
+    memory: &'a ExhaustedSprays,
+    key: Option<(RoomId, Token)>,
+}
+
+impl Loading<'_> {
+    /// Remembers `spray` (what Redis said, `None` if it is not taken for good after all)
+    /// if it fits, after dropping the sprays whose window has closed by `now`.
+    pub(super) fn remember(mut self, spray: Option<ExhaustedSpray>, now: DateTime<Utc>) {
+        if let Some(key) = self.key.take() {
+            self.memory.finish(key, spray, now);
+        }
+    }
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut entries = self
+                .memory
+                .entries
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            entries.by_spray.remove(&key);
+        }
+    }
+}
+
+impl Entries {
+    fn drop_closed(&mut self, now: DateTime<Utc>) {
+        let mut freed = 0;
+        self.by_spray.retain(|_, entry| match entry {
+            Entry::Known(spray) if now >= spray.receive_until => {
+                freed += spray.receivers.len();
+                false
+            }
+            _ => true,
+        });
+        self.receivers = self.receivers.saturating_sub(freed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+
+    fn user(id: i64) -> UserId {
+        UserId::from_stored(id).unwrap()
+    }
+
+    fn room(name: &str) -> RoomId {
+        RoomId::parse(name).unwrap()
+    }
+
+    fn token(text: &str) -> Token {
+        Token::parse(text).unwrap()
+    }
+
+    fn start() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn spray(receivers: &[i64]) -> ExhaustedSpray {
+        ExhaustedSpray {
+            owner: user(1),
+            receive_until: start() + TimeDelta::minutes(10),
+            shares: u32::try_from(receivers.len()).unwrap(),
+            receivers: receivers.iter().rev().map(|&id| user(id)).collect(),
+        }
+    }
+
+    fn load(
+        memory: &ExhaustedSprays,
+        room_name: &str,
+        text: &str,
+        spray: Option<ExhaustedSpray>,
+        now: DateTime<Utc>,
+    ) {
+        let loading = memory.start_loading(&room(room_name), &token(text), now);
+        loading.expect("a ticket to load").remember(spray, now);
+    }
+
+    fn remembered(memory: &ExhaustedSprays, receivers: &[i64]) {
+        load(memory, "R", "abc", Some(spray(receivers)), start());
+    }
+
+    #[test]
+    fn answers_in_the_rule_order_and_leaves_receivers_to_sql() {
+        let memory = ExhaustedSprays::default();
+        remembered(&memory, &[2, 3, 4]);
+        let answer = |id, at| memory.refusal(&room("R"), &token("abc"), user(id), at);
+        assert_eq!(answer(1, start()), Some(ReceiveRefusal::OwnSpray));
+        assert_eq!(answer(9, start()), Some(ReceiveRefusal::Exhausted { shares: 3 }));
+        for receiver in [2, 3, 4] {
+            assert_eq!(answer(receiver, start()), None, "receiver {receiver}");
+        }
+        // Another room, another token: nothing known.
+        assert_eq!(memory.refusal(&room("S"), &token("abc"), user(9), start()), None);
+        assert_eq!(memory.refusal(&room("R"), &token("abd"), user(9), start()), None);
+        // From the end of the window on, the gate and SQL answer again.
+        let closes = start() + TimeDelta::minutes(10);
+        assert_eq!(
+            answer(9, closes - TimeDelta::milliseconds(1)),
+            Some(ReceiveRefusal::Exhausted { shares: 3 })
+        );
+        assert_eq!(answer(9, closes), None);
+        assert_eq!(answer(1, closes), None);
+    }
+
+    #[test]
+    fn one_caller_loads_a_spray_and_a_failed_load_can_be_tried_again() {
+        let memory = ExhaustedSprays::default();
+        let first = memory.start_loading(&room("R"), &token("abc"), start()).unwrap();
+        assert!(
+            memory.start_loading(&room("R"), &token("abc"), start()).is_none(),
+            "loaded twice at once"
+        );
+        assert_eq!(memory.refusal(&room("R"), &token("abc"), user(9), start()), None);
+        first.remember(None, start());
+        // A ticket dropped unused (its read failed) lets the next claim try.
+        drop(memory.start_loading(&room("R"), &token("abc"), start()).unwrap());
+        load(&memory, "R", "abc", Some(spray(&[2])), start());
+        assert_eq!(memory.len(), 1);
+    }
+
+    #[test]
+    fn a_spray_already_closed_is_not_remembered() {
+        let memory = ExhaustedSprays::default();
+        let closes = start() + TimeDelta::minutes(10);
+        load(&memory, "R", "abc", Some(spray(&[2])), closes);
+        assert_eq!(memory.len(), 0);
+    }
+
+    #[test]
+    fn memory_is_bounded_and_closed_sprays_make_room() {
+        let memory = ExhaustedSprays::default();
+        let receivers: Vec<i64> = (2..).take(MAX_RECEIVERS - 1).collect();
+        remembered(&memory, &receivers);
+        // Two more receivers do not fit beside those.
+        load(&memory, "R", "xyz", Some(spray(&[5, 6])), start());
+        assert_eq!(memory.len(), 1);
+        assert_eq!(memory.refusal(&room("R"), &token("xyz"), user(9), start()), None);
+        // Once the first spray's window has closed, it makes room.
+        let later = start() + TimeDelta::minutes(10);
+        let mut small = spray(&[5, 6]);
+        small.receive_until = later + TimeDelta::minutes(10);
+        load(&memory, "R", "xyz", Some(small), later);
+        assert_eq!(memory.len(), 1);
+        assert_eq!(
+            memory.refusal(&room("R"), &token("xyz"), user(9), later),
+            Some(ReceiveRefusal::Exhausted { shares: 2 })
+        );
+    }
+
+    #[test]
+    fn at_most_max_sprays_are_remembered() {
+        let memory = ExhaustedSprays::default();
+        for n in 0..MAX_SPRAYS {
+            load(&memory, &format!("R{n}"), "abc", Some(spray(&[2])), start());
+        }
+        assert_eq!(memory.len(), MAX_SPRAYS);
+        assert!(
+            memory
+                .start_loading(&room("R-more"), &token("abc"), start())
+                .is_none()
+        );
+        // Once their windows have closed, they make room.
+        let later = start() + TimeDelta::minutes(10);
+        assert!(
+            memory
+                .start_loading(&room("R-more"), &token("abc"), later)
+                .is_some()
+        );
+    }
+}
