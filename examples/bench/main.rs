@@ -417,6 +417,54 @@ async fn race(
     row
 }
 
+/// `kind` on the server at `base`, paced at half of `peak` (see [`Half`]); `None` for the
+/// mixed workload, which has its own.
+async fn half_peak(
+    mode: &Mode,
+    store: &'static str,
+    kind: Kind,
+    base: &str,
+    ids: &Arc<Ids>,
+    peak: f64,
+) -> Option<Half> {
+    let offered = peak / 2.0;
+    let base = base.to_owned();
+    let measured = match kind {
+        Kind::Healthz => measure(Arc::new(Healthz { base }), paced(offered, mode.half_duration)).await,
+        Kind::Create => {
+            let create = Create {
+                base,
+                ids: ids.clone(),
+            };
+            measure(Arc::new(create), paced(offered, mode.half_duration)).await
+        }
+        Kind::Lookup => {
+            let lookup = Lookup::prepare(&base, ids).await.expect("a spray to look up");
+            measure(Arc::new(lookup), paced(offered, mode.half_duration)).await
+        }
+        Kind::Hot | Kind::Winners => {
+            let (shares, users) = if kind == Kind::Hot {
+                (1_000, mode.half_hot_users)
+            } else {
+                (mode.half_winners_shares, mode.half_winners_shares)
+            };
+            let race = Race::prepare(&base, ids, shares, users).await.expect("a spray");
+            let limit = Duration::from_secs_f64(load::count_f64(users) / offered) + Duration::from_secs(5);
+            measure(Arc::new(race), paced(offered, limit.min(mode.half_cap))).await
+        }
+        Kind::Mixed => return None,
+    };
+    Some(Half {
+        store,
+        kind,
+        offered,
+        achieved: measured.per_second(),
+        p50: measured.ms(50.0),
+        p99: measured.ms(99.0),
+        errors: measured.errors,
+    })
+}
+
 async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
     let (server, base) = start(&store.url, &store.flags).await;
     let ids = Arc::new(Ids::new());
@@ -489,51 +537,10 @@ async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
         if peak <= 0.0 {
             continue;
         }
-        let offered = peak / 2.0;
-        let measured = match kind {
-            Kind::Healthz => {
-                measure(
-                    Arc::new(Healthz { base: base.clone() }),
-                    paced(offered, mode.half_duration),
-                )
-                .await
-            }
-            Kind::Create => {
-                measure(
-                    Arc::new(Create {
-                        base: base.clone(),
-                        ids: ids.clone(),
-                    }),
-                    paced(offered, mode.half_duration),
-                )
-                .await
-            }
-            Kind::Lookup => {
-                let lookup = Lookup::prepare(&base, &ids).await.expect("a spray to look up");
-                measure(Arc::new(lookup), paced(offered, mode.half_duration)).await
-            }
-            Kind::Hot | Kind::Winners => {
-                let (shares, users) = if kind == Kind::Hot {
-                    (1_000, mode.half_hot_users)
-                } else {
-                    (mode.half_winners_shares, mode.half_winners_shares)
-                };
-                let race = Race::prepare(&base, &ids, shares, users).await.expect("a spray");
-                let limit =
-                    Duration::from_secs_f64(load::count_f64(users) / offered) + Duration::from_secs(5);
-                measure(Arc::new(race), paced(offered, limit.min(mode.half_cap))).await
-            }
-            Kind::Mixed => continue,
+        let Some(half) = half_peak(mode, store.name, kind, &base, &ids, peak).await else {
+            continue;
         };
-        results.half.push(Half {
-            store: store.name,
-            kind,
-            offered,
-            achieved: measured.per_second(),
-            p50: measured.ms(50.0),
-            p99: measured.ms(99.0),
-            errors: measured.errors,
-        });
+        results.half.push(half);
     }
 
     eprintln!("  {} connection sweep", store.name);
@@ -768,9 +775,23 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             std::process::exit(2);
         }
     };
+    // Then paced at half of that peak, as the full run does.
+    let half = half_peak(mode, name, row.kind, &base, &ids, row.rate).await;
     drop(server);
     if let Some(db) = database {
         drop_database(&db).await;
+    }
+    if let Some(half) = half {
+        println!(
+            "{} on {} at half peak: offered {:.0}/s, answered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}",
+            half.kind.name(),
+            half.store,
+            half.offered,
+            half.achieved,
+            half.p50,
+            half.p99,
+            half.errors
+        );
     }
     println!(
         "{} on {}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, winners/s {:?}, losers/s {:?}, first/last window {:?}/{:?}; {}",

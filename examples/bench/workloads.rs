@@ -92,6 +92,10 @@ pub struct Healthz {
 }
 
 impl Workload for Healthz {
+    fn servers(&self) -> Vec<String> {
+        vec![self.base.clone()]
+    }
+
     fn request(self: Arc<Self>, client: reqwest::Client, _n: u64) -> Pending {
         Box::pin(async move {
             let answer = client.get(format!("{}/healthz", self.base)).send().await;
@@ -110,6 +114,10 @@ pub struct Create {
 }
 
 impl Workload for Create {
+    fn servers(&self) -> Vec<String> {
+        vec![self.base.clone()]
+    }
+
     fn request(self: Arc<Self>, client: reqwest::Client, _n: u64) -> Pending {
         Box::pin(async move {
             let owner = self.ids.next();
@@ -155,6 +163,10 @@ impl Lookup {
 }
 
 impl Workload for Lookup {
+    fn servers(&self) -> Vec<String> {
+        vec![self.base.clone()]
+    }
+
     fn request(self: Arc<Self>, client: reqwest::Client, _n: u64) -> Pending {
         Box::pin(async move {
             let answer = client
@@ -231,6 +243,10 @@ impl Race {
 }
 
 impl Workload for Race {
+    fn servers(&self) -> Vec<String> {
+        vec![self.base.clone()]
+    }
+
     fn request(self: Arc<Self>, client: reqwest::Client, n: u64) -> Pending {
         Box::pin(async move {
             if n >= self.users {
@@ -418,6 +434,10 @@ impl Mixed {
 }
 
 impl Workload for Mixed {
+    fn servers(&self) -> Vec<String> {
+        self.bases.clone()
+    }
+
     fn request(self: Arc<Self>, client: reqwest::Client, n: u64) -> Pending {
         Box::pin(async move {
             Some(match self.next_due() {
