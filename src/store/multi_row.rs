@@ -104,7 +104,100 @@ pub(super) fn hex(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tokio::sync::oneshot;
+
     use super::*;
+
+    /// Runs `write_and_answer` over three requests with `as_one` failing as `fails(try)`
+    /// says (`None`: the batch is written, each request answered with its index); each
+    /// request alone is answered 100 + its index. The answers, how many times the batch
+    /// was tried and which requests were written alone.
+    async fn run(
+        fails: impl Fn(u32) -> Option<Fallback>,
+    ) -> (Vec<Result<usize, StoreError>>, u32, Vec<usize>) {
+        let (mut replies, mut answers) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let (reply, answer) = oneshot::channel();
+            replies.push(reply);
+            answers.push(answer);
+        }
+        let tries = AtomicU32::new(0);
+        let alone = std::sync::Mutex::new(Vec::new());
+        write_and_answer(
+            replies,
+            || {
+                let attempt = tries.fetch_add(1, Ordering::Relaxed) + 1;
+                let outcome = match fails(attempt) {
+                    Some(fallback) => Err(fallback),
+                    None => Ok((0..3).map(Ok).collect()),
+                };
+                async move { outcome }
+            },
+            |request| {
+                alone.lock().unwrap().push(request);
+                async move { Ok(100 + request) }
+            },
+        )
+        .await;
+        let mut got = Vec::new();
+        for answer in answers {
+            got.push(answer.await.expect("every request is answered"));
+        }
+        let alone = alone.into_inner().unwrap();
+        (got, tries.load(Ordering::Relaxed), alone)
+    }
+
+    fn values(answers: &[Result<usize, StoreError>]) -> Vec<usize> {
+        answers.iter().map(|a| *a.as_ref().expect("an answer")).collect()
+    }
+
+    fn deadlock() -> Fallback {
+        Fallback::Failed(StoreError::Conflict(
+            "Deadlock found when trying to get lock".into(),
+        ))
+    }
+
+    // Paused time: the pauses between tries pass at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_loses_a_deadlock_is_tried_again_whole() {
+        let (answers, tries, alone) = run(|attempt| (attempt < 3).then(deadlock)).await;
+        assert_eq!((values(&answers), tries, alone), (vec![0, 1, 2], 3, vec![]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_keeps_losing_deadlocks_is_written_one_by_one_not_answered_503() {
+        let (answers, tries, alone) = run(|_| Some(deadlock())).await;
+        assert_eq!(tries, super::super::mysql::ATTEMPTS);
+        assert_eq!((values(&answers), alone), (vec![100, 101, 102], vec![0, 1, 2]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_request_that_would_fail_the_batch_sends_it_one_by_one_at_once() {
+        let (answers, tries, alone) = run(|_| Some(Fallback::OneByOne)).await;
+        assert_eq!(
+            (values(&answers), tries, alone),
+            (vec![100, 101, 102], 1, vec![0, 1, 2])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_could_not_be_written_answers_every_request_503_and_writes_none_alone() {
+        let (answers, tries, alone) = run(|_| {
+            Some(Fallback::Failed(StoreError::Unavailable(
+                "the database went away".into(),
+            )))
+        })
+        .await;
+        assert_eq!((tries, alone), (1, vec![]));
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Err(StoreError::Unavailable(_)))),
+            "{answers:?}"
+        );
+    }
 
     #[test]
     fn a_hex_literal_carries_every_byte_and_nothing_else() {
