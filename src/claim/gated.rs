@@ -86,13 +86,17 @@ impl GatedClaim {
             Ok(SlotClaim::Taken) => {
                 // The gate's view was stale (rebuilt from an older read, a claim went
                 // through SQL alone, or a late holder recorded a slot taken over): drop our
-                // hold and let SQL find a free share.
-                let _ = self.gate.forget(keys, claim.user, slot).await;
+                // hold, list the share's holder (whom the gate may not know: their later
+                // claims must be "already received", not "exhausted"), and let SQL find a
+                // free share.
+                let holder = self.store.slot_holder(spray_id, slot).await.ok().flatten();
+                let _ = self.gate.forget(keys, claim.user, slot, holder).await;
                 self.sql_claim(claim, idempotency).await
             }
             Ok(SlotClaim::AlreadyReceived) => {
-                // The user got a share through SQL alone; this slot is still free.
-                let _ = self.gate.release(keys, claim.user, slot).await;
+                // The user got a share through SQL alone; this slot is still free, and the
+                // user stays listed as a receiver.
+                let _ = self.gate.release_to_others(keys, claim.user, slot).await;
                 Ok(ClaimOutcome::Refused(ReceiveRefusal::AlreadyReceived))
             }
             Ok(SlotClaim::Closed) => Ok(ClaimOutcome::Refused(ReceiveRefusal::Expired)),

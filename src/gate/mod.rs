@@ -305,6 +305,23 @@ impl RedisGate {
             .map(drop)
     }
 
+    /// Gives a slot back after SQL said the user already holds another share: the user
+    /// stays listed as a receiver.
+    pub async fn release_to_others(
+        &self,
+        keys: &GateKeys,
+        user: UserId,
+        slot: i64,
+    ) -> Result<(), GateUnavailable> {
+        self.run(
+            &self.release,
+            keys,
+            vec![user.to_string(), slot.to_string(), "1".into()],
+        )
+        .await
+        .map(drop)
+    }
+
     /// Marks the user's hold of `slot` as recorded in SQL, so it is never taken over.
     pub async fn confirm(&self, keys: &GateKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
         self.run(&self.confirm, keys, vec![user.to_string(), slot.to_string()])
@@ -312,11 +329,18 @@ impl RedisGate {
             .map(drop)
     }
 
-    /// Forgets a slot that SQL says belongs to someone else.
-    pub async fn forget(&self, keys: &GateKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
-        self.run(&self.forget, keys, vec![user.to_string(), slot.to_string()])
-            .await
-            .map(drop)
+    /// Forgets a slot that SQL says is taken, and lists `holder` (its holder in SQL, when
+    /// known) as a receiver.
+    pub async fn forget(
+        &self,
+        keys: &GateKeys,
+        user: UserId,
+        slot: i64,
+        holder: Option<UserId>,
+    ) -> Result<(), GateUnavailable> {
+        let mut args = vec![user.to_string(), slot.to_string()];
+        args.extend(holder.map(|holder| holder.to_string()));
+        self.run(&self.forget, keys, args).await.map(drop)
     }
 
     /// The spray `spray_id` under `keys` when it is taken for good (no share free or

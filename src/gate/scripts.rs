@@ -95,12 +95,15 @@ pub(crate) const CONFIRM: &str = r#"
 return redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
 "#;
 
-/// Gives a slot back after SQL could not record it (a transient failure), if the user
-/// still holds it. A hold taken over meanwhile belongs to its new holder: the user's
-/// entry is dropped, but the slot is not put back. ARGV: user id, slot.
+/// Gives a slot back after SQL could not record it (a transient failure), or after SQL
+/// said the user already holds another share, if the user still holds it. A hold taken
+/// over meanwhile belongs to its new holder: the user's entry is dropped, but the slot is
+/// not put back. ARGV: user id, slot, and `1` when the user holds a share in SQL and so
+/// stays listed as a receiver (their retries are then "already received", confirmed by
+/// SQL, never "exhausted").
 pub(crate) const RELEASE: &str = r#"
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
+if ARGV[3] ~= '1' then redis.call('HDEL', KEYS[3], ARGV[1]) end
 if redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[2])
 local ttl = redis.call('PTTL', KEYS[1])
@@ -108,9 +111,15 @@ if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
 "#;
 
-/// Forgets that the user holds a slot that SQL says someone else has. ARGV: user, slot.
+/// Forgets that the user holds a slot that SQL says is taken, and lists the share's
+/// holder in SQL as a receiver if the gate did not know them (they received through SQL
+/// alone, while this instance could not reach Redis), so that their retries are answered
+/// "already received" rather than "exhausted". ARGV: user, slot, and the holder's id when
+/// SQL names one.
 pub(crate) const FORGET: &str = r#"
 redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
+if ARGV[3] then redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[2]) end
+if ARGV[3] == ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 return 1

@@ -128,6 +128,11 @@ impl Store for GuardedStore {
         time_store("share_of", self.inner.share_of(spray_id, user)).await
     }
 
+    async fn slot_holder(&self, spray_id: i64, slot: i64) -> Result<Option<UserId>, StoreError> {
+        let _admitted = self.admit()?;
+        time_store("slot_holder", self.inner.slot_holder(spray_id, slot)).await
+    }
+
     async fn unsettled_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<Vec<i64>, StoreError> {
         time_store("unsettled_sprays", self.inner.unsettled_sprays(closed_by, limit)).await
     }

@@ -172,6 +172,10 @@ pub trait Store: Send + Sync + 'static {
     /// The share `user` holds in the spray, if any (one indexed read).
     async fn share_of(&self, spray_id: i64, user: UserId) -> Result<Option<Amount>, StoreError>;
 
+    /// Who holds share `slot` of the spray, if anyone (one read by primary key): the gate
+    /// asks when it finds a slot it handed out already taken.
+    async fn slot_holder(&self, spray_id: i64, slot: i64) -> Result<Option<UserId>, StoreError>;
+
     // The life of a spray after its window: settlement, retention, idempotency.
 
     /// Up to `limit` ids of unsettled sprays whose receive window closed by `closed_by`,

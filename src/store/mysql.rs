@@ -551,6 +551,10 @@ impl Store for MySqlStore {
         portable::share_of(&self.pool, spray_id, user).await
     }
 
+    async fn slot_holder(&self, spray_id: i64, slot: i64) -> Result<Option<UserId>, StoreError> {
+        portable::slot_holder(&self.pool, spray_id, slot).await
+    }
+
     async fn unsettled_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<Vec<i64>, StoreError> {
         portable::unsettled_sprays(&self.pool, closed_by, limit).await
     }

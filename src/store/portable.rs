@@ -171,6 +171,23 @@ macro_rules! portable_sql_functions {
                 .transpose()
         }
 
+        pub(crate) async fn slot_holder(
+            writer: &sqlx::Pool<$db>,
+            spray_id: i64,
+            slot: i64,
+        ) -> Result<Option<crate::domain::UserId>, StoreError> {
+            // Read through the writer: the answer must include every committed claim.
+            let holder = sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT receiver_id FROM shares WHERE spray_id = ? AND slot = ?",
+            )
+            .bind(spray_id)
+            .bind(slot)
+            .fetch_optional(writer)
+            .await?
+            .flatten();
+            holder.map(crate::store::convert::user_from).transpose()
+        }
+
         /// Completes the idempotency row `slot` holds with `answer`, if it is still
         /// pending under the slot's lease; how many rows that changed (0 or 1).
         pub(crate) async fn complete_row<'e, E>(

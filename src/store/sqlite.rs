@@ -252,6 +252,10 @@ impl Store for SqliteStore {
         portable::share_of(&self.writer, spray_id, user).await
     }
 
+    async fn slot_holder(&self, spray_id: i64, slot: i64) -> Result<Option<UserId>, StoreError> {
+        portable::slot_holder(&self.writer, spray_id, slot).await
+    }
+
     async fn unsettled_sprays(&self, closed_by: DateTime<Utc>, limit: u32) -> Result<Vec<i64>, StoreError> {
         portable::unsettled_sprays(&self.reader, closed_by, limit).await
     }

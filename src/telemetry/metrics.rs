@@ -56,6 +56,7 @@ pub const STORE_OPERATIONS: &[&str] = &[
     "claim_snapshot",
     "claim_slot",
     "share_of",
+    "slot_holder",
     "unsettled_sprays",
     "settle_spray",
     "purge_sprays",

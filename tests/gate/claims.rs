@@ -123,6 +123,43 @@ async fn a_stale_gate_falls_back_to_the_sql_claim() {
     app.receive(5, &token)
         .await
         .assert_problem(409, "SPRAY_EXHAUSTED");
+    // The gate now lists user 2 as a receiver: their retry is still "already received"
+    // (the contract's order), never "exhausted".
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    let (paid, users) = app.recipients(&token).await;
+    assert_eq!((paid, users), (600, HashSet::from([2, 3, 4])));
+    app.assert_audit_clean().await;
+}
+
+/// A share received through SQL alone (Redis unreachable from that instance) is found by
+/// the gate when it hands that slot to someone else: its holder is then listed as a
+/// receiver, so once the spray is exhausted the holder's first claim through the gate is
+/// still answered "already received", in the contract's order.
+#[tokio::test]
+async fn a_share_received_through_sql_alone_is_listed_when_the_gate_finds_it() {
+    let app = TestApp::new().await;
+    let token = app.spray(600, 3).await;
+    let claim = spray::store::Claim {
+        room: spray::domain::RoomId::parse(crate::common::ROOM).unwrap(),
+        token: spray::domain::Token::parse(&token).unwrap(),
+        user: spray::domain::UserId::parse("2").unwrap(),
+        now: crate::common::start_time(),
+    };
+    let outcome = app.store.claim_share(&claim, None).await.unwrap();
+    assert!(matches!(outcome, spray::store::ClaimOutcome::Received(_)));
+    // Others take the two shares left; the gate hands out all three slots on the way.
+    app.receive(3, &token).await.assert_status(200);
+    app.receive(4, &token).await.assert_status(200);
+    for user in 5..=6 {
+        app.receive(user, &token)
+            .await
+            .assert_problem(409, "SPRAY_EXHAUSTED");
+    }
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
     let (paid, users) = app.recipients(&token).await;
     assert_eq!((paid, users), (600, HashSet::from([2, 3, 4])));
     app.assert_audit_clean().await;
