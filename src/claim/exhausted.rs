@@ -12,8 +12,10 @@
 //! is used only while `now < receive_until` by the service clock.
 //!
 //! Bounded: at most [`MAX_SPRAYS`] sprays and [`MAX_RECEIVERS`] receivers in all. When
-//! full, the sprays whose window has closed are dropped; if that frees too little, the new
-//! spray is not remembered and its claims keep asking the gate, as before.
+//! full, the sprays whose window has closed are dropped (at most once a [`PURGE_EVERY`]);
+//! if that frees too little, the new spray is not remembered and its claims keep asking
+//! the gate, as before. A spray read but too large to fit is marked, so that its crowd
+//! does not read it again and again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -41,11 +43,37 @@ fn refusal(spray: &ExhaustedSpray, user: UserId, now: DateTime<Utc>) -> Option<R
 pub(super) const MAX_SPRAYS: usize = 10_000;
 /// The most receivers remembered at once, over all sprays (8 bytes each).
 pub(super) const MAX_RECEIVERS: usize = 1_000_000;
+/// How often, by the service clock, a full memory looks for sprays whose window has
+/// closed (a look goes over every entry, under the write lock).
+pub(super) const PURGE_EVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
 enum Entry {
     /// One claim is reading the spray from Redis; the others keep asking the gate.
     Loading,
     Known(Arc<ExhaustedSpray>),
+    /// Read, but too large for what memory had left: its claims ask the gate, and it is
+    /// not read again before its window closes.
+    TooLarge {
+        receive_until: DateTime<Utc>,
+    },
+}
+
+impl Entry {
+    /// When the entry stops being of use (never for a load under way).
+    fn closes(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Entry::Loading => None,
+            Entry::Known(spray) => Some(spray.receive_until),
+            Entry::TooLarge { receive_until } => Some(*receive_until),
+        }
+    }
+
+    fn receivers(&self) -> usize {
+        match self {
+            Entry::Known(spray) => spray.receivers.len(),
+            Entry::Loading | Entry::TooLarge { .. } => 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -57,6 +85,8 @@ pub(super) struct ExhaustedSprays {
 struct Entries {
     by_spray: HashMap<(RoomId, Token), Entry>,
     receivers: usize,
+    /// No look for closed sprays before this time.
+    next_purge: Option<DateTime<Utc>>,
 }
 
 impl ExhaustedSprays {
@@ -74,31 +104,34 @@ impl ExhaustedSprays {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match entries.by_spray.get(&(room.clone(), token.clone()))? {
             Entry::Known(spray) => refusal(spray, user, now),
-            Entry::Loading => None,
+            Entry::Loading | Entry::TooLarge { .. } => None,
         }
     }
 
-    /// A ticket to read the spray from Redis and [`Loading::remember`] it: for the first
-    /// caller only, until that ticket is used or dropped; none when memory is full of
-    /// sprays still open at `now`.
+    /// A ticket to read the spray (of `shares` shares) from Redis and
+    /// [`Loading::remember`] it: for the first caller only, until that ticket is used or
+    /// dropped; none when the spray is known already, or cannot fit beside the sprays
+    /// still open at `now`.
     pub(super) fn start_loading(
         &self,
         room: &RoomId,
         token: &Token,
+        shares: u32,
         now: DateTime<Utc>,
     ) -> Option<Loading<'_>> {
         let mut entries = self
             .entries
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if entries.by_spray.len() >= MAX_SPRAYS {
-            entries.drop_closed(now);
-            if entries.by_spray.len() >= MAX_SPRAYS {
-                return None;
-            }
-        }
         let key = (room.clone(), token.clone());
-        if entries.by_spray.contains_key(&key) {
+        match entries.by_spray.get(&key).map(Entry::closes) {
+            None => {}
+            // An entry of an older spray under this token (its window closed): replaced.
+            Some(Some(closes)) if closes <= now => entries.remove(&key),
+            Some(_) => return None,
+        }
+        let shares = usize::try_from(shares).unwrap_or(usize::MAX);
+        if !entries.fits(shares, now) {
             return None;
         }
         entries.by_spray.insert(key.clone(), Entry::Loading);
@@ -113,18 +146,20 @@ impl ExhaustedSprays {
             .entries
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries.by_spray.remove(&key);
+        entries.remove(&key);
         let Some(mut spray) = spray else { return };
         if now >= spray.receive_until {
             return;
         }
-        entries.drop_closed(now);
-        let total = entries.receivers.saturating_add(spray.receivers.len());
-        if entries.by_spray.len() >= MAX_SPRAYS || total > MAX_RECEIVERS {
+        if !entries.fits(spray.receivers.len(), now) {
+            if entries.by_spray.len() < MAX_SPRAYS {
+                let receive_until = spray.receive_until;
+                entries.by_spray.insert(key, Entry::TooLarge { receive_until });
+            }
             return;
         }
         spray.receivers.sort_unstable();
-        entries.receivers = total;
+        entries.receivers += spray.receivers.len();
         entries.by_spray.insert(key, Entry::Known(Arc::new(spray)));
     }
 
@@ -174,16 +209,36 @@ impl Drop for Loading<'_> {
 }
 
 impl Entries {
-    fn drop_closed(&mut self, now: DateTime<Utc>) {
+    fn remove(&mut self, key: &(RoomId, Token)) {
+        if let Some(entry) = self.by_spray.remove(key) {
+            self.receivers = self.receivers.saturating_sub(entry.receivers());
+        }
+    }
+
+    /// Whether one more spray of `receivers` receivers fits, after dropping the sprays
+    /// whose window has closed by `now` if it would not (at most once a [`PURGE_EVERY`]).
+    fn fits(&mut self, receivers: usize, now: DateTime<Utc>) -> bool {
+        let fits = |entries: &Entries| {
+            entries.by_spray.len() < MAX_SPRAYS
+                && entries.receivers.saturating_add(receivers) <= MAX_RECEIVERS
+        };
+        if fits(self) {
+            return true;
+        }
+        if self.next_purge.is_some_and(|next| now < next) {
+            return false;
+        }
+        self.next_purge = Some(now + PURGE_EVERY);
         let mut freed = 0;
-        self.by_spray.retain(|_, entry| match entry {
-            Entry::Known(spray) if now >= spray.receive_until => {
-                freed += spray.receivers.len();
+        self.by_spray.retain(|_, entry| match entry.closes() {
+            Some(closes) if closes <= now => {
+                freed += entry.receivers();
                 false
             }
             _ => true,
         });
         self.receivers = self.receivers.saturating_sub(freed);
+        fits(self)
     }
 }
 
@@ -218,6 +273,17 @@ mod tests {
         }
     }
 
+    /// A ticket for a spray of `shares` shares, at `now`.
+    fn ticket<'a>(
+        memory: &'a ExhaustedSprays,
+        room_name: &str,
+        text: &str,
+        shares: u32,
+        now: DateTime<Utc>,
+    ) -> Option<Loading<'a>> {
+        memory.start_loading(&room(room_name), &token(text), shares, now)
+    }
+
     fn load(
         memory: &ExhaustedSprays,
         room_name: &str,
@@ -225,7 +291,8 @@ mod tests {
         spray: Option<ExhaustedSpray>,
         now: DateTime<Utc>,
     ) {
-        let loading = memory.start_loading(&room(room_name), &token(text), now);
+        let shares = spray.as_ref().map_or(1, |s| s.shares);
+        let loading = ticket(memory, room_name, text, shares, now);
         loading.expect("a ticket to load").remember(spray, now);
     }
 
@@ -259,17 +326,18 @@ mod tests {
     #[test]
     fn one_caller_loads_a_spray_and_a_failed_load_can_be_tried_again() {
         let memory = ExhaustedSprays::default();
-        let first = memory.start_loading(&room("R"), &token("abc"), start()).unwrap();
+        let first = ticket(&memory, "R", "abc", 1, start()).unwrap();
         assert!(
-            memory.start_loading(&room("R"), &token("abc"), start()).is_none(),
+            ticket(&memory, "R", "abc", 1, start()).is_none(),
             "loaded twice at once"
         );
         assert_eq!(memory.refusal(&room("R"), &token("abc"), user(9), start()), None);
         first.remember(None, start());
         // A ticket dropped unused (its read failed) lets the next claim try.
-        drop(memory.start_loading(&room("R"), &token("abc"), start()).unwrap());
+        drop(ticket(&memory, "R", "abc", 1, start()).unwrap());
         load(&memory, "R", "abc", Some(spray(&[2])), start());
         assert_eq!(memory.len(), 1);
+        assert!(ticket(&memory, "R", "abc", 1, start()).is_none(), "loaded again");
     }
 
     #[test]
@@ -281,13 +349,26 @@ mod tests {
     }
 
     #[test]
+    fn a_token_taken_again_after_the_window_is_remembered_for_its_new_spray() {
+        let memory = ExhaustedSprays::default();
+        remembered(&memory, &[2]);
+        let later = start() + TimeDelta::days(8);
+        let mut next = spray(&[7, 8]);
+        next.receive_until = later + TimeDelta::minutes(10);
+        load(&memory, "R", "abc", Some(next), later);
+        let answer = |id| memory.refusal(&room("R"), &token("abc"), user(id), later);
+        assert_eq!(answer(2), Some(ReceiveRefusal::Exhausted { shares: 2 }));
+        assert_eq!(answer(7), None);
+        assert_eq!(memory.len(), 1);
+    }
+
+    #[test]
     fn memory_is_bounded_and_closed_sprays_make_room() {
         let memory = ExhaustedSprays::default();
         let receivers: Vec<i64> = (2..).take(MAX_RECEIVERS - 1).collect();
         remembered(&memory, &receivers);
-        // Two more receivers do not fit beside those.
-        load(&memory, "R", "xyz", Some(spray(&[5, 6])), start());
-        assert_eq!(memory.len(), 1);
+        // Two more receivers do not fit beside those: no ticket for a spray of two shares.
+        assert!(ticket(&memory, "R", "xyz", 2, start()).is_none());
         assert_eq!(memory.refusal(&room("R"), &token("xyz"), user(9), start()), None);
         // Once the first spray's window has closed, it makes room.
         let later = start() + TimeDelta::minutes(10);
@@ -302,23 +383,37 @@ mod tests {
     }
 
     #[test]
-    fn at_most_max_sprays_are_remembered() {
+    fn a_spray_read_but_too_large_is_not_read_again_before_its_window_closes() {
         let memory = ExhaustedSprays::default();
+        let receivers: Vec<i64> = (2..).take(MAX_RECEIVERS - 1).collect();
+        remembered(&memory, &receivers);
+        // One share, as the gate said, but two receivers listed (a hold taken over):
+        // read, found too large, and marked.
+        let mut listed = spray(&[5, 6]);
+        listed.shares = 1;
+        load(&memory, "S", "xyz", Some(listed), start());
+        assert_eq!(memory.len(), 1);
+        assert_eq!(memory.refusal(&room("S"), &token("xyz"), user(9), start()), None);
+        assert!(ticket(&memory, "S", "xyz", 1, start()).is_none(), "read again");
+        let closes = start() + TimeDelta::minutes(10);
+        assert!(ticket(&memory, "S", "xyz", 1, closes).is_some());
+    }
+
+    #[test]
+    fn at_most_max_sprays_are_remembered_and_a_full_memory_is_purged_at_most_once_a_second() {
+        let memory = ExhaustedSprays::default();
+        let closes = start() + TimeDelta::milliseconds(500);
         for n in 0..MAX_SPRAYS {
-            load(&memory, &format!("R{n}"), "abc", Some(spray(&[2])), start());
+            let mut short = spray(&[2]);
+            short.receive_until = closes;
+            load(&memory, &format!("R{n}"), "abc", Some(short), start());
         }
         assert_eq!(memory.len(), MAX_SPRAYS);
-        assert!(
-            memory
-                .start_loading(&room("R-more"), &token("abc"), start())
-                .is_none()
-        );
-        // Once their windows have closed, they make room.
-        let later = start() + TimeDelta::minutes(10);
-        assert!(
-            memory
-                .start_loading(&room("R-more"), &token("abc"), later)
-                .is_some()
-        );
+        // Full of open sprays: no ticket (and a look at them all was just taken).
+        assert!(ticket(&memory, "R-more", "abc", 1, start()).is_none());
+        // Closed now, but the last look was less than a second ago.
+        assert!(ticket(&memory, "R-more", "abc", 1, closes).is_none());
+        // A second after the last look, the closed ones make room.
+        assert!(ticket(&memory, "R-more", "abc", 1, start() + PURGE_EVERY).is_some());
     }
 }

@@ -47,8 +47,11 @@ impl GatedClaim {
 
     /// The gate said the spray is taken for good: read it from Redis once and remember
     /// it. Best effort: if that fails, the next newcomer asks the gate again.
-    async fn remember_exhausted(&self, keys: &GateKeys, claim: &Claim, spray_id: i64) {
-        let Some(loading) = self.exhausted.start_loading(&claim.room, &claim.token, claim.now) else {
+    async fn remember_exhausted(&self, keys: &GateKeys, claim: &Claim, spray_id: i64, shares: u32) {
+        let Some(loading) = self
+            .exhausted
+            .start_loading(&claim.room, &claim.token, shares, claim.now)
+        else {
             return;
         };
         if let Ok(spray) = self.gate.exhausted_spray(keys, spray_id).await {
@@ -89,8 +92,12 @@ impl GatedClaim {
                 // hold, list the share's holder (whom the gate may not know: their later
                 // claims must be "already received", not "exhausted"), and let SQL find a
                 // free share.
-                let holder = self.store.slot_holder(spray_id, slot).await.ok().flatten();
-                let _ = self.gate.forget(keys, claim.user, slot, holder).await;
+                // If SQL cannot say who holds it, the hold stays: it is taken over after the
+                // claim lease, and that claim asks again (a spray with a hold is never
+                // remembered as taken for good, see `exhausted.rs`).
+                if let Ok(holder) = self.store.slot_holder(spray_id, slot).await {
+                    let _ = self.gate.forget(keys, claim.user, slot, holder).await;
+                }
                 self.sql_claim(claim, idempotency).await
             }
             Ok(SlotClaim::AlreadyReceived) => {
@@ -157,7 +164,7 @@ impl ClaimPath for GatedClaim {
                     for_good,
                 } => {
                     if for_good {
-                        self.remember_exhausted(&keys, claim, spray_id).await;
+                        self.remember_exhausted(&keys, claim, spray_id, shares).await;
                     }
                     return refused(ReceiveRefusal::Exhausted { shares });
                 }

@@ -115,10 +115,11 @@ return 1
 /// holder in SQL as a receiver if the gate did not know them (they received through SQL
 /// alone, while this instance could not reach Redis), so that their retries are answered
 /// "already received" rather than "exhausted". ARGV: user, slot, and the holder's id when
-/// SQL names one.
+/// SQL names one. Only into existing keys: keys lost meanwhile are rebuilt from SQL, which
+/// lists every receiver, and a key made here would have no time to live.
 pub(crate) const FORGET: &str = r#"
 redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
-if ARGV[3] then redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[2]) end
+if ARGV[3] and redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[2]) end
 if ARGV[3] == ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])

@@ -113,9 +113,10 @@ async fn a_stale_gate_falls_back_to_the_sql_claim() {
         outcome,
         spray::store::ClaimOutcome::Received(spray::domain::Amount::new(200))
     );
-    // User 3 is handed slot 0 by the gate, finds it taken in SQL and gets another share.
+    // User 3 is handed slot 0 by the gate, finds it taken in SQL and gets another share;
+    // the gate now lists slot 0's holder, user 2, as a receiver.
     app.receive(3, &token).await.assert_status(200);
-    // User 2, unknown to the gate, is handed a slot too, but SQL refuses a second share.
+    // So user 2 is told "already received", once SQL confirms it.
     app.receive(2, &token)
         .await
         .assert_problem(409, "ALREADY_RECEIVED");
@@ -297,5 +298,75 @@ async fn a_fully_received_spray_answers_newcomers_from_memory_until_its_window_c
         .assert_problem(410, "RECEIVE_EXPIRED");
     let (paid, users) = app.recipients(&token).await;
     assert_eq!((paid, users), (100, HashSet::from([2, 3])));
+    app.assert_audit_clean().await;
+}
+
+/// User 2 receives through SQL alone; the gate still lists every slot as free. Returns
+/// the slot SQL gave them, after putting it at the head of the gate's free list
+/// (`first`) or at its tail.
+async fn received_through_sql_alone(app: &TestApp, token: &str, first: bool) -> i64 {
+    let claim = spray::store::Claim {
+        room: spray::domain::RoomId::parse(crate::common::ROOM).unwrap(),
+        token: spray::domain::Token::parse(token).unwrap(),
+        user: spray::domain::UserId::parse("2").unwrap(),
+        now: app.now(),
+    };
+    let outcome = app.store.claim_share(&claim, None).await.unwrap();
+    assert!(matches!(outcome, spray::store::ClaimOutcome::Received(_)));
+    let keys = app.gate_keys(token);
+    let mut redis = raw(app).await;
+    let spray_id: i64 = redis.query(redis::cmd("HGET").arg(&keys.meta).arg("id")).await;
+    let mut slot = None;
+    for candidate in 0..3 {
+        let holder = app.store.slot_holder(spray_id, candidate).await.unwrap();
+        if holder.map(|h| h.get()) == Some(2) {
+            slot = Some(candidate);
+        }
+    }
+    let slot = slot.expect("user 2 holds a share in SQL");
+    let _: i64 = redis
+        .query(redis::cmd("LREM").arg(&keys.free).arg(0).arg(slot))
+        .await;
+    let push = if first { "LPUSH" } else { "RPUSH" };
+    let _: i64 = redis.query(redis::cmd(push).arg(&keys.free).arg(slot)).await;
+    slot
+}
+
+#[tokio::test]
+async fn a_user_sql_says_already_holds_a_share_gives_the_slot_back_and_stays_listed() {
+    let app = TestApp::new().await;
+    let token = app.spray(600, 3).await;
+    // The gate hands user 2 a slot that is free in SQL; SQL says they hold another.
+    received_through_sql_alone(&app, &token, false).await;
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    let free: i64 = redis.query(redis::cmd("LLEN").arg(&keys.free)).await;
+    let listed: Option<String> = redis
+        .query(redis::cmd("HGET").arg(&keys.receivers).arg("2"))
+        .await;
+    assert_eq!(free, 3, "the slot was not given back");
+    assert!(listed.is_some(), "user 2 is no longer listed as a receiver");
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn a_user_handed_the_share_they_took_through_sql_alone_stays_listed() {
+    let app = TestApp::new().await;
+    let token = app.spray(600, 3).await;
+    let slot = received_through_sql_alone(&app, &token, true).await;
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    let keys = app.gate_keys(&token);
+    let mut redis = raw(&app).await;
+    let listed: Option<String> = redis
+        .query(redis::cmd("HGET").arg(&keys.receivers).arg("2"))
+        .await;
+    assert_eq!(listed, Some(slot.to_string()), "user 2 is no longer listed");
+    let free: i64 = redis.query(redis::cmd("LLEN").arg(&keys.free)).await;
+    assert_eq!(free, 2, "the share taken in SQL went back to the free list");
     app.assert_audit_clean().await;
 }
