@@ -38,6 +38,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use sqlx::{MySql, MySqlPool};
 
 use super::commit::{TakenShare, Written, commit_and_confirm};
@@ -300,14 +301,26 @@ async fn give_in(
         "UPDATE shares SET receiver_id = CASE{receivers} END, received_at = CASE{times} END
          WHERE receiver_id IS NULL AND ({keys})"
     );
-    let updated = match sqlx::raw_sql(sqlx::AssertSqlSafe(update))
-        .execute(&mut **tx)
-        .await
-    {
-        Ok(updated) => updated,
+    // The CREDITs, from the shares just given: their receivers, amounts and times.
+    let credit = format!(
+        "INSERT INTO ledger (spray_id, kind, user_id, amount, at)
+         SELECT spray_id, 'CREDIT', receiver_id, amount, received_at FROM shares WHERE {keys}"
+    );
+    // Both in one round trip: MySQL runs them in order and stops at the first that fails,
+    // so the CREDITs are never written without their shares. Every result is read before
+    // anything is decided, so the connection is left with none pending.
+    let results: Vec<Result<sqlx::mysql::MySqlQueryResult, sqlx::Error>> =
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{update};\n{credit}")))
+            .execute_many(&mut **tx)
+            .collect()
+            .await;
+    let mut results = results.into_iter();
+    let updated = match results.next() {
+        Some(Ok(updated)) => updated,
         // The statement failed as a whole (InnoDB rolls back the one statement).
-        Err(e) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => return Ok(false),
-        Err(e) => return Err(e.into()),
+        Some(Err(e)) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => return Ok(false),
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(StoreError::Other("a batch's UPDATE had no answer".into())),
     };
     if updated.rows_affected() != u64::try_from(given.len()).unwrap_or(u64::MAX) {
         // The rows are locked and were read free: this cannot happen. Write nothing.
@@ -317,14 +330,10 @@ async fn give_in(
             given.len()
         )));
     }
-    // The CREDITs, from the shares just given: their receivers, amounts and times.
-    let credit = format!(
-        "INSERT INTO ledger (spray_id, kind, user_id, amount, at)
-         SELECT spray_id, 'CREDIT', receiver_id, amount, received_at FROM shares WHERE {keys}"
-    );
-    let credited = sqlx::raw_sql(sqlx::AssertSqlSafe(credit))
-        .execute(&mut **tx)
-        .await?;
+    let credited = match results.next() {
+        Some(credited) => credited?,
+        None => return Err(StoreError::Other("a batch's CREDIT had no answer".into())),
+    };
     if credited.rows_affected() != updated.rows_affected() {
         return Err(StoreError::Other(format!(
             "a batch credited {} of {} shares",
