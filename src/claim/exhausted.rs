@@ -90,6 +90,13 @@ struct Entries {
 }
 
 impl ExhaustedSprays {
+    /// The entries, to change.
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
+        self.entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The remembered answer to `user` claiming `token` in `room` at `now`, if any.
     pub(super) fn refusal(
         &self,
@@ -119,10 +126,7 @@ impl ExhaustedSprays {
         shares: u32,
         now: DateTime<Utc>,
     ) -> Option<Loading<'_>> {
-        let mut entries = self
-            .entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = self.lock();
         let key = (room.clone(), token.clone());
         match entries.by_spray.get(&key).map(Entry::closes) {
             None => {}
@@ -141,11 +145,10 @@ impl ExhaustedSprays {
         })
     }
 
+    /// Ends a load: removes its marker, then remembers `spray` if there is one and it
+    /// fits at `now` (else marks it too large).
     fn finish(&self, key: (RoomId, Token), spray: Option<ExhaustedSpray>, now: DateTime<Utc>) {
-        let mut entries = self
-            .entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = self.lock();
         entries.remove(&key);
         let Some(mut spray) = spray else { return };
         if now >= spray.receive_until {
@@ -198,12 +201,7 @@ impl Loading<'_> {
 impl Drop for Loading<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            let mut entries = self
-                .memory
-                .entries
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            entries.by_spray.remove(&key);
+            self.memory.lock().remove(&key);
         }
     }
 }

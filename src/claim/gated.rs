@@ -91,10 +91,9 @@ impl GatedClaim {
                 // through SQL alone, or a late holder recorded a slot taken over): drop our
                 // hold, list the share's holder (whom the gate may not know: their later
                 // claims must be "already received", not "exhausted"), and let SQL find a
-                // free share.
-                // If SQL cannot say who holds it, the hold stays: it is taken over after the
-                // claim lease, and that claim asks again (a spray with a hold is never
-                // remembered as taken for good, see `exhausted.rs`).
+                // free share. If SQL cannot say who holds it, the hold stays: it is taken
+                // over after the claim lease and that claim asks again (a spray with a hold
+                // is never remembered as taken for good, see `exhausted.rs`).
                 if let Ok(holder) = self.store.slot_holder(spray_id, slot).await {
                     let _ = self.gate.forget(keys, claim.user, slot, holder).await;
                 }

@@ -401,40 +401,41 @@ pub struct ExhaustedSpray {
     pub receivers: Vec<UserId>,
 }
 
+/// A script's answer element as text (Lua strings and integers both come back).
+fn text_of(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A script's answer element as an integer.
+fn number_of(value: &Value) -> Option<i64> {
+    text_of(value)?.parse().ok()
+}
+
 fn parse_exhausted_spray(value: &Value) -> Option<ExhaustedSpray> {
     let Value::Array(parts) = value else { return None };
-    let number = |value: &Value| -> Option<i64> {
-        match value {
-            Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
-            Value::Int(n) => Some(*n),
-            _ => None,
-        }
-    };
     let [owner, until, shares, Value::Array(receivers)] = parts.as_slice() else {
         return None;
     };
     Some(ExhaustedSpray {
-        owner: UserId::from_stored(number(owner)?)?,
-        receive_until: DateTime::from_timestamp_millis(number(until)?)?,
-        shares: u32::try_from(number(shares)?).ok()?,
+        owner: UserId::from_stored(number_of(owner)?)?,
+        receive_until: DateTime::from_timestamp_millis(number_of(until)?)?,
+        shares: u32::try_from(number_of(shares)?).ok()?,
         receivers: receivers
             .iter()
-            .map(|r| UserId::from_stored(number(r)?))
+            .map(|r| UserId::from_stored(number_of(r)?))
             .collect::<Option<Vec<_>>>()?,
     })
 }
 
 fn parse_verdict(value: &Value) -> Option<GateVerdict> {
     let Value::Array(parts) = value else { return None };
-    let text = |i: usize| -> Option<String> {
-        match parts.get(i)? {
-            Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-            Value::SimpleString(s) => Some(s.clone()),
-            Value::Int(n) => Some(n.to_string()),
-            _ => None,
-        }
-    };
-    let number = |i: usize| text(i)?.parse::<i64>().ok();
+    let text = |i: usize| text_of(parts.get(i)?);
+    let number = |i: usize| number_of(parts.get(i)?);
     let verdict = text(0)?;
     Some(match verdict.as_str() {
         "MISSING" => GateVerdict::Missing,

@@ -16,9 +16,10 @@
 /// Answers, in the contract's rule order: `{"MISSING"}` (rebuild from SQL),
 /// `{"OWN", id}`, `{"ALREADY", id, slot}`, `{"EXPIRED", id}`,
 /// `{"EXHAUSTED", id, shares, for_good}`, `{"SLOT", id, slot, taken_over}`; `for_good` is
-/// 1 when no share is held either (every one is recorded: see [`EXHAUSTED_SPRAY`]). Keys past their time by
-/// the service's clock are dropped and answered as missing, whatever Redis's own TTL
-/// says: SQL then answers for a spray that is long closed, purged or replaced.
+/// 1 when no share is held either (every one is recorded: see [`EXHAUSTED_SPRAY`]). Keys
+/// past their time by the service's clock are dropped and answered as missing, whatever
+/// Redis's own TTL says: SQL then answers for a spray that is long closed, purged or
+/// replaced.
 ///
 /// With no free slot left, the oldest hold past its lease is taken over before the spray
 /// is called exhausted; so "exhausted" means every share is recorded or held by a claim

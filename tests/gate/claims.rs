@@ -10,13 +10,34 @@ async fn raw(app: &TestApp) -> RawRedis {
     RawRedis::connect(app.backend).await
 }
 
+/// Deletes every key the gate holds for the spray `token`, as a Redis flush would.
+async fn delete_gate_keys(app: &TestApp, token: &str) {
+    let mut redis = raw(app).await;
+    for key in app.gate_keys(token).all() {
+        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
+    }
+}
+
+/// `user` receives from `token` through SQL alone, as an instance that could not reach
+/// Redis would: the gate does not see it.
+async fn claim_through_sql_alone(app: &TestApp, token: &str, user: &str) -> spray::store::ClaimOutcome {
+    let claim = spray::store::Claim {
+        room: spray::domain::RoomId::parse(crate::common::ROOM).unwrap(),
+        token: spray::domain::Token::parse(token).unwrap(),
+        user: spray::domain::UserId::parse(user).unwrap(),
+        now: app.now(),
+    };
+    app.store.claim_share(&claim, None).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_new_spray_is_loaded_into_the_gate() {
     let app = TestApp::new().await;
     let token = app.spray(1000, 7).await;
     let keys = app.gate_keys(&token);
     let mut redis = raw(&app).await;
-    let exists: i64 = redis.query(redis::cmd("EXISTS").arg(&keys.meta)).await;
+    let meta = app.gate_keys(&token).meta;
+    let exists: i64 = raw(&app).await.query(redis::cmd("EXISTS").arg(meta)).await;
     let free: i64 = redis.query(redis::cmd("LLEN").arg(&keys.free)).await;
     assert_eq!((exists, free), (1, 7));
     app.receive(2, &token).await.assert_status(200);
@@ -50,11 +71,7 @@ async fn losing_the_keys_mid_spray_keeps_exact_sums() {
     for user in 2..=6 {
         app.receive(user, &token).await.assert_status(200);
     }
-    let keys = app.gate_keys(&token);
-    let mut redis = raw(&app).await;
-    for key in keys.all() {
-        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
-    }
+    delete_gate_keys(&app, &token).await;
     // The earlier receivers are still refused, and only the five shares left are given.
     for user in 2..=6 {
         app.receive(user, &token)
@@ -102,13 +119,7 @@ async fn a_stale_gate_falls_back_to_the_sql_claim() {
     let token = app.spray(600, 3).await;
     // User 2 receives through SQL alone (an instance that could not reach Redis): the
     // gate still lists slot 0 as free.
-    let claim = spray::store::Claim {
-        room: spray::domain::RoomId::parse(crate::common::ROOM).unwrap(),
-        token: spray::domain::Token::parse(&token).unwrap(),
-        user: spray::domain::UserId::parse("2").unwrap(),
-        now: crate::common::start_time(),
-    };
-    let outcome = app.store.claim_share(&claim, None).await.unwrap();
+    let outcome = claim_through_sql_alone(&app, &token, "2").await;
     assert_eq!(
         outcome,
         spray::store::ClaimOutcome::Received(spray::domain::Amount::new(200))
@@ -142,13 +153,7 @@ async fn a_stale_gate_falls_back_to_the_sql_claim() {
 async fn a_share_received_through_sql_alone_is_listed_when_the_gate_finds_it() {
     let app = TestApp::new().await;
     let token = app.spray(600, 3).await;
-    let claim = spray::store::Claim {
-        room: spray::domain::RoomId::parse(crate::common::ROOM).unwrap(),
-        token: spray::domain::Token::parse(&token).unwrap(),
-        user: spray::domain::UserId::parse("2").unwrap(),
-        now: crate::common::start_time(),
-    };
-    let outcome = app.store.claim_share(&claim, None).await.unwrap();
+    let outcome = claim_through_sql_alone(&app, &token, "2").await;
     assert!(matches!(outcome, spray::store::ClaimOutcome::Received(_)));
     // Others take the two shares left; the gate hands out all three slots on the way.
     app.receive(3, &token).await.assert_status(200);
@@ -183,11 +188,7 @@ async fn the_gate_reports_hits_misses_and_rebuilds() {
         counter(&app, GATE_EVENTS, &hits).await > hits_before,
         "a claim through the gate is a hit"
     );
-    let keys = app.gate_keys(&token);
-    let mut redis = raw(&app).await;
-    for key in keys.all() {
-        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
-    }
+    delete_gate_keys(&app, &token).await;
     app.receive(3, &token).await.assert_status(200);
     assert!(
         counter(&app, GATE_EVENTS, &rebuilds).await > rebuilds_before,
@@ -264,18 +265,15 @@ async fn a_fully_received_spray_answers_newcomers_from_memory_until_its_window_c
         .await
         .assert_problem(409, "SPRAY_EXHAUSTED");
 
-    let keys = app.gate_keys(&token);
-    let mut redis = raw(&app).await;
-    for key in keys.all() {
-        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
-    }
+    delete_gate_keys(&app, &token).await;
     for user in 5..=9 {
         app.receive(user, &token)
             .await
             .assert_problem(409, "SPRAY_EXHAUSTED");
     }
     app.receive(OWNER, &token).await.assert_problem(403, "OWN_SPRAY");
-    let exists: i64 = redis.query(redis::cmd("EXISTS").arg(&keys.meta)).await;
+    let meta = app.gate_keys(&token).meta;
+    let exists: i64 = raw(&app).await.query(redis::cmd("EXISTS").arg(meta)).await;
     assert_eq!(exists, 0, "a newcomer's claim went to Redis");
     assert!(
         counter(&app, GATE_EVENTS, &remembered).await >= before + 6.0,
@@ -289,9 +287,7 @@ async fn a_fully_received_spray_answers_newcomers_from_memory_until_its_window_c
         .assert_problem(409, "ALREADY_RECEIVED");
 
     // When the window closes the remembered answer no longer holds.
-    for key in keys.all() {
-        let _: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
-    }
+    delete_gate_keys(&app, &token).await;
     app.advance(chrono::TimeDelta::minutes(10));
     app.receive(10, &token)
         .await
@@ -305,13 +301,7 @@ async fn a_fully_received_spray_answers_newcomers_from_memory_until_its_window_c
 /// the slot SQL gave them, after putting it at the head of the gate's free list
 /// (`first`) or at its tail.
 async fn received_through_sql_alone(app: &TestApp, token: &str, first: bool) -> i64 {
-    let claim = spray::store::Claim {
-        room: spray::domain::RoomId::parse(crate::common::ROOM).unwrap(),
-        token: spray::domain::Token::parse(token).unwrap(),
-        user: spray::domain::UserId::parse("2").unwrap(),
-        now: app.now(),
-    };
-    let outcome = app.store.claim_share(&claim, None).await.unwrap();
+    let outcome = claim_through_sql_alone(app, token, "2").await;
     assert!(matches!(outcome, spray::store::ClaimOutcome::Received(_)));
     let keys = app.gate_keys(token);
     let mut redis = raw(app).await;
