@@ -708,6 +708,18 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     if workload == "mixed" {
         return probe_mixed(mode).await;
     }
+    if store == "limits" {
+        let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
+        let round = bench_limits(mode, dir.path()).await;
+        println!(
+            "limits: SQLite commits {:.0}/s, MariaDB point updates {:?}/s, Redis script calls {:?}/s {:?}",
+            round.sqlite,
+            round.mariadb.map(f64::round),
+            round.redis.map(f64::round),
+            round.notes
+        );
+        return;
+    }
     let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
     let mut database = None;
     let (name, url, flags): (&'static str, String, Vec<String>) = match store {
@@ -775,6 +787,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             std::process::exit(2);
         }
     };
+    print_server_figures(&base).await;
     // Then paced at half of that peak, as the full run does.
     let half = half_peak(mode, name, row.kind, &base, &ids, row.rate).await;
     drop(server);
@@ -807,6 +820,49 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         row.last_window.map(|r| r.round()),
         row.check
     );
+}
+
+/// What the server says of its own work during a probe, from its `/metrics`: how many
+/// writes its group commits held, and the mean time of each store operation it timed.
+/// For profiling: where a request's time goes.
+async fn print_server_figures(base: &str) {
+    let Ok(text) = reqwest::get(format!("{base}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+    else {
+        return;
+    };
+    let Ok(text) = text.text().await else { return };
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+    let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(name_end) = line.find([' ', '{']) else {
+            continue;
+        };
+        let name = &line[..name_end];
+        let labels = line[name_end..].split(' ').next().unwrap_or("");
+        let (metric, is_sum) = if let Some(m) = name.strip_suffix("_sum") {
+            (m, true)
+        } else if let Some(m) = name.strip_suffix("_count") {
+            (m, false)
+        } else {
+            continue;
+        };
+        if !(metric == "spray_store_batch_writes" || metric.ends_with("_seconds")) {
+            continue;
+        }
+        let Some(v) = value(line) else { continue };
+        let entry = sums.entry(format!("{metric}{labels}")).or_default();
+        if is_sum { entry.0 += v } else { entry.1 += v }
+    }
+    for (series, (sum, count)) in sums.into_iter().filter(|(_, (_, c))| *c > 0.0) {
+        let mean = sum / count;
+        if series.contains("_seconds") {
+            println!("server: {series}: {count:.0}, mean {:.2} ms", mean * 1000.0);
+        } else {
+            println!("server: {series}: {count:.0}, mean {mean:.1}");
+        }
+    }
 }
 
 /// The mixed workload on three instances on MySQL + Redis (whatever the store argument),
@@ -849,7 +905,7 @@ async fn main() {
     if let Some(at) = args.iter().position(|a| a == "--probe") {
         let (Some(store), Some(workload)) = (args.get(at + 1), args.get(at + 2)) else {
             eprintln!(
-                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners|mixed"
+                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners|mixed, or --probe limits all"
             );
             std::process::exit(2);
         };
