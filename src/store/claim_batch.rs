@@ -8,9 +8,9 @@
 //! token), and a batch costs the same statements whatever it holds:
 //!
 //! 1. `BEGIN`;
-//! 2. the newest spray under each (room, token), then those rows under the shared lock
-//!    every claim takes (see `store/mysql.rs`: claims run side by side, a settlement waits
-//!    for them);
+//! 2. the newest spray under each (room, token); then, in one round trip
+//!    (`multi_row::run_together`), those rows under the shared lock every claim takes
+//!    (see `store/mysql.rs`: claims run side by side, a settlement waits for them) and
 //! 3. the shares the callers already hold in those sprays;
 //! 4. rules 1 to 4 decided for each claim, in the order of the batch, by the domain's
 //!    rules on those rows (a settled spray is closed, as alone);
@@ -19,8 +19,8 @@
 //!    `take_free_share_in` in `store/mysql.rs`);
 //! 6. one statement per keyed claim given a share (its kept effect; a lost lease fails
 //!    that claim alone, 503, and its share is not given);
-//! 7. one `UPDATE` giving each share, and one `INSERT` of every CREDIT (those of
-//!    `store/slot_batch.rs`);
+//! 7. one `UPDATE` giving each share, and one `INSERT` of every CREDIT, in one round trip
+//!    (those of `store/slot_batch.rs`);
 //! 8. `COMMIT`.
 //!
 //! What the batch does not decide on its own rows is written claim by claim after its
@@ -41,7 +41,7 @@ use sqlx::MySql;
 
 use super::convert::{amount_from, time_from, user_from};
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, fetch_text, hex, write_and_answer};
+use super::multi_row::{Fallback, fetch_text, hex, run_together, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
 use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in, landed_on};
 use super::queue::{BatchQueues, Reply};
@@ -206,21 +206,48 @@ async fn decide_in(
         newest.join(", ")
     );
     let mut rows: Vec<SprayFacts> = fetch_text(&mut **tx, sql).await?;
+
+    // Those rows under the shared lock (with `settled_at` read under it), and 3. the shares
+    // the callers already hold there: both known from the rows just read, so they go in
+    // one round trip.
+    let mut held: HashMap<(i64, i64), i64> = HashMap::new();
     if !rows.is_empty() {
         let ids = rows
             .iter()
             .map(|row| row.0.to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        let sql =
+        let lock =
             format!("SELECT id, settled_at FROM sprays WHERE id IN ({ids}) ORDER BY id LOCK IN SHARE MODE");
-        let locked: HashMap<i64, Option<i64>> = fetch_text::<(i64, Option<i64>), _>(&mut **tx, sql)
-            .await?
-            .into_iter()
+        let spray_of_key: HashMap<(&str, &str), i64> = rows
+            .iter()
+            .map(|row| ((row.1.as_str(), row.2.as_str()), row.0))
             .collect();
+        let mut wanted: Vec<String> = requests
+            .iter()
+            .filter_map(|r| {
+                spray_of_key
+                    .get(&(r.claim.room.as_str(), r.claim.token.as_str()))
+                    .map(|id| format!("({id}, {})", r.claim.user.get()))
+            })
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let holders = format!(
+            "SELECT spray_id, receiver_id, amount FROM shares WHERE (spray_id, receiver_id) IN ({})",
+            wanted.join(", ")
+        );
+        let answered = run_together(&mut **tx, &[lock, holders]).await?;
+        let [locked, holders] = answered.as_slice() else {
+            return Err(StoreError::Other("a batch's reads had no answer".into()));
+        };
+        let locked: HashMap<i64, Option<i64>> = locked.read::<(i64, Option<i64>)>()?.into_iter().collect();
         // A spray purged in between is gone: it counts as settled (see `unsettled_in`).
         for row in &mut rows {
             row.6 = locked.get(&row.0).copied().unwrap_or(Some(0));
+        }
+        for (spray_id, user, amount) in holders.read::<(i64, i64, i64)>()? {
+            held.insert((spray_id, user), amount);
         }
     }
     let sprays: HashMap<(String, String), SprayFacts> = rows
@@ -229,26 +256,6 @@ async fn decide_in(
         .collect();
     let spray_of =
         |claim: &Claim| sprays.get(&(claim.room.as_str().to_owned(), claim.token.as_str().to_owned()));
-
-    // 3. The shares the callers already hold there.
-    let mut wanted: Vec<String> = Vec::new();
-    for request in requests {
-        if let Some(spray) = spray_of(&request.claim) {
-            wanted.push(format!("({}, {})", spray.0, request.claim.user.get()));
-        }
-    }
-    let mut held: HashMap<(i64, i64), i64> = HashMap::new();
-    if !wanted.is_empty() {
-        wanted.sort_unstable();
-        wanted.dedup();
-        let sql = format!(
-            "SELECT spray_id, receiver_id, amount FROM shares WHERE (spray_id, receiver_id) IN ({})",
-            wanted.join(", ")
-        );
-        for (spray_id, user, amount) in fetch_text::<(i64, i64, i64), _>(&mut **tx, sql).await? {
-            held.insert((spray_id, user), amount);
-        }
-    }
 
     // 4. Rules 1 to 4 (and settlement), in order.
     let mut decided = Vec::with_capacity(requests.len());

@@ -89,6 +89,64 @@ where
     Ok(rows.iter().map(T::from_row).collect::<Result<Vec<T>, _>>()?)
 }
 
+/// What one statement of a multi-statement answered: its rows (none for a write) and the
+/// rows it changed.
+pub(super) struct Answered {
+    pub(super) rows: Vec<sqlx::mysql::MySqlRow>,
+    pub(super) affected: u64,
+}
+
+impl Answered {
+    /// The rows, read as `T`.
+    pub(super) fn read<T>(&self) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::mysql::MySqlRow>,
+    {
+        Ok(self.rows.iter().map(T::from_row).collect::<Result<Vec<T>, _>>()?)
+    }
+}
+
+/// Runs `statements` in one round trip (a multi-statement, by the text protocol), and what
+/// each answered, in order: statements whose texts depend only on what the batch already
+/// knows cost one round trip together instead of one each. MySQL runs them in order and
+/// stops at the first that fails (InnoDB undoes that one statement, not the transaction);
+/// its error is returned, as sqlx's, so that the caller can tell a unique key's refusal.
+/// Every result is read before returning, so the connection is left with none pending.
+/// Values go into the text as in [`fetch_text`].
+pub(super) async fn run_together<'e, E>(
+    executor: E,
+    statements: &[String],
+) -> Result<Vec<Answered>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = MySql>,
+{
+    use futures_util::StreamExt;
+    let items: Vec<_> = sqlx::raw_sql(sqlx::AssertSqlSafe(statements.join(";\n")))
+        .fetch_many(executor)
+        .collect()
+        .await;
+    // Each statement's rows come first, then its result.
+    let mut answered = Vec::with_capacity(statements.len());
+    let mut rows = Vec::new();
+    for item in items {
+        match item? {
+            sqlx::Either::Right(row) => rows.push(row),
+            sqlx::Either::Left(done) => answered.push(Answered {
+                rows: std::mem::take(&mut rows),
+                affected: done.rows_affected(),
+            }),
+        }
+    }
+    if answered.len() != statements.len() {
+        return Err(sqlx::Error::Protocol(format!(
+            "{} statements sent together gave {} results",
+            statements.len(),
+            answered.len()
+        )));
+    }
+    Ok(answered)
+}
+
 /// `text` as an ASCII string written in hexadecimal, `_ascii X'…'`: a room id or a token
 /// goes into a batch's text this way, so no character of it (a quote, a backslash) can be
 /// read as SQL. (Room ids and tokens are printable ASCII, checked when parsed.)
@@ -197,6 +255,57 @@ mod tests {
                 .all(|a| matches!(a, Err(StoreError::Unavailable(_)))),
             "{answers:?}"
         );
+    }
+
+    async fn mysql() -> sqlx::MySqlConnection {
+        use sqlx::Connection;
+        let url = std::env::var("SPRAY_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+        sqlx::MySqlConnection::connect(&url)
+            .await
+            .expect("MariaDB at SPRAY_TEST_MYSQL_URL")
+    }
+
+    #[tokio::test]
+    async fn statements_run_together_answer_each_apart_in_order() {
+        let mut conn = mysql().await;
+        let statements = [
+            "SELECT 1 UNION ALL SELECT 2".to_owned(),
+            "DO 0".to_owned(),
+            "SELECT 3, 'x'".to_owned(),
+        ];
+        let answered = run_together(&mut conn, &statements).await.unwrap();
+        assert_eq!(answered.len(), 3);
+        assert_eq!(answered[0].read::<(i64,)>().unwrap(), vec![(1,), (2,)]);
+        assert!(answered[1].rows.is_empty());
+        assert_eq!(
+            answered[2].read::<(i64, String)>().unwrap(),
+            vec![(3, "x".to_owned())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_statement_stops_the_rest_and_leaves_the_connection_usable() {
+        let mut conn = mysql().await;
+        let table = format!("test.run_together_{:016x}", rand::random::<u64>());
+        let statements = [
+            format!("CREATE TEMPORARY TABLE {table} (v INT PRIMARY KEY)"),
+            format!("INSERT INTO {table} VALUES (1)"),
+            format!("INSERT INTO {table} VALUES (1)"),
+            format!("INSERT INTO {table} VALUES (2)"),
+        ];
+        let failed = run_together(&mut conn, &statements).await;
+        assert!(
+            matches!(&failed, Err(sqlx::Error::Database(e)) if e.is_unique_violation()),
+            "{:?}",
+            failed.err()
+        );
+        // The statement after the failing one never ran, and the connection answers the
+        // next one.
+        let rows = run_together(&mut conn, &[format!("SELECT v FROM {table} ORDER BY v")])
+            .await
+            .unwrap();
+        assert_eq!(rows[0].read::<(i32,)>().unwrap(), vec![(1,)]);
     }
 
     #[test]

@@ -5,21 +5,22 @@
 //! concurrent commits share one redo-log flush. A claim alone is six round trips (`BEGIN`,
 //! the spray's shared lock, the point update, the share's amount, the CREDIT, `COMMIT`), so
 //! savepoints (as `store/batch.rs` uses on SQLite) would only add two more per claim. A
-//! batch here costs the same six round trips whatever it holds:
+//! batch here costs four round trips whatever it holds:
 //!
 //! 1. `BEGIN`;
-//! 2. the sprays' rows, read under the shared lock every claim takes (see `store/mysql.rs`:
-//!    claims run side by side, a settlement waits for them);
-//! 3. the shares' rows, locked (`FOR UPDATE`, in primary-key order): from here no other
+//! 2. in one round trip (`multi_row::run_together`), two reads known from the requests
+//!    alone: the sprays' rows, read under the shared lock every claim takes (see
+//!    `store/mysql.rs`: claims run side by side, a settlement waits for them), and the
+//!    shares' rows, locked (`FOR UPDATE`, in primary-key order): from here no other
 //!    transaction can take them;
-//! 4. one `UPDATE` giving each share it can have to each claim;
-//! 5. one `INSERT` of every CREDIT;
-//! 6. `COMMIT`,
+//! 3. in one round trip, one `UPDATE` giving each share it can have to each claim, and
+//!    one `INSERT` of every CREDIT;
+//! 4. `COMMIT`,
 //!
 //! and one statement more for each claim that carries an idempotency key (its kept effect,
 //! in the same transaction as its money).
 //!
-//! Between 3 and 4 each claim is decided on the rows read under lock, in the order of the
+//! Between 2 and 3 each claim is decided on the rows read under lock, in the order of the
 //! batch, exactly as it would be decided alone after the claims before it had committed:
 //! the spray gone, settled or closed at the claim's `now` is `Closed`; the share already
 //! taken (in SQL, or by an earlier claim of the batch) is `Taken`; a user given another
@@ -38,14 +39,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use sqlx::{MySql, MySqlPool};
 
 use super::commit::{TakenShare, Written, commit_and_confirm};
 use super::convert::{amount_from, millis};
 use super::error::{Unique, unique_violation};
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, fetch_text, write_and_answer};
+use super::multi_row::{Fallback, run_together, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
 use super::queue::{BatchQueues, Reply};
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
@@ -209,7 +209,8 @@ async fn decide_in(
     tx: &mut sqlx::Transaction<'static, MySql>,
     requests: &[SlotRequest],
 ) -> Result<Vec<Decided>, StoreError> {
-    // The sprays, under the shared lock: (receive_until, settled) by id.
+    // The sprays under the shared lock, and the shares locked, in one round trip: both
+    // statements are known from the requests alone.
     let mut spray_ids: Vec<i64> = requests.iter().map(|r| r.spray_id).collect();
     spray_ids.sort_unstable();
     spray_ids.dedup();
@@ -218,25 +219,30 @@ async fn decide_in(
         .map(i64::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let sql =
+    let sprays_sql =
         format!("SELECT id, receive_until, settled_at FROM sprays WHERE id IN ({ids}) LOCK IN SHARE MODE");
-    let sprays: HashMap<i64, (i64, bool)> = fetch_text::<(i64, i64, Option<i64>), _>(&mut **tx, sql)
-        .await?
+    let keys = share_keys(requests.iter().map(|r| (r.spray_id, r.slot)));
+    let shares_sql = format!(
+        "SELECT spray_id, slot, amount, receiver_id FROM shares WHERE {keys} ORDER BY spray_id, slot FOR UPDATE"
+    );
+    let answered = run_together(&mut **tx, &[sprays_sql, shares_sql]).await?;
+    let (spray_rows, share_rows) = match answered.as_slice() {
+        [sprays, shares] => (
+            sprays.read::<(i64, i64, Option<i64>)>()?,
+            shares.read::<(i64, i64, i64, Option<i64>)>()?,
+        ),
+        _ => return Err(StoreError::Other("a batch's reads had no answer".into())),
+    };
+    // (receive_until, settled) by spray id.
+    let sprays: HashMap<i64, (i64, bool)> = spray_rows
         .into_iter()
         .map(|(id, until, settled)| (id, (until, settled.is_some())))
         .collect();
-
-    // The shares, locked: (amount, taken) by (spray, slot).
-    let keys = share_keys(requests.iter().map(|r| (r.spray_id, r.slot)));
-    let sql = format!(
-        "SELECT spray_id, slot, amount, receiver_id FROM shares WHERE {keys} ORDER BY spray_id, slot FOR UPDATE"
-    );
-    let mut shares: HashMap<(i64, i64), (i64, bool)> =
-        fetch_text::<(i64, i64, i64, Option<i64>), _>(&mut **tx, sql)
-            .await?
-            .into_iter()
-            .map(|(spray, slot, amount, receiver)| ((spray, slot), (amount, receiver.is_some())))
-            .collect();
+    // (amount, taken) by (spray, slot).
+    let mut shares: HashMap<(i64, i64), (i64, bool)> = share_rows
+        .into_iter()
+        .map(|(spray, slot, amount, receiver)| ((spray, slot), (amount, receiver.is_some())))
+        .collect();
 
     // Each claim in order, as if the ones before it had committed.
     let mut receivers: HashSet<(i64, i64)> = HashSet::new();
@@ -306,38 +312,29 @@ async fn give_in(
         "INSERT INTO ledger (spray_id, kind, user_id, amount, at)
          SELECT spray_id, 'CREDIT', receiver_id, amount, received_at FROM shares WHERE {keys}"
     );
-    // Both in one round trip: MySQL runs them in order and stops at the first that fails,
-    // so the CREDITs are never written without their shares. Every result is read before
-    // anything is decided, so the connection is left with none pending.
-    let results: Vec<Result<sqlx::mysql::MySqlQueryResult, sqlx::Error>> =
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{update};\n{credit}")))
-            .execute_many(&mut **tx)
-            .collect()
-            .await;
-    let mut results = results.into_iter();
-    let updated = match results.next() {
-        Some(Ok(updated)) => updated,
-        // The statement failed as a whole (InnoDB rolls back the one statement).
-        Some(Err(e)) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => return Ok(false),
-        Some(Err(e)) => return Err(e.into()),
-        None => return Err(StoreError::Other("a batch's UPDATE had no answer".into())),
+    // Both in one round trip: MySQL stops at the first that fails, so the CREDITs are
+    // never written without their shares.
+    let answered = match run_together(&mut **tx, &[update, credit]).await {
+        Ok(answered) => answered,
+        // The UPDATE failed as a whole (InnoDB undoes the one statement).
+        Err(e) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => return Ok(false),
+        Err(e) => return Err(e.into()),
     };
-    if updated.rows_affected() != u64::try_from(given.len()).unwrap_or(u64::MAX) {
+    let [updated, credited] = answered.as_slice() else {
+        return Err(StoreError::Other("a batch's writes had no answer".into()));
+    };
+    if updated.affected != u64::try_from(given.len()).unwrap_or(u64::MAX) {
         // The rows are locked and were read free: this cannot happen. Write nothing.
         return Err(StoreError::Other(format!(
             "a batch gave {} of {} locked free shares",
-            updated.rows_affected(),
+            updated.affected,
             given.len()
         )));
     }
-    let credited = match results.next() {
-        Some(credited) => credited?,
-        None => return Err(StoreError::Other("a batch's CREDIT had no answer".into())),
-    };
-    if credited.rows_affected() != updated.rows_affected() {
+    if credited.affected != updated.affected {
         return Err(StoreError::Other(format!(
             "a batch credited {} of {} shares",
-            credited.rows_affected(),
+            credited.affected,
             given.len()
         )));
     }

@@ -4,16 +4,16 @@
 //! A spray alone is six round trips (`BEGIN`, its row, its shares, its DEBIT, `COMMIT`, and
 //! the pings sqlx adds around a pooled connection), and MariaDB's CPU, not the disk, was
 //! the bound: about 700 µs of it per spray on this machine, most of it spent per statement.
-//! A batch costs the same few statements whatever it holds:
+//! A batch costs the same few round trips whatever it holds:
 //!
 //! 1. `BEGIN`;
 //! 2. for each spray that carries an idempotency key, its kept effect (one statement each;
 //!    a lost lease fails that spray alone, 503, as it would alone, and it is left out);
-//! 3. one `INSERT` of every spray's row;
-//! 4. one `SELECT` of their ids, by the unique key each row now holds;
-//! 5. one `INSERT` of every share (one per 500 shares);
-//! 6. one `INSERT` of every DEBIT;
-//! 7. `COMMIT`.
+//! 3. one `INSERT` of every spray's row and one `SELECT` of their ids, by the unique key
+//!    each row now holds, in one round trip (`multi_row::run_together`);
+//! 4. one `INSERT` of every share (one per 500 shares) and one of every DEBIT, in one
+//!    round trip;
+//! 5. `COMMIT`.
 //!
 //! A new spray can be refused by one rule only: its token is taken among the live sprays
 //! of its room or of its sprayer. Then the unique key fails the whole `INSERT`, the batch
@@ -35,7 +35,7 @@ use super::commit::{Written, commit_and_confirm};
 use super::convert::{millis, share_rows, stored};
 use super::error::unique_violation;
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, fetch_text, hex, write_and_answer};
+use super::multi_row::{Fallback, hex, run_together, write_and_answer};
 use super::mysql::portable::effect_recorded_in;
 use super::queue::{BatchQueues, Reply};
 use super::{Effect, NewSpray, PendingKey, StoreError};
@@ -213,21 +213,22 @@ async fn insert_rows_in(
                              created_at, receive_until, lookup_until)
          VALUES {rows}"
     );
-    let first_id = match sqlx::raw_sql(sqlx::AssertSqlSafe(insert))
-        .execute(&mut **tx)
-        .await
-    {
-        Ok(done) => done.last_insert_id(),
+    // Every id the statement gave is at least its first one (`LAST_INSERT_ID()`, which the
+    // SELECT reads in the same session), and the live key (room, token) is unique: these
+    // rows are exactly the batch's. Both in one round trip; the SELECT runs only if the
+    // INSERT did.
+    let select = format!(
+        "SELECT id, room_id, token FROM sprays
+         WHERE id >= LAST_INSERT_ID() AND (room_id, token, token_live) IN ({keys})"
+    );
+    let found: Vec<(i64, String, String)> = match run_together(&mut **tx, &[insert, select]).await {
+        Ok(answered) => match answered.as_slice() {
+            [_, selected] => selected.read()?,
+            _ => return Err(StoreError::Other("a batch's sprays had no answer".into())),
+        },
         Err(e) if unique_violation(&e).is_some_and(|u| u.is_token_taken()) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    // Every id the statement gave is at least its first one (`LAST_INSERT_ID()`), and the
-    // live key (room, token) is unique: these rows are exactly the batch's.
-    let select = format!(
-        "SELECT id, room_id, token FROM sprays
-         WHERE id >= {first_id} AND (room_id, token, token_live) IN ({keys})"
-    );
-    let found: Vec<(i64, String, String)> = fetch_text(&mut **tx, select).await?;
     let by_key: std::collections::HashMap<(&str, &str), i64> = found
         .iter()
         .map(|(id, room, token)| ((room.as_str(), token.as_str()), *id))
@@ -264,22 +265,21 @@ async fn insert_shares_and_debits_in(
             millis(spray.created_at)
         ));
     }
-    for chunk in shares.chunks(SHARES_PER_INSERT) {
-        let insert = format!(
-            "INSERT INTO shares (spray_id, slot, amount) VALUES {}",
-            chunk.join(", ")
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(insert))
-            .execute(&mut **tx)
-            .await?;
-    }
-    let insert = format!(
+    // All in one round trip.
+    let mut inserts: Vec<String> = shares
+        .chunks(SHARES_PER_INSERT)
+        .map(|chunk| {
+            format!(
+                "INSERT INTO shares (spray_id, slot, amount) VALUES {}",
+                chunk.join(", ")
+            )
+        })
+        .collect();
+    inserts.push(format!(
         "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES {}",
         debits.join(", ")
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(insert))
-        .execute(&mut **tx)
-        .await?;
+    ));
+    run_together(&mut **tx, &inserts).await?;
     Ok(())
 }
 
