@@ -18,6 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::TimeDelta;
 
+use super::confirmations::Confirmations;
 use super::exhausted::ExhaustedSprays;
 use super::{ClaimPath, RedisStatus};
 use crate::domain::ReceiveRefusal;
@@ -28,7 +29,9 @@ use crate::telemetry;
 
 pub struct GatedClaim {
     store: Arc<dyn Store>,
-    gate: RedisGate,
+    gate: Arc<RedisGate>,
+    /// The holds recorded in SQL, confirmed to the gate many at a time.
+    confirmations: Confirmations,
     /// How long a slot handed out may stay unrecorded before another claim takes it over.
     lease: TimeDelta,
     /// The sprays seen taken for good, answered without Redis until their window closes.
@@ -37,8 +40,10 @@ pub struct GatedClaim {
 
 impl GatedClaim {
     pub fn new(store: Arc<dyn Store>, gate: RedisGate, lease: TimeDelta) -> GatedClaim {
+        let gate = Arc::new(gate);
         GatedClaim {
             store,
+            confirmations: Confirmations::start(gate.clone()),
             gate,
             lease,
             exhausted: ExhaustedSprays::default(),
@@ -83,7 +88,7 @@ impl GatedClaim {
             Ok(SlotClaim::Received(amount)) => {
                 // If this is lost (Redis down), the hold is taken over after its lease and
                 // SQL refuses the taker, who then falls back to SQL: slower, still exact.
-                let _ = self.gate.confirm(keys, claim.user, slot).await;
+                self.confirmations.confirm(keys, claim.user, slot).await;
                 Ok(ClaimOutcome::Received(amount))
             }
             Ok(SlotClaim::Taken) => {

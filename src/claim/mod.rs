@@ -8,6 +8,7 @@
 //! client that goes away, or a request time-out, cannot stop it between the gate
 //! handing out a slot and SQL recording it (or the gate getting the slot back).
 
+mod confirmations;
 mod exhausted;
 mod gated;
 mod sql;

@@ -3,7 +3,7 @@
 
 use crate::domain::{RoomId, Token};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GateKeys {
     pub meta: String,
     pub free: String,

@@ -32,6 +32,8 @@ pub use keys::GateKeys;
 use crate::domain::{RoomId, Token, UserId};
 use crate::store::ClaimSnapshot;
 
+/// The most holds one `CONFIRM` call takes.
+pub const CONFIRM_AT_ONCE: usize = 512;
 /// How long one Redis call may take before the request goes down the SQL path.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long the gate stays out of the way after Redis failed.
@@ -324,9 +326,20 @@ impl RedisGate {
 
     /// Marks the user's hold of `slot` as recorded in SQL, so it is never taken over.
     pub async fn confirm(&self, keys: &GateKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
-        self.run(&self.confirm, keys, vec![user.to_string(), slot.to_string()])
-            .await
-            .map(drop)
+        self.confirm_all(keys, &[(user, slot)]).await
+    }
+
+    /// [`RedisGate::confirm`] for several holds of one spray, in one call (at most
+    /// [`CONFIRM_AT_ONCE`]; more are sent in several).
+    pub async fn confirm_all(&self, keys: &GateKeys, holds: &[(UserId, i64)]) -> Result<(), GateUnavailable> {
+        for chunk in holds.chunks(CONFIRM_AT_ONCE) {
+            let args = chunk
+                .iter()
+                .flat_map(|(user, slot)| [user.to_string(), slot.to_string()])
+                .collect();
+            self.run(&self.confirm, keys, args).await?;
+        }
+        Ok(())
     }
 
     /// Forgets a slot that SQL says is taken, and lists `holder` (its holder in SQL, when

@@ -90,10 +90,13 @@ if receivers then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
 return 1
 "#;
 
-/// SQL recorded the slot for the user: the hold becomes a plain receipt and can no
-/// longer be taken over. ARGV: user id, slot.
+/// SQL recorded the slots for their users: each hold becomes a plain receipt and can no
+/// longer be taken over. ARGV: user id, slot, for one hold or more (at most
+/// `gate::CONFIRM_AT_ONCE`, well inside Lua's `unpack` bound).
 pub(crate) const CONFIRM: &str = r#"
-return redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
+local holds = {}
+for i = 1, #ARGV, 2 do holds[#holds + 1] = ARGV[i + 1] .. ':' .. ARGV[i] end
+return redis.call('ZREM', KEYS[4], unpack(holds))
 "#;
 
 /// Gives a slot back after SQL could not record it (a transient failure), or after SQL

@@ -172,6 +172,55 @@ async fn a_recorded_share_is_confirmed_and_never_taken_over() {
 }
 
 #[tokio::test]
+async fn concurrent_winners_are_all_confirmed_and_only_their_holds() {
+    let app = TestApp::new().await;
+    let token = app.spray(6_000, 60).await;
+    let keys = app.gate_keys(&token);
+    let mut redis = RawRedis::connect(app.backend).await;
+    // One hold that nothing records (its claim died): confirming the others must leave it.
+    dead_claim(&app, &keys, 1_000).await;
+    // Winners at once: their confirmations are gathered into shared calls.
+    let answers = futures_util::future::join_all((2..61).map(|id| app.receive(id, &token))).await;
+    for answer in &answers {
+        answer.assert_status(200);
+    }
+    assert_eq!(
+        holds(&mut redis, &keys).await,
+        1,
+        "only the dead claim's hold is left"
+    );
+    // Confirmed holds are never taken over; the dead one is, after the lease.
+    app.advance(lease(&app));
+    app.receive(61, &token).await.assert_status(200);
+    app.receive(62, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    assert_eq!(app.recipients(&token).await.1.len(), 60);
+    app.assert_audit_clean().await;
+}
+
+#[tokio::test]
+async fn a_gate_confirms_several_holds_of_a_spray_in_one_call() {
+    let app = TestApp::new().await;
+    let token = app.spray(300, 3).await;
+    let keys = app.gate_keys(&token);
+    let mut redis = RawRedis::connect(app.backend).await;
+    let (_, first) = dead_claim(&app, &keys, 2).await;
+    let (_, second) = dead_claim(&app, &keys, 3).await;
+    let (_, third) = dead_claim(&app, &keys, 4).await;
+    // A hold named with the wrong user is not anyone's: it changes nothing.
+    gate(&app)
+        .confirm_all(&keys, &[(user(2), first), (user(3), third), (user(4), third)])
+        .await
+        .unwrap();
+    assert_eq!(holds(&mut redis, &keys).await, 1);
+    let left: Vec<String> = redis
+        .query(redis::cmd("ZRANGE").arg(&keys.holds).arg(0).arg(-1))
+        .await;
+    assert_eq!(left, vec![format!("{second}:3")]);
+}
+
+#[tokio::test]
 async fn a_claim_whose_client_went_away_after_the_gate_step_still_records_its_share() {
     let app = TestApp::new().await;
     let token = app.spray(100, 1).await;
