@@ -787,7 +787,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             std::process::exit(2);
         }
     };
-    print_server_figures(&base).await;
+    print_server_figures(&base, &ServerFigures::new()).await;
     // Then paced at half of that peak, as the full run does.
     let half = half_peak(mode, name, row.kind, &base, &ids, row.rate).await;
     drop(server);
@@ -823,18 +823,42 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
 }
 
 /// What the server says of its own work during a probe, from its `/metrics`: how many
-/// writes its group commits held, and the mean time of each store operation it timed.
-/// For profiling: where a request's time goes.
-async fn print_server_figures(base: &str) {
-    let Ok(text) = reqwest::get(format!("{base}/metrics"))
+/// writes its group commits held, and the mean time of each route and store operation
+/// it timed, since `before` (an earlier reading, or nothing). For profiling: where a
+/// request's time goes.
+async fn print_server_figures(base: &str, before: &ServerFigures) -> ServerFigures {
+    let now = server_figures(base).await;
+    for (series, (sum, count)) in &now {
+        let (sum0, count0) = before.get(series).copied().unwrap_or_default();
+        let (sum, count) = (sum - sum0, count - count0);
+        if count <= 0.0 {
+            continue;
+        }
+        let mean = sum / count;
+        if series.contains("_seconds") {
+            println!("server: {series}: {count:.0}, mean {:.2} ms", mean * 1000.0);
+        } else {
+            println!("server: {series}: {count:.0}, mean {mean:.1}");
+        }
+    }
+    now
+}
+
+/// Sums and counts of the server's histograms, by series.
+type ServerFigures = std::collections::BTreeMap<String, (f64, f64)>;
+
+async fn server_figures(base: &str) -> ServerFigures {
+    let mut sums = ServerFigures::new();
+    let Ok(answer) = reqwest::get(format!("{base}/metrics"))
         .await
         .and_then(|r| r.error_for_status())
     else {
-        return;
+        return sums;
     };
-    let Ok(text) = text.text().await else { return };
+    let Ok(text) = answer.text().await else {
+        return sums;
+    };
     let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-    let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some(name_end) = line.find([' ', '{']) else {
             continue;
@@ -853,16 +877,13 @@ async fn print_server_figures(base: &str) {
         }
         let Some(v) = value(line) else { continue };
         let entry = sums.entry(format!("{metric}{labels}")).or_default();
-        if is_sum { entry.0 += v } else { entry.1 += v }
-    }
-    for (series, (sum, count)) in sums.into_iter().filter(|(_, (_, c))| *c > 0.0) {
-        let mean = sum / count;
-        if series.contains("_seconds") {
-            println!("server: {series}: {count:.0}, mean {:.2} ms", mean * 1000.0);
+        if is_sum {
+            entry.0 += v;
         } else {
-            println!("server: {series}: {count:.0}, mean {mean:.1}");
+            entry.1 += v;
         }
     }
+    sums
 }
 
 /// The mixed workload on three instances on MySQL + Redis (whatever the store argument),
@@ -874,7 +895,15 @@ async fn probe_mixed(mode: &Mode) {
     let ids = Arc::new(Ids::new());
     let peak = measure(mixed(&bases, &ids), closed(mode.mixed_duration)).await;
     let offered = peak.per_second() / 2.0;
+    let mut before = Vec::new();
+    for base in &bases {
+        before.push(server_figures(base).await);
+    }
     let half = measure(mixed(&bases, &ids), paced(offered, mode.mixed_duration)).await;
+    println!("server figures at half peak:");
+    for (base, before) in bases.iter().zip(&before) {
+        print_server_figures(base, before).await;
+    }
     drop(servers);
     let audit = audit(&url);
     drop_database(&db).await;
