@@ -10,6 +10,16 @@
 //! could not record it). A hold whose claim died without either (its instance was killed)
 //! is taken over by CLAIM once it is older than the claim lease: SQL's conditional update
 //! then decides between the new holder and a late original one.
+//!
+//! The meta hash also counts what the three other keys hold (`free`, `held`, `recv`), and
+//! every script that changes one changes its count in the same step. Redis can lose one
+//! key of a spray and keep the others (an eviction under any `maxmemory-policy` but
+//! `noeviction` picks keys one by one): a lost free list would read as "no share left", a
+//! lost set of holds as "none held" (the spray then looks taken for good), lost receivers
+//! as "never received". So CLAIM checks the counts first, and keys that disagree with
+//! them are dropped and answered as missing: the claim rebuilds them from SQL. Every
+//! script that would change a count leaves the keys alone once the meta hash is gone, so
+//! that nothing is made without a time to live.
 
 /// ARGV: user id, now (ms), how long after the window the keys are trusted (ms), the
 /// claim lease (ms).
@@ -27,31 +37,41 @@
 /// record the share (only its confirmation was lost), its retries are still answered
 /// "already received" after SQL confirms it.
 pub(crate) const CLAIM: &str = r#"
-local id = redis.call('HGET', KEYS[1], 'id')
+local meta = redis.call('HMGET', KEYS[1], 'id', 'until', 'owner', 'free', 'held', 'recv')
+local id = meta[1]
 if not id then return {'MISSING'} end
 local now = tonumber(ARGV[2])
-if now >= tonumber(redis.call('HGET', KEYS[1], 'until')) + tonumber(ARGV[3]) then
+local closes = tonumber(meta[2])
+if now >= closes + tonumber(ARGV[3])
+  or tonumber(meta[4]) ~= redis.call('LLEN', KEYS[2])
+  or tonumber(meta[5]) ~= redis.call('ZCARD', KEYS[4])
+  or tonumber(meta[6]) ~= redis.call('HLEN', KEYS[3]) then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
   return {'MISSING'}
 end
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return {'OWN', id} end
+if meta[3] == ARGV[1] then return {'OWN', id} end
 local held = redis.call('HGET', KEYS[3], ARGV[1])
 if held then return {'ALREADY', id, held} end
-if now >= tonumber(redis.call('HGET', KEYS[1], 'until')) then return {'EXPIRED', id} end
+if now >= closes then return {'EXPIRED', id} end
 local taken_over = 0
 local slot = redis.call('LPOP', KEYS[2])
-if not slot then
+if slot then
+  redis.call('HINCRBY', KEYS[1], 'free', -1)
+  redis.call('HINCRBY', KEYS[1], 'held', 1)
+else
   local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, 1)
   if #stale == 0 then
     local for_good = 0
-    if redis.call('ZCARD', KEYS[4]) == 0 then for_good = 1 end
+    if tonumber(meta[5]) == 0 then for_good = 1 end
     return {'EXHAUSTED', id, redis.call('HGET', KEYS[1], 'shares'), for_good}
   end
+  -- One hold out, one in: `held` stays.
   redis.call('ZREM', KEYS[4], stale[1])
   slot = string.match(stale[1], '^(%d+):')
   taken_over = 1
 end
 redis.call('HSET', KEYS[3], ARGV[1], slot)
+redis.call('HINCRBY', KEYS[1], 'recv', 1)
 redis.call('ZADD', KEYS[4], now, slot .. ':' .. ARGV[1])
 local ttl = math.max(redis.call('PTTL', KEYS[1]), 1)
 redis.call('PEXPIRE', KEYS[3], ttl)
@@ -62,16 +82,14 @@ return {'SLOT', id, slot, taken_over}
 /// Load-if-absent. ARGV: spray id, owner, receive_until (ms), shares, time to live (ms),
 /// number of free slots F, the F free slots in order, then user/slot pairs of receivers.
 /// Does nothing (returns 0) if the keys already hold this spray (another request rebuilt
-/// it first). Keys that hold an older spray under the same room and token are replaced.
+/// it first). Otherwise whatever the keys hold (an older spray under the same room and
+/// token, or what was left of this one's keys after one was lost) is replaced.
 /// The time to live is relative, so the keys' lifetime does not depend on Redis's clock
 /// agreeing with ours. A rebuilt spray has no holds: SQL lists every share it has not
 /// recorded as free.
 pub(crate) const REBUILD: &str = r#"
-local held = redis.call('HGET', KEYS[1], 'id')
-if held == ARGV[1] then return 0 end
-if held then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4]) end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'until', ARGV[3], 'shares', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local free = tonumber(ARGV[6])
 local i = 7
 while i <= 6 + free do
@@ -80,13 +98,15 @@ while i <= 6 + free do
   i = last + 1
 end
 if free > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
-local receivers = false
+local receivers = 0
 while i < #ARGV do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-  receivers = true
+  receivers = receivers + redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-if receivers then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
+if receivers > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'until', ARGV[3], 'shares', ARGV[4],
+  'free', redis.call('LLEN', KEYS[2]), 'held', 0, 'recv', receivers)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
 
@@ -94,9 +114,12 @@ return 1
 /// longer be taken over. ARGV: user id, slot, for one hold or more (at most
 /// `gate::CONFIRM_AT_ONCE`, well inside Lua's `unpack` bound).
 pub(crate) const CONFIRM: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local holds = {}
 for i = 1, #ARGV, 2 do holds[#holds + 1] = ARGV[i + 1] .. ':' .. ARGV[i] end
-return redis.call('ZREM', KEYS[4], unpack(holds))
+local confirmed = redis.call('ZREM', KEYS[4], unpack(holds))
+redis.call('HINCRBY', KEYS[1], 'held', -confirmed)
+return confirmed
 "#;
 
 /// Gives a slot back after SQL could not record it (a transient failure), or after SQL
@@ -106,12 +129,17 @@ return redis.call('ZREM', KEYS[4], unpack(holds))
 /// stays listed as a receiver (their retries are then "already received", confirmed by
 /// SQL, never "exhausted").
 pub(crate) const RELEASE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
-if ARGV[3] ~= '1' then redis.call('HDEL', KEYS[3], ARGV[1]) end
+if ARGV[3] ~= '1' then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'recv', -1)
+end
 if redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'held', -1)
 redis.call('LPUSH', KEYS[2], ARGV[2])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+redis.call('HINCRBY', KEYS[1], 'free', 1)
+redis.call('PEXPIRE', KEYS[2], math.max(redis.call('PTTL', KEYS[1]), 1))
 return 1
 "#;
 
@@ -122,11 +150,15 @@ return 1
 /// SQL names one. Only into existing keys: keys lost meanwhile are rebuilt from SQL, which
 /// lists every receiver, and a key made here would have no time to live.
 pub(crate) const FORGET: &str = r#"
-redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1])
-if ARGV[3] and redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[2]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'held', -redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. ARGV[1]))
+if ARGV[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'recv', redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[2]))
+end
 if ARGV[3] == ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'recv', -1)
 return 1
 "#;
 
@@ -135,8 +167,10 @@ return 1
 /// Answers nil unless the keys hold that spray in that state, else
 /// `{owner, receive_until (ms), shares, {receivers...}}`.
 pub(crate) const EXHAUSTED_SPRAY: &str = r#"
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return false end
+local meta = redis.call('HMGET', KEYS[1], 'id', 'owner', 'until', 'shares', 'free', 'held', 'recv')
+if meta[1] ~= ARGV[1] then return false end
 if redis.call('LLEN', KEYS[2]) > 0 or redis.call('ZCARD', KEYS[4]) > 0 then return false end
-local meta = redis.call('HMGET', KEYS[1], 'owner', 'until', 'shares')
-return {meta[1], meta[2], meta[3], redis.call('HKEYS', KEYS[3])}
+if tonumber(meta[5]) ~= 0 or tonumber(meta[6]) ~= 0
+  or tonumber(meta[7]) ~= redis.call('HLEN', KEYS[3]) then return false end
+return {meta[2], meta[3], meta[4], redis.call('HKEYS', KEYS[3])}
 "#;

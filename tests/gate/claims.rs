@@ -360,3 +360,184 @@ async fn a_user_handed_the_share_they_took_through_sql_alone_stays_listed() {
     assert_eq!(free, 2, "the share taken in SQL went back to the free list");
     app.assert_audit_clean().await;
 }
+
+/// Deletes one of the spray's gate keys, as an eviction under any `maxmemory-policy` but
+/// `noeviction` may: Redis evicts keys one by one, not a spray's keys together.
+async fn evict(app: &TestApp, key: &str) {
+    let mut redis = raw(app).await;
+    let deleted: i64 = redis.query(redis::cmd("DEL").arg(key)).await;
+    assert_eq!(deleted, 1, "the key {key} was there to evict");
+}
+
+/// The free slots lost alone: the gate must not take the spray for exhausted while SQL
+/// has free shares. It notices the keys no longer agree and rebuilds them from SQL.
+#[tokio::test]
+async fn a_spray_whose_free_slots_were_evicted_alone_is_rebuilt_not_exhausted() {
+    let app = TestApp::new().await;
+    let token = app.spray(300, 3).await;
+    app.receive(2, &token).await.assert_status(200);
+    evict(&app, &app.gate_keys(&token).free).await;
+    app.receive(3, &token).await.assert_status(200);
+    app.receive(4, &token).await.assert_status(200);
+    app.receive(5, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.receive(2, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    assert_eq!(app.recipients(&token).await, (300, HashSet::from([2, 3, 4])));
+    app.assert_audit_clean().await;
+}
+
+/// The holds lost alone: a share handed to a claim that then died is free in SQL. Without
+/// its hold the gate could neither take it over nor tell it from a recorded one, and
+/// would call the spray exhausted for good.
+#[tokio::test]
+async fn a_spray_whose_holds_were_evicted_alone_is_rebuilt_and_the_dead_share_goes_out() {
+    let app = TestApp::new().await;
+    let token = app.spray(100, 1).await;
+    let keys = app.gate_keys(&token);
+    let gate = spray::gate::RedisGate::new(
+        app.settings.redis_url.as_deref().unwrap(),
+        &app.settings.redis_key_prefix,
+    )
+    .unwrap();
+    let lease = app.settings.claim_lease().unwrap();
+    // User 2's claim is handed the one slot and dies before SQL records it.
+    let verdict = gate
+        .claim(
+            &keys,
+            spray::domain::UserId::parse("2").unwrap(),
+            app.now(),
+            lease,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(verdict, spray::gate::GateVerdict::Slot { .. }),
+        "{verdict:?}"
+    );
+    evict(&app, &keys.holds).await;
+    app.advance(lease);
+    app.receive(3, &token).await.assert_status(200);
+    app.receive(4, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    assert_eq!(app.recipients(&token).await, (100, HashSet::from([3])));
+    app.assert_audit_clean().await;
+}
+
+/// The receivers lost alone, once the spray is taken: an instance that remembers the
+/// spray as taken for good must still know who received, or a receiver's retry would be
+/// answered "exhausted" instead of "already received".
+#[tokio::test]
+async fn a_spray_whose_receivers_were_evicted_alone_still_answers_already_received() {
+    let app = TestApp::new().await;
+    let token = app.spray(200, 2).await;
+    app.receive(2, &token).await.assert_status(200);
+    app.receive(3, &token).await.assert_status(200);
+    evict(&app, &app.gate_keys(&token).receivers).await;
+    for user in 4..=5 {
+        app.receive(user, &token)
+            .await
+            .assert_problem(409, "SPRAY_EXHAUSTED");
+    }
+    for user in 2..=3 {
+        app.receive(user, &token)
+            .await
+            .assert_problem(409, "ALREADY_RECEIVED");
+    }
+    assert_eq!(app.recipients(&token).await, (200, HashSet::from([2, 3])));
+    app.assert_audit_clean().await;
+}
+
+/// The counts the meta hash keeps of the other keys (free slots, holds, receivers).
+async fn counts(app: &TestApp, token: &str) -> ([i64; 3], [i64; 3]) {
+    let keys = app.gate_keys(token);
+    let mut redis = raw(app).await;
+    let kept: Vec<i64> = redis
+        .query(
+            redis::cmd("HMGET")
+                .arg(&keys.meta)
+                .arg("free")
+                .arg("held")
+                .arg("recv"),
+        )
+        .await;
+    let free: i64 = redis.query(redis::cmd("LLEN").arg(&keys.free)).await;
+    let held: i64 = redis.query(redis::cmd("ZCARD").arg(&keys.holds)).await;
+    let recv: i64 = redis.query(redis::cmd("HLEN").arg(&keys.receivers)).await;
+    ([kept[0], kept[1], kept[2]], [free, held, recv])
+}
+
+/// Every way a script changes the keys keeps the counts right, so the check never
+/// rebuilds a spray whose keys were not lost: a claim recorded, a hold taken over, a slot
+/// found taken (forgotten, its SQL holder listed), a slot given back, a slot given back by
+/// a user SQL says already received.
+#[tokio::test]
+async fn the_counts_follow_every_change_and_cause_no_rebuild() {
+    let app = TestApp::new().await;
+    let token = app.spray(600, 6).await;
+    let keys = app.gate_keys(&token);
+    let gate = spray::gate::RedisGate::new(
+        app.settings.redis_url.as_deref().unwrap(),
+        &app.settings.redis_key_prefix,
+    )
+    .unwrap();
+    let lease = app.settings.claim_lease().unwrap();
+    let user = |id: &str| spray::domain::UserId::parse(id).unwrap();
+    let rebuilds = [("event", "rebuild")];
+    let before = counter(&app, GATE_EVENTS, &rebuilds).await;
+
+    // Recorded and confirmed.
+    app.receive(2, &token).await.assert_status(200);
+    // A slot given back (SQL could not record it).
+    let Ok(spray::gate::GateVerdict::Slot { slot, .. }) =
+        gate.claim(&keys, user("3"), app.now(), lease).await
+    else {
+        panic!("a slot for user 3");
+    };
+    gate.release(&keys, user("3"), slot).await.unwrap();
+    assert_eq!(counts(&app, &token).await, ([5, 0, 1], [5, 0, 1]));
+    // Received through SQL alone, then the gate hands that slot on: forgotten, holder listed.
+    claim_through_sql_alone(&app, &token, "4").await;
+    app.receive(5, &token).await.assert_status(200);
+    // A user SQL says already received, handed a slot: given back, user kept listed.
+    let Ok(spray::gate::GateVerdict::Slot { slot, .. }) =
+        gate.claim(&keys, user("9"), app.now(), lease).await
+    else {
+        panic!("a slot for user 9");
+    };
+    claim_through_sql_alone(&app, &token, "9").await;
+    gate.release_to_others(&keys, user("9"), slot).await.unwrap();
+    // A hold whose claim died, taken over after the lease.
+    let Ok(spray::gate::GateVerdict::Slot { .. }) = gate.claim(&keys, user("6"), app.now(), lease).await
+    else {
+        panic!("a slot for user 6");
+    };
+    let (kept, actual) = counts(&app, &token).await;
+    assert_eq!(kept, actual);
+    // Newcomers drain the free slots, then one takes the dead hold over.
+    app.advance(lease);
+    let takeovers = [("event", "takeover")];
+    let takeovers_before = counter(&app, GATE_EVENTS, &takeovers).await;
+    for id in 20..=26 {
+        let answer = app.receive(id, &token).await;
+        if answer.status != 200 {
+            answer.assert_problem(409, "SPRAY_EXHAUSTED");
+        }
+    }
+    assert!(
+        counter(&app, GATE_EVENTS, &takeovers).await > takeovers_before,
+        "a hold was taken over"
+    );
+    let (kept, actual) = counts(&app, &token).await;
+    assert_eq!(kept, actual, "kept counts against the keys");
+    assert_eq!(app.recipients(&token).await.1.len(), 6);
+    assert_eq!(
+        counter(&app, GATE_EVENTS, &rebuilds).await,
+        before,
+        "no spray was rebuilt"
+    );
+    app.assert_audit_clean().await;
+}
