@@ -779,7 +779,17 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         }
         "hot" => race(name, Kind::Hot, &base, &ids, 1_000, mode.hot_users, mode).await,
         "winners" => {
+            // `SPRAY_PROBE_ROUNDS`: more races first, on the same server, each printed:
+            // does the server slow down as the sprays it has served pile up?
+            let rounds: usize = std::env::var("SPRAY_PROBE_ROUNDS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
             let shares = mode.winners_shares;
+            for round in 1..rounds {
+                let row = race(name, Kind::Winners, &base, &ids, shares, shares, mode).await;
+                println!("round {round}: {:.0}/s", row.rate);
+            }
             race(name, Kind::Winners, &base, &ids, shares, shares, mode).await
         }
         other => {
