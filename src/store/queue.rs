@@ -32,7 +32,7 @@ impl<R: Send + 'static, A: Send + 'static> BatchQueues<R, A> {
     pub(super) fn start<W, Fut>(writers: usize, max_batch: usize, write_batch: W) -> Self
     where
         W: Fn(Vec<(R, Reply<A>)>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send,
+        Fut: Future<Output = ()> + Send + 'static,
     {
         let write_batch = Arc::new(write_batch);
         let queues = (0..writers.max(1))
@@ -42,7 +42,15 @@ impl<R: Send + 'static, A: Send + 'static> BatchQueues<R, A> {
                 tokio::spawn(async move {
                     let mut batch = Vec::with_capacity(max_batch);
                     while waiting.recv_many(&mut batch, max_batch).await > 0 {
-                        write_batch(std::mem::take(&mut batch)).await;
+                        // Each batch in a task of its own, so that one that panics (a bug)
+                        // does not end this queue's writer: its requests are answered 503
+                        // (their replies dropped unanswered), and the next batch is
+                        // written. A transaction it left open is rolled back as its
+                        // connection is dropped.
+                        let written = tokio::spawn(write_batch(std::mem::take(&mut batch))).await;
+                        if let Err(failed) = written {
+                            tracing::error!(error = %failed, "a batch of writes panicked; its requests were answered 503");
+                        }
                     }
                 });
                 queue
@@ -103,4 +111,23 @@ where
         out.push(answer.await.expect("every request of a batch is answered"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_that_panics_is_answered_503_and_the_next_batch_is_written() {
+        let queues = BatchQueues::start(1, 8, |batch: Vec<(u32, Reply<u32>)>| async move {
+            for (request, reply) in batch {
+                assert_ne!(request, 0, "a bug in the batch writer");
+                let _ = reply.send(Ok(request * 10));
+            }
+        });
+        let first = queues.send(0).await;
+        assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
+        assert_eq!(queues.send(1).await.unwrap(), 10);
+        assert_eq!(queues.send_in_lane(7, 2).await.unwrap(), 20);
+    }
 }
