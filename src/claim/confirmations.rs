@@ -74,7 +74,7 @@ async fn confirm_gathered(gate: &RedisGate, gathered: Vec<Pending>) {
             .push((pending.user, pending.slot));
         waiting.push(pending.done);
     }
-    futures_util::future::join_all(by_spray.iter().map(|(keys, holds)| gate.confirm_all(keys, holds))).await;
+    futures_util::future::join_all(by_spray.iter().map(|(keys, holds)| gate.confirm(keys, holds))).await;
     for done in waiting {
         let _ = done.send(());
     }

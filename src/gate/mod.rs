@@ -324,14 +324,10 @@ impl RedisGate {
         .map(drop)
     }
 
-    /// Marks the user's hold of `slot` as recorded in SQL, so it is never taken over.
-    pub async fn confirm(&self, keys: &GateKeys, user: UserId, slot: i64) -> Result<(), GateUnavailable> {
-        self.confirm_all(keys, &[(user, slot)]).await
-    }
-
-    /// [`RedisGate::confirm`] for several holds of one spray, in one call (at most
-    /// [`CONFIRM_AT_ONCE`]; more are sent in several).
-    pub async fn confirm_all(&self, keys: &GateKeys, holds: &[(UserId, i64)]) -> Result<(), GateUnavailable> {
+    /// Marks each user's hold of its slot as recorded in SQL, so it is never taken over:
+    /// several holds of one spray in one call (at most [`CONFIRM_AT_ONCE`]; more are sent
+    /// in several).
+    pub async fn confirm(&self, keys: &GateKeys, holds: &[(UserId, i64)]) -> Result<(), GateUnavailable> {
         for chunk in holds.chunks(CONFIRM_AT_ONCE) {
             let args = chunk
                 .iter()

@@ -230,20 +230,18 @@ async fn decide_in(
         "SELECT spray_id, slot, amount, receiver_id FROM shares WHERE {keys} ORDER BY spray_id, slot FOR UPDATE"
     );
     let answered = run_together(&mut **tx, &[sprays_sql, shares_sql]).await?;
-    let (spray_rows, share_rows) = match answered.as_slice() {
-        [sprays, shares] => (
-            sprays.read::<(i64, i64, Option<i64>)>()?,
-            shares.read::<(i64, i64, i64, Option<i64>)>()?,
-        ),
-        _ => return Err(StoreError::Other("a batch's reads had no answer".into())),
+    let [spray_rows, share_rows] = answered.as_slice() else {
+        return Err(StoreError::Other("a batch's reads had no answer".into()));
     };
     // (receive_until, settled) by spray id.
     let sprays: HashMap<i64, (i64, bool)> = spray_rows
+        .read::<(i64, i64, Option<i64>)>()?
         .into_iter()
         .map(|(id, until, settled)| (id, (until, settled.is_some())))
         .collect();
     // (amount, taken) by (spray, slot).
     let mut shares: HashMap<(i64, i64), (i64, bool)> = share_rows
+        .read::<(i64, i64, i64, Option<i64>)>()?
         .into_iter()
         .map(|(spray, slot, amount, receiver)| ((spray, slot), (amount, receiver.is_some())))
         .collect();

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use super::{dead_claim, gate, lease, user};
 use crate::common::metrics::counter;
 use crate::common::{OWNER, RawRedis, TestApp};
 
@@ -397,28 +398,10 @@ async fn a_spray_whose_holds_were_evicted_alone_is_rebuilt_and_the_dead_share_go
     let app = TestApp::new().await;
     let token = app.spray(100, 1).await;
     let keys = app.gate_keys(&token);
-    let gate = spray::gate::RedisGate::new(
-        app.settings.redis_url.as_deref().unwrap(),
-        &app.settings.redis_key_prefix,
-    )
-    .unwrap();
-    let lease = app.settings.claim_lease().unwrap();
     // User 2's claim is handed the one slot and dies before SQL records it.
-    let verdict = gate
-        .claim(
-            &keys,
-            spray::domain::UserId::parse("2").unwrap(),
-            app.now(),
-            lease,
-        )
-        .await
-        .unwrap();
-    assert!(
-        matches!(verdict, spray::gate::GateVerdict::Slot { .. }),
-        "{verdict:?}"
-    );
+    dead_claim(&app, &keys, 2).await;
     evict(&app, &keys.holds).await;
-    app.advance(lease);
+    app.advance(lease(&app));
     app.receive(3, &token).await.assert_status(200);
     app.receive(4, &token)
         .await
@@ -479,13 +462,7 @@ async fn the_counts_follow_every_change_and_cause_no_rebuild() {
     let app = TestApp::new().await;
     let token = app.spray(600, 6).await;
     let keys = app.gate_keys(&token);
-    let gate = spray::gate::RedisGate::new(
-        app.settings.redis_url.as_deref().unwrap(),
-        &app.settings.redis_key_prefix,
-    )
-    .unwrap();
-    let lease = app.settings.claim_lease().unwrap();
-    let user = |id: &str| spray::domain::UserId::parse(id).unwrap();
+    let gate = gate(&app);
     // A mark in the meta hash: a rebuild starts from empty keys, so it would not survive
     // one. (The rebuild counter is shared with the tests running beside this one.)
     let mut redis = raw(&app).await;
@@ -496,33 +473,22 @@ async fn the_counts_follow_every_change_and_cause_no_rebuild() {
     // Recorded and confirmed.
     app.receive(2, &token).await.assert_status(200);
     // A slot given back (SQL could not record it).
-    let Ok(spray::gate::GateVerdict::Slot { slot, .. }) =
-        gate.claim(&keys, user("3"), app.now(), lease).await
-    else {
-        panic!("a slot for user 3");
-    };
-    gate.release(&keys, user("3"), slot).await.unwrap();
+    let (_, slot) = dead_claim(&app, &keys, 3).await;
+    gate.release(&keys, user(3), slot).await.unwrap();
     assert_eq!(counts(&app, &token).await, ([5, 0, 1], [5, 0, 1]));
     // Received through SQL alone, then the gate hands that slot on: forgotten, holder listed.
     claim_through_sql_alone(&app, &token, "4").await;
     app.receive(5, &token).await.assert_status(200);
     // A user SQL says already received, handed a slot: given back, user kept listed.
-    let Ok(spray::gate::GateVerdict::Slot { slot, .. }) =
-        gate.claim(&keys, user("9"), app.now(), lease).await
-    else {
-        panic!("a slot for user 9");
-    };
+    let (_, slot) = dead_claim(&app, &keys, 9).await;
     claim_through_sql_alone(&app, &token, "9").await;
-    gate.release_to_others(&keys, user("9"), slot).await.unwrap();
+    gate.release_to_others(&keys, user(9), slot).await.unwrap();
     // A hold whose claim died, taken over after the lease.
-    let Ok(spray::gate::GateVerdict::Slot { .. }) = gate.claim(&keys, user("6"), app.now(), lease).await
-    else {
-        panic!("a slot for user 6");
-    };
+    dead_claim(&app, &keys, 6).await;
     let (kept, actual) = counts(&app, &token).await;
     assert_eq!(kept, actual);
     // Newcomers drain the free slots, then one takes the dead hold over.
-    app.advance(lease);
+    app.advance(lease(&app));
     for id in 20..=26 {
         let answer = app.receive(id, &token).await;
         if answer.status != 200 {

@@ -8,33 +8,18 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::Request;
 use chrono::TimeDelta;
-use spray::domain::{Amount, RoomId, Token, UserId};
-use spray::gate::{GateKeys, GateVerdict, RedisGate};
+use spray::domain::{Amount, RoomId, Token};
+use spray::gate::{GateKeys, GateVerdict};
 use spray::store::{Claim, SlotClaim};
 use sqlx::Connection;
 use tower::ServiceExt;
 
+use super::{dead_claim, gate, lease, user};
 use crate::common::process::assert_refuses_to_start;
 use crate::common::{ROOM, RawRedis, TestApp};
 
 /// How long the tests wait for something that should happen at once.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn gate(app: &TestApp) -> RedisGate {
-    RedisGate::new(
-        app.settings.redis_url.as_deref().unwrap(),
-        &app.settings.redis_key_prefix,
-    )
-    .unwrap()
-}
-
-fn lease(app: &TestApp) -> TimeDelta {
-    app.settings.claim_lease().unwrap()
-}
-
-fn user(id: i64) -> UserId {
-    UserId::from_stored(id).unwrap()
-}
 
 fn claim_of(app: &TestApp, token: &str, id: i64) -> Claim {
     Claim {
@@ -42,19 +27,6 @@ fn claim_of(app: &TestApp, token: &str, id: i64) -> Claim {
         token: Token::parse(token).unwrap(),
         user: user(id),
         now: app.now(),
-    }
-}
-
-/// The gate hands `id` a slot, and nothing records it: the claim's instance was killed
-/// right after the gate's answer. Returns the spray id and the slot.
-async fn dead_claim(app: &TestApp, keys: &GateKeys, id: i64) -> (i64, i64) {
-    match gate(app)
-        .claim(keys, user(id), app.now(), lease(app))
-        .await
-        .unwrap()
-    {
-        GateVerdict::Slot { spray_id, slot, .. } => (spray_id, slot),
-        other => panic!("the gate gave no slot: {other:?}"),
     }
 }
 
@@ -210,7 +182,7 @@ async fn a_gate_confirms_several_holds_of_a_spray_in_one_call() {
     let (_, third) = dead_claim(&app, &keys, 4).await;
     // A hold named with the wrong user is not anyone's: it changes nothing.
     gate(&app)
-        .confirm_all(&keys, &[(user(2), first), (user(3), third), (user(4), third)])
+        .confirm(&keys, &[(user(2), first), (user(3), third), (user(4), third)])
         .await
         .unwrap();
     assert_eq!(holds(&mut redis, &keys).await, 1);
