@@ -80,22 +80,24 @@ impl SqliteStore {
             .await
             .map_err(|e| why_not_opened(options.get_filename(), e))?;
         let reader = pool_options(4).connect_lazy_with(options.read_only(true));
-        Ok(SqliteStore::with_pools(writer, reader))
+        SqliteStore::with_pools(writer, reader)
     }
 
     /// The store over its two pools, with the group commit started on a connection of its
     /// own to the same file (opened by the first batch).
-    fn with_pools(writer: SqlitePool, reader: SqlitePool) -> SqliteStore {
+    fn with_pools(writer: SqlitePool, reader: SqlitePool) -> Result<SqliteStore, StoreError> {
         let turn = Arc::new(tokio::sync::Mutex::new(()));
         let path = writer.connect_options().get_filename().to_path_buf();
         let money = SqliteWrites::new(path.clone(), BUSY_TIMEOUT);
-        SqliteStore {
-            batches: GroupCommit::start(money, turn.clone(), landed_through(reader.clone())),
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| StoreError::Other(format!("the SQLite store needs a Tokio runtime: {e}")))?;
+        Ok(SqliteStore {
+            batches: GroupCommit::start(money, turn.clone(), landed_through(reader.clone()), runtime)?,
             writer,
             reader,
             turn,
             lookups: SqliteLookups::start(path, BUSY_TIMEOUT),
-        }
+        })
     }
 
     /// Opens an existing database file read-only (`spray audit`): never creates the file,
@@ -107,7 +109,7 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT);
         let reader = pool_options(1).connect_with(options.clone()).await?;
         let writer = pool_options(1).connect_lazy_with(options);
-        Ok(SqliteStore::with_pools(writer, reader))
+        SqliteStore::with_pools(writer, reader)
     }
 
     /// The migrations this binary carries, to compare with those a store has applied.
@@ -501,9 +503,27 @@ mod tests {
         writer: impl BatchWriter,
         ops: Vec<WriteOp>,
     ) -> Vec<Result<WriteOutcome, StoreError>> {
-        let writer = Arc::new(std::sync::Mutex::new(writer));
-        let landed = landed_through(store.reader.clone());
-        super::super::queue::as_one_batch(|batch| write_batch(writer, batch, &landed), ops).await
+        one_batch_through(store, &Arc::new(std::sync::Mutex::new(writer)), ops).await
+    }
+
+    /// Runs `ops` as one batch through `writer` on a thread outside the runtime, as the
+    /// writer's own thread does, and their answers in order.
+    async fn one_batch_through<W: BatchWriter>(
+        store: &SqliteStore,
+        writer: &Arc<std::sync::Mutex<W>>,
+        ops: Vec<WriteOp>,
+    ) -> Vec<Result<WriteOutcome, StoreError>> {
+        let (writer, landed) = (writer.clone(), landed_through(store.reader.clone()));
+        let runtime = tokio::runtime::Handle::current();
+        let write = |batch| async move {
+            tokio::task::spawn_blocking(move || {
+                let mut writer = writer.lock().expect("a writer no batch left poisoned");
+                write_batch(&mut *writer, batch, &landed, &runtime);
+            })
+            .await
+            .expect("the batch's thread");
+        };
+        super::super::queue::as_one_batch(write, ops).await
     }
 
     async fn receivers(store: &SqliteStore) -> Vec<i64> {
@@ -729,13 +749,12 @@ mod tests {
             writer_of(&store),
             Fault::PanicAfterUser3TookAShare,
         )));
-        let landed = landed_through(store.reader.clone());
         let batch = |users: Vec<i64>| {
             let ops = users
                 .into_iter()
                 .map(|user| claim_op(claim(user), None))
                 .collect();
-            super::super::queue::as_one_batch(|batch| write_batch(writer.clone(), batch, &landed), ops)
+            one_batch_through(&store, &writer, ops)
         };
         let answers = batch(vec![2, 3, 4]).await;
         assert_503_to_all_and_nothing_kept(&store, &answers).await;
