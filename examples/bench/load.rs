@@ -1,7 +1,8 @@
-//! The load generator: a fixed number of connection tasks on one keep-alive HTTP client,
-//! each sending its next request when the last is answered (closed loop), or each taking
-//! the next slot of a fixed schedule (a paced run at a given rate). Latencies go to an HDR
-//! histogram per task, merged at the end, so a request costs the generator little.
+//! The load generator: a fixed number of connection tasks, each with its own keep-alive
+//! connection to each server (`http.rs`), each sending its next request when the last is
+//! answered (closed loop), or each taking the next slot of a fixed schedule (a paced run
+//! at a given rate). Latencies go to an HDR histogram per task, merged at the end, so a
+//! request costs the generator little.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
+
+use crate::http::{Call, Http};
 
 /// How one request was answered, as the workload judges it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -23,14 +26,15 @@ pub enum Answer {
     Error,
 }
 
-pub type Pending = Pin<Box<dyn Future<Output = Option<Answer>> + Send>>;
+pub type Pending<'a> = Pin<Box<dyn Future<Output = Option<Answer>> + Send + 'a>>;
 
 /// A workload: what the n-th request is. `None` when it has nothing left to send.
 pub trait Workload: Send + Sync + 'static {
     /// The base URLs of the servers it sends to.
     fn servers(&self) -> Vec<String>;
 
-    fn request(self: Arc<Self>, client: reqwest::Client, n: u64) -> Pending;
+    /// The n-th request, sent on `http`, the calling connection task's connections.
+    fn request(self: Arc<Self>, http: &mut Http, n: u64) -> Pending<'_>;
 }
 
 /// How requests are paced.
@@ -104,29 +108,18 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
 }
 
-/// One keep-alive client for `connections` connection tasks.
-pub fn client(connections: usize) -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(connections)
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("an HTTP client")
-}
-
 /// Runs `workload` under `load` and measures it. The connections are opened before the
 /// clock starts, as a client's keep-alive pool would be: otherwise the first requests of a
 /// run would carry the TCP connects of all of them at once, and in a short paced run (a
 /// few thousand requests) those few hundred connects were the 99th percentile.
 pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
-    let client = client(load.connections);
-    open_connections(&client, &workload.servers(), load.connections).await;
+    let connections = open_connections(&workload.servers(), load.connections).await;
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + load.limit;
     let mut tasks = JoinSet::new();
-    for _ in 0..load.connections {
-        let (workload, client, next) = (workload.clone(), client.clone(), next.clone());
+    for mut http in connections {
+        let (workload, next) = (workload.clone(), next.clone());
         tasks.spawn(async move {
             let mut mine = Tally::new();
             loop {
@@ -139,7 +132,7 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
                     break;
                 }
                 tokio::time::sleep_until(due.into()).await;
-                let Some(answer) = workload.clone().request(client.clone(), n).await else {
+                let Some(answer) = workload.clone().request(&mut http, n).await else {
                     break;
                 };
                 let done = Instant::now();
@@ -163,22 +156,25 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
     }
 }
 
-/// Opens `connections` keep-alive connections to each server, with one unmeasured
-/// `GET /healthz` on each, sent all at once so that none can reuse another's.
-async fn open_connections(client: &reqwest::Client, servers: &[String], connections: usize) {
+/// Opens the connections of `connections` tasks, each with one unmeasured `GET /healthz`
+/// to each server.
+async fn open_connections(servers: &[String], connections: usize) -> Vec<Http> {
     let mut opening = JoinSet::new();
-    for server in servers {
-        for _ in 0..connections {
-            let (client, url) = (client.clone(), format!("{server}/healthz"));
-            opening.spawn(async move {
-                if let Ok(answer) = client.get(url).send().await {
-                    // Read to the end, so the connection goes back to the pool.
-                    let _ = answer.bytes().await;
-                }
-            });
-        }
+    for _ in 0..connections {
+        let servers = servers.to_vec();
+        opening.spawn(async move {
+            let mut http = Http::new();
+            for server in &servers {
+                let _ = http.send(server, Call::get("/healthz".into(), Vec::new())).await;
+            }
+            http
+        });
     }
-    while opening.join_next().await.is_some() {}
+    let mut opened = Vec::with_capacity(connections);
+    while let Some(http) = opening.join_next().await {
+        opened.push(http.expect("a connection task"));
+    }
+    opened
 }
 
 struct Tally {

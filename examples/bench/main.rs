@@ -6,6 +6,7 @@
 //! (release) on a fresh database; the mixed workload runs three on MySQL + Redis.
 
 mod figures;
+mod http;
 mod limits;
 mod load;
 mod report;

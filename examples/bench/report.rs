@@ -587,9 +587,10 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
            with `--store-concurrency 4096 --max-concurrent-requests 4096` (every request let in: \
            the default admission bound would refuse part of {CONNECTIONS} connections, see the \
            overload section), 32 MySQL connections and `--max-recipients 100000`.\n\
-         - The load generator (`examples/bench/`) holds {CONNECTIONS} connection tasks on one \
-           keep-alive HTTP/1.1 client (reqwest), whose connections are opened before the clock \
-           starts (one unmeasured `/healthz` each); each task sends its next request when its last is \
+         - The load generator (`examples/bench/`) holds {CONNECTIONS} connection tasks, each with \
+           its own keep-alive HTTP/1.1 connection to each server (hyper, driven in the task \
+           itself: `examples/bench/http.rs`), opened before the clock starts (one unmeasured \
+           `/healthz` each); each task sends its next request when its last is \
            answered (the peak), for {:.1} s per workload and round; latencies go to HDR histograms.\n\
          - *create sprays*: 5 shares each, every spray by a fresh sprayer in a fresh room. \
            *look one spray up*: the sprayer reads one spray of 5 shares, all received. \

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::http::{Call, Http};
 use crate::load::{Answer, Pending, Workload};
 
 /// Fresh user ids, never reused within a run (across workloads and rounds).
@@ -31,31 +32,22 @@ impl Ids {
     }
 }
 
-/// Reads the body so the connection goes back to the pool, and judges a status.
-async fn status_of(answer: reqwest::Result<reqwest::Response>) -> Option<(u16, Vec<u8>)> {
-    let answer = answer.ok()?;
-    let status = answer.status().as_u16();
-    let body = answer.bytes().await.ok()?;
-    Some((status, body.into()))
-}
-
 /// Creates one spray; its token.
 pub async fn create_spray(
-    client: &reqwest::Client,
+    http: &mut Http,
     base: &str,
     owner: i64,
     room: &str,
     amount: u64,
     shares: u64,
 ) -> Option<String> {
-    let answer = client
-        .post(format!("{base}/api/v1/spray"))
-        .header("x-user-id", owner.to_string())
-        .header("x-room-id", room)
-        .json(&json!({"amount": amount, "recipient_count": shares}))
-        .send()
-        .await;
-    let (status, body) = status_of(answer).await?;
+    let owner = owner.to_string();
+    let call = Call::post(
+        "/api/v1/spray".into(),
+        vec![("x-user-id", &owner), ("x-room-id", room)],
+        &json!({"amount": amount, "recipient_count": shares}),
+    );
+    let (status, body) = http.send(base, call).await?;
     if status != 201 {
         return None;
     }
@@ -63,15 +55,14 @@ pub async fn create_spray(
     body["token"].as_str().map(str::to_owned)
 }
 
-async fn receive(client: &reqwest::Client, base: &str, user: i64, room: &str, token: &str) -> (Answer, u64) {
-    let answer = client
-        .post(format!("{base}/api/v1/receive"))
-        .header("x-user-id", user.to_string())
-        .header("x-room-id", room)
-        .json(&json!({"token": token}))
-        .send()
-        .await;
-    match status_of(answer).await {
+async fn receive(http: &mut Http, base: &str, user: i64, room: &str, token: &str) -> (Answer, u64) {
+    let user = user.to_string();
+    let call = Call::post(
+        "/api/v1/receive".into(),
+        vec![("x-user-id", &user), ("x-room-id", room)],
+        &json!({"token": token}),
+    );
+    match http.send(base, call).await {
         Some((200, body)) => {
             let amount = serde_json::from_slice::<Value>(&body)
                 .ok()
@@ -86,6 +77,19 @@ async fn receive(client: &reqwest::Client, base: &str, user: i64, room: &str, to
     }
 }
 
+/// A lookup of `token` by its sprayer `owner` in `room`: 200 or an error.
+async fn lookup(http: &mut Http, base: &str, owner: i64, room: &str, token: &str) -> Answer {
+    let owner = owner.to_string();
+    let call = Call::get(
+        format!("/api/v1/spray/{token}"),
+        vec![("x-user-id", &owner), ("x-room-id", room)],
+    );
+    match http.send(base, call).await {
+        Some((200, _)) => Answer::Ok,
+        _ => Answer::Error,
+    }
+}
+
 /// `GET /healthz`: the HTTP floor of the same server.
 pub struct Healthz {
     pub base: String,
@@ -96,10 +100,12 @@ impl Workload for Healthz {
         vec![self.base.clone()]
     }
 
-    fn request(self: Arc<Self>, client: reqwest::Client, _n: u64) -> Pending {
+    fn request(self: Arc<Self>, http: &mut Http, _n: u64) -> Pending<'_> {
         Box::pin(async move {
-            let answer = client.get(format!("{}/healthz", self.base)).send().await;
-            Some(match status_of(answer).await {
+            let answer = http
+                .send(&self.base, Call::get("/healthz".into(), Vec::new()))
+                .await;
+            Some(match answer {
                 Some((200, _)) => Answer::Ok,
                 _ => Answer::Error,
             })
@@ -118,11 +124,11 @@ impl Workload for Create {
         vec![self.base.clone()]
     }
 
-    fn request(self: Arc<Self>, client: reqwest::Client, _n: u64) -> Pending {
+    fn request(self: Arc<Self>, http: &mut Http, _n: u64) -> Pending<'_> {
         Box::pin(async move {
             let owner = self.ids.next();
             let room = format!("c{owner}");
-            let token = create_spray(&client, &self.base, owner, &room, 5_000, 5).await;
+            let token = create_spray(http, &self.base, owner, &room, 5_000, 5).await;
             // A token is three characters: anything else is a wrong answer.
             Some(match token {
                 Some(token) if token.len() == 3 => Answer::Ok,
@@ -143,12 +149,12 @@ pub struct Lookup {
 impl Lookup {
     /// Creates the spray and has five users receive it.
     pub async fn prepare(base: &str, ids: &Ids) -> Option<Lookup> {
-        let client = reqwest::Client::new();
+        let mut http = Http::new();
         let owner = ids.next();
         let room = format!("l{owner}");
-        let token = create_spray(&client, base, owner, &room, 5_000, 5).await?;
+        let token = create_spray(&mut http, base, owner, &room, 5_000, 5).await?;
         for _ in 0..5 {
-            let (answer, _) = receive(&client, base, ids.next(), &room, &token).await;
+            let (answer, _) = receive(&mut http, base, ids.next(), &room, &token).await;
             if answer != Answer::Ok {
                 return None;
             }
@@ -167,19 +173,8 @@ impl Workload for Lookup {
         vec![self.base.clone()]
     }
 
-    fn request(self: Arc<Self>, client: reqwest::Client, _n: u64) -> Pending {
-        Box::pin(async move {
-            let answer = client
-                .get(format!("{}/api/v1/spray/{}", self.base, self.token))
-                .header("x-user-id", self.owner.to_string())
-                .header("x-room-id", &self.room)
-                .send()
-                .await;
-            Some(match status_of(answer).await {
-                Some((200, _)) => Answer::Ok,
-                _ => Answer::Error,
-            })
-        })
+    fn request(self: Arc<Self>, http: &mut Http, _n: u64) -> Pending<'_> {
+        Box::pin(async move { Some(lookup(http, &self.base, self.owner, &self.room, &self.token).await) })
     }
 }
 
@@ -202,11 +197,10 @@ pub struct Race {
 
 impl Race {
     pub async fn prepare(base: &str, ids: &Ids, shares: u64, users: u64) -> Option<Race> {
-        let client = reqwest::Client::new();
         let owner = ids.next();
         let room = format!("h{owner}");
         let amount = shares * 20;
-        let token = create_spray(&client, base, owner, &room, amount, shares).await?;
+        let token = create_spray(&mut Http::new(), base, owner, &room, amount, shares).await?;
         Some(Race {
             base: base.to_owned(),
             room,
@@ -247,13 +241,13 @@ impl Workload for Race {
         vec![self.base.clone()]
     }
 
-    fn request(self: Arc<Self>, client: reqwest::Client, n: u64) -> Pending {
+    fn request(self: Arc<Self>, http: &mut Http, n: u64) -> Pending<'_> {
         Box::pin(async move {
             if n >= self.users {
                 return None;
             }
             let user = self.first_user + i64::try_from(n).unwrap_or(i64::MAX);
-            let (answer, amount) = receive(&client, &self.base, user, &self.room, &self.token).await;
+            let (answer, amount) = receive(http, &self.base, user, &self.room, &self.token).await;
             if answer == Answer::Ok {
                 self.paid.fetch_add(amount, Ordering::Relaxed);
                 self.won_at.lock().expect("not poisoned").push(Instant::now());
@@ -367,13 +361,13 @@ impl Mixed {
         }
     }
 
-    async fn spray(&self, client: &reqwest::Client, n: u64) -> Answer {
+    async fn spray(&self, http: &mut Http, n: u64) -> Answer {
         let base = usize::try_from(n).unwrap_or(0) % self.bases.len();
         let owner = self.ids.next();
         let room = format!("m{}", rand::random_range(0..self.rooms));
         let shares = rand::random_range(2..=50u64);
         let amount = shares * rand::random_range(100..=1_000u64);
-        let Some(token) = create_spray(client, &self.bases[base], owner, &room, amount, shares).await else {
+        let Some(token) = create_spray(http, &self.bases[base], owner, &room, amount, shares).await else {
             return Answer::Error;
         };
         let receivers = shares + shares / 5 + 1;
@@ -438,12 +432,12 @@ impl Workload for Mixed {
         self.bases.clone()
     }
 
-    fn request(self: Arc<Self>, client: reqwest::Client, n: u64) -> Pending {
+    fn request(self: Arc<Self>, http: &mut Http, n: u64) -> Pending<'_> {
         Box::pin(async move {
             Some(match self.next_due() {
                 Some(Task::Receive(spray, user)) => {
                     let base = &self.bases[usize::try_from(n).unwrap_or(0) % self.bases.len()];
-                    let (answer, amount) = receive(&client, base, user, &spray.room, &spray.token).await;
+                    let (answer, amount) = receive(http, base, user, &spray.room, &spray.token).await;
                     if answer == Answer::Ok {
                         spray.paid.fetch_add(amount, Ordering::Relaxed);
                         spray.winners.fetch_add(1, Ordering::Relaxed);
@@ -456,18 +450,9 @@ impl Workload for Mixed {
                 }
                 Some(Task::Lookup(spray)) => {
                     let base = &self.bases[spray.base];
-                    let answer = client
-                        .get(format!("{base}/api/v1/spray/{}", spray.token))
-                        .header("x-user-id", spray.owner.to_string())
-                        .header("x-room-id", &spray.room)
-                        .send()
-                        .await;
-                    match status_of(answer).await {
-                        Some((200, _)) => Answer::Ok,
-                        _ => Answer::Error,
-                    }
+                    lookup(http, base, spray.owner, &spray.room, &spray.token).await
                 }
-                None => self.spray(&client, n).await,
+                None => self.spray(http, n).await,
             })
         })
     }
