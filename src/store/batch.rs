@@ -34,10 +34,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::commit::{TakenShare, Written, confirm_commit};
-use super::queue::Reply;
+use super::queue::{QUEUE, Reply, ask};
 use super::{Claim, ClaimOutcome, NewSpray, PendingKey, SettleOutcome, SlotClaim, StoreError};
 use crate::domain::ReceiveRefusal;
 
@@ -190,10 +190,6 @@ pub(super) struct GroupCommit {
     queue: mpsc::Sender<(WriteOp, Reply<WriteOutcome>)>,
 }
 
-/// Writes waiting for a batch; past this, callers wait to queue (request-path calls are
-/// bounded well below it by `--store-concurrency`).
-const QUEUE: usize = 4096;
-
 impl GroupCommit {
     /// Starts the thread that writes the batches of `writer`, one at a time, each while it
     /// holds `turn` (the database's one write lock, shared with the backend's other
@@ -215,14 +211,7 @@ impl GroupCommit {
 
     /// Queues `op` and waits for its answer, given once the batch holding it is durable.
     pub(super) async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((op, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's batch writer has stopped".into()))?;
-        answer.await.map_err(|_| {
-            StoreError::Unavailable("the store's batch writer stopped before answering".into())
-        })?
+        ask(&self.queue, op).await
     }
 }
 

@@ -13,7 +13,7 @@ use super::StoreError;
 
 /// Requests waiting for a batch, per queue; past this, callers wait to queue (request-path
 /// calls are bounded well below it by `--store-concurrency`).
-const QUEUE: usize = 4096;
+pub(super) const QUEUE: usize = 4096;
 
 /// Where a writer sends one request's answer.
 pub(super) type Reply<A> = oneshot::Sender<Result<A, StoreError>>;
@@ -77,15 +77,21 @@ impl<R: Send + 'static, A: Send + 'static> BatchQueues<R, A> {
     }
 
     async fn send_to(&self, queue: usize, request: R) -> Result<A, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.queues[queue]
-            .send((request, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's batch writer has stopped".into()))?;
-        answer.await.map_err(|_| {
-            StoreError::Unavailable("the store's batch writer stopped before answering".into())
-        })?
+        ask(&self.queues[queue], request).await
     }
+}
+
+/// Queues `request` with a reply on `queue` and waits for its answer: 503 when the writer
+/// behind the queue has stopped, or stopped before answering.
+pub(super) async fn ask<R, A>(queue: &mpsc::Sender<(R, Reply<A>)>, request: R) -> Result<A, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    queue
+        .send((request, reply))
+        .await
+        .map_err(|_| StoreError::Unavailable("the store's batch writer has stopped".into()))?;
+    answer
+        .await
+        .map_err(|_| StoreError::Unavailable("the store's batch writer stopped before answering".into()))?
 }
 
 /// Runs `requests` as one batch through `write_batch`, as a writer task would, and their
