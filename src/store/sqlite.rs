@@ -742,6 +742,30 @@ mod tests {
         assert_503_to_all_and_nothing_kept(&store, &answers).await;
     }
 
+    /// The writer's own thread, not a harness: a batch that panics on it is answered 503,
+    /// and the thread lives on to write the next one.
+    #[tokio::test]
+    async fn the_writers_thread_outlives_a_batch_that_panics() {
+        let (_dir, store, claim) = store_with_a_spray().await;
+        let batches = GroupCommit::start(
+            Faulty(writer_of(&store), Fault::PanicAfterUser3TookAShare),
+            store.turn.clone(),
+            landed_through(store.reader.clone()),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        let panicked = batches.write(claim_op(claim(3), None)).await;
+        assert!(
+            matches!(panicked, Err(StoreError::Unavailable(_))),
+            "{panicked:?}"
+        );
+
+        let next = batches.write(claim_op(claim(2), None)).await;
+        assert!(matches!(next, Ok(WriteOutcome::Claimed(Ok(_)))), "{next:?}");
+        assert_eq!(receivers(&store).await, vec![2]);
+        assert!(crate::audit::run(&store).await.unwrap().is_clean());
+    }
+
     #[tokio::test]
     async fn a_batch_that_panics_answers_503_to_all_keeps_nothing_and_the_next_batch_is_written() {
         let (_dir, store, claim) = store_with_a_spray().await;
