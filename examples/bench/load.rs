@@ -109,7 +109,7 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// Runs `workload` under `load` and measures it. The connections are opened before the
-/// clock starts, as a client's keep-alive pool would be: otherwise the first requests of a
+/// clock starts, as a client's kept-alive connections would be: otherwise the first requests of a
 /// run would carry the TCP connects of all of them at once, and in a short paced run (a
 /// few thousand requests) those few hundred connects were the 99th percentile.
 pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {

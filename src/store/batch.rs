@@ -193,14 +193,15 @@ pub(super) struct GroupCommit {
 impl GroupCommit {
     /// Starts the thread that writes the batches of `writer`, one at a time, each while it
     /// holds `turn` (the database's one write lock, shared with the backend's other
-    /// writes). `landed` reads a write back after a failed commit, on `runtime`. The thread
-    /// ends when the `GroupCommit` is dropped.
+    /// writes). `landed` reads a write back after a failed commit, on the runtime this is
+    /// called on. The thread ends when the `GroupCommit` is dropped.
     pub(super) fn start<W: BatchWriter>(
         writer: W,
         turn: Arc<tokio::sync::Mutex<()>>,
         landed: Landed,
-        runtime: tokio::runtime::Handle,
     ) -> Result<GroupCommit, StoreError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| StoreError::Other(format!("the batch writer needs a Tokio runtime: {e}")))?;
         let (queue, waiting) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("spray-writer".into())

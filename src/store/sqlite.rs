@@ -89,10 +89,8 @@ impl SqliteStore {
         let turn = Arc::new(tokio::sync::Mutex::new(()));
         let path = writer.connect_options().get_filename().to_path_buf();
         let money = SqliteWrites::new(path.clone(), BUSY_TIMEOUT);
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| StoreError::Other(format!("the SQLite store needs a Tokio runtime: {e}")))?;
         Ok(SqliteStore {
-            batches: GroupCommit::start(money, turn.clone(), landed_through(reader.clone()), runtime)?,
+            batches: GroupCommit::start(money, turn.clone(), landed_through(reader.clone()))?,
             writer,
             reader,
             turn,
@@ -751,7 +749,6 @@ mod tests {
             Faulty(writer_of(&store), Fault::PanicAfterUser3TookAShare),
             store.turn.clone(),
             landed_through(store.reader.clone()),
-            tokio::runtime::Handle::current(),
         )
         .unwrap();
         let panicked = batches.write(claim_op(claim(3), None)).await;
