@@ -384,6 +384,7 @@ mod tests {
     use crate::domain::{ReceiveRefusal, SplitMode};
     use crate::store::batch::{BatchWriter, WriteOutcome, write_batch};
     use crate::store::commit::Written;
+    use crate::store::error::{Unique, unique_violation};
     use crate::store::{Effect, Kept};
 
     /// A migrated store on a fresh file, and the time the tests run at.
@@ -475,6 +476,36 @@ mod tests {
             now,
         };
         (dir, store, claim)
+    }
+
+    /// The database itself refuses a second share of one spray to one user: the gated
+    /// path writes the slot the gate chose without looking first, so only the unique
+    /// index `shares_one_per_receiver` stands between a stale gate and a double payment.
+    #[tokio::test]
+    async fn the_database_refuses_a_second_share_to_one_receiver() {
+        let (_dir, store, claim) = store_with_a_spray().await;
+        let id: i64 = sqlx::query_scalar("SELECT id FROM sprays")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        let first = store.claim_slot(&claim(3), id, 0, None).await.unwrap();
+        assert_eq!(first, SlotClaim::Received(Amount::new(5)));
+        let second = store.claim_slot(&claim(3), id, 1, None).await.unwrap();
+        assert_eq!(second, SlotClaim::AlreadyReceived);
+        let other = store.claim_slot(&claim(4), id, 1, None).await.unwrap();
+        assert_eq!(other, SlotClaim::Received(Amount::new(5)));
+        assert_eq!(receivers(&store).await, [3, 4]);
+        assert_eq!(credits(&store).await, 2);
+
+        // Straight SQL too, as a bug in any path would write it.
+        let twice =
+            sqlx::query("UPDATE shares SET receiver_id = 3, received_at = 1 WHERE spray_id = ? AND slot = 2")
+                .bind(id)
+                .execute(&store.writer)
+                .await
+                .unwrap_err();
+        assert_eq!(unique_violation(&twice), Some(Unique::SharesOnePerReceiver));
+        store.close().await;
     }
 
     fn spray_at(now: DateTime<Utc>, token: &str, owner: i64) -> NewSpray {
