@@ -1,6 +1,7 @@
 //! The claim with the Redis gate in front (`docs/design.md` section 2).
 //!
-//! 1. Ask the gate (one atomic script): it answers the refusals it can prove (own spray,
+//! 1. Ask the gate (one atomic script, with the claims on the same spray waiting at the
+//!    same time: `gathered.rs`): it answers the refusals it can prove (own spray,
 //!    window closed, no share left or held) or hands out a slot no other claim holds.
 //! 2. Keys missing (Redis restarted, flushed, evicted): rebuild them from SQL, ask again.
 //! 3. "Already received" from the gate is confirmed by one SQL read before it is answered.
@@ -20,6 +21,7 @@ use chrono::TimeDelta;
 
 use super::confirmations::Confirmations;
 use super::exhausted::ExhaustedSprays;
+use super::gathered::GatheredClaims;
 use super::{ClaimPath, RedisStatus};
 use crate::domain::ReceiveRefusal;
 use crate::domain::rules::window_open;
@@ -30,10 +32,11 @@ use crate::telemetry;
 pub struct GatedClaim {
     store: Arc<dyn Store>,
     gate: Arc<RedisGate>,
+    /// The claims waiting on the gate, asked many at a time per spray. A slot handed out
+    /// may stay unrecorded for the claim lease before another claim takes it over.
+    claims: GatheredClaims,
     /// The holds recorded in SQL, confirmed to the gate many at a time.
     confirmations: Confirmations,
-    /// How long a slot handed out may stay unrecorded before another claim takes it over.
-    lease: TimeDelta,
     /// The sprays seen taken for good, answered without Redis until their window closes.
     exhausted: ExhaustedSprays,
 }
@@ -43,9 +46,9 @@ impl GatedClaim {
         let gate = Arc::new(gate);
         GatedClaim {
             store,
+            claims: GatheredClaims::start(gate.clone(), lease),
             confirmations: Confirmations::start(gate.clone()),
             gate,
-            lease,
             exhausted: ExhaustedSprays::default(),
         }
     }
@@ -138,7 +141,7 @@ impl ClaimPath for GatedClaim {
         // One rebuild per request at most: if the keys vanish again at once (Redis being
         // flushed over and over), SQL alone answers.
         for _ in 0..2 {
-            let Ok(verdict) = self.gate.claim(&keys, claim.user, claim.now, self.lease).await else {
+            let Ok(verdict) = self.claims.claim(&keys, claim.user, claim.now).await else {
                 return self.sql_claim(claim, idempotency).await;
             };
             let refused = |refusal| {

@@ -11,6 +11,7 @@
 mod confirmations;
 mod exhausted;
 mod gated;
+mod gathered;
 mod sql;
 
 use std::sync::Arc;

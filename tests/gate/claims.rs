@@ -3,6 +3,9 @@
 
 use std::collections::HashSet;
 
+use chrono::TimeDelta;
+use spray::gate::GateVerdict;
+
 use super::{dead_claim, gate, lease, user};
 use crate::common::metrics::counter;
 use crate::common::{OWNER, RawRedis, TestApp};
@@ -503,4 +506,101 @@ async fn the_counts_follow_every_change_and_cause_no_rebuild() {
     let mark: Option<i64> = redis.query(redis::cmd("HGET").arg(&keys.meta).arg("mark")).await;
     assert_eq!(mark, Some(1), "the keys were never rebuilt");
     app.assert_audit_clean().await;
+}
+
+/// One call with several claims (`claim/gathered.rs`) keeps the counts right as it hands
+/// out slots, takes a hold over and refuses, so the next claim finds the keys intact.
+#[tokio::test]
+async fn a_call_of_several_claims_keeps_the_counts_right() {
+    let app = TestApp::new().await;
+    let token = app.spray(300, 3).await;
+    let keys = app.gate_keys(&token);
+    let (gate, lease, now) = (gate(&app), lease(&app), app.now());
+    let at = |id, now| (user(id), now);
+    let later = now + lease + TimeDelta::milliseconds(1);
+    let verdicts = gate
+        .claim_many(
+            &keys,
+            &[
+                at(2, now),
+                at(3, now),
+                at(2, now),
+                at(4, now),
+                at(5, now),
+                at(6, later),
+            ],
+            lease,
+        )
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = verdicts
+        .iter()
+        .map(|v| verdict_kind(v.as_ref().unwrap()))
+        .collect();
+    assert_eq!(kinds, ["SLOT", "SLOT", "ALREADY", "SLOT", "EXHAUSTED", "SLOT"]);
+    assert_eq!(counts(&app, &token).await, ([0, 3, 4], [0, 3, 4]));
+    // The next call finds them intact: no rebuild, the same holds.
+    let next = gate.claim(&keys, user(7), now, lease).await.unwrap();
+    assert_eq!(verdict_kind(&next), "EXHAUSTED");
+    assert_eq!(counts(&app, &token).await, ([0, 3, 4], [0, 3, 4]));
+}
+
+/// Keys that disagree with their counts are dropped by the first claim of a call, and
+/// every claim of it is answered "missing", as calls one after another would be; so is
+/// every claim after one whose time is past the keys' trust.
+#[tokio::test]
+async fn a_call_of_several_claims_on_lost_or_stale_keys_answers_missing_after_the_loss() {
+    let app = TestApp::new().await;
+    let (gate, lease, now) = (gate(&app), lease(&app), app.now());
+    let at = |id, now| (user(id), now);
+    let kinds = |verdicts: Vec<Result<GateVerdict, _>>| -> Vec<&'static str> {
+        verdicts
+            .iter()
+            .map(|v| verdict_kind(v.as_ref().unwrap()))
+            .collect()
+    };
+
+    let token = app.spray(300, 3).await;
+    let keys = app.gate_keys(&token);
+    evict(&app, &keys.free).await;
+    let verdicts = gate
+        .claim_many(&keys, &[at(2, now), at(3, now)], lease)
+        .await
+        .unwrap();
+    assert_eq!(kinds(verdicts), ["MISSING", "MISSING"]);
+    let exists: i64 = raw(&app).await.query(redis::cmd("EXISTS").arg(&keys.meta)).await;
+    assert_eq!(exists, 0, "the keys were dropped");
+
+    // A claim long after the window (by the service's clock) drops the keys; the claim
+    // before it was handed a slot, and the claim after it finds nothing.
+    let token = app.spray(300, 3).await;
+    let keys = app.gate_keys(&token);
+    let long_after = now + TimeDelta::days(1);
+    let verdicts = gate
+        .claim_many(&keys, &[at(2, now), at(3, long_after), at(4, now)], lease)
+        .await
+        .unwrap();
+    assert_eq!(kinds(verdicts), ["SLOT", "MISSING", "MISSING"]);
+    let left: i64 = raw(&app)
+        .await
+        .query(
+            redis::cmd("EXISTS")
+                .arg(&keys.meta)
+                .arg(&keys.free)
+                .arg(&keys.receivers)
+                .arg(&keys.holds),
+        )
+        .await;
+    assert_eq!(left, 0, "no key left, none without a time to live");
+}
+
+fn verdict_kind(verdict: &GateVerdict) -> &'static str {
+    match verdict {
+        GateVerdict::Missing => "MISSING",
+        GateVerdict::OwnSpray { .. } => "OWN",
+        GateVerdict::AlreadyHeld { .. } => "ALREADY",
+        GateVerdict::Expired { .. } => "EXPIRED",
+        GateVerdict::Exhausted { .. } => "EXHAUSTED",
+        GateVerdict::Slot { .. } => "SLOT",
+    }
 }

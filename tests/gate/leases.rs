@@ -16,7 +16,7 @@ use tower::ServiceExt;
 
 use super::{dead_claim, gate, lease, user};
 use crate::common::process::assert_refuses_to_start;
-use crate::common::{ROOM, RawRedis, TestApp};
+use crate::common::{OWNER, ROOM, RawRedis, TestApp};
 
 /// How long the tests wait for something that should happen at once.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -276,4 +276,77 @@ async fn the_claim_lease_is_checked_against_the_request_timeout() {
         ];
         assert_refuses_to_start(dir.path(), what, &flags, &[], "--claim-lease").await;
     }
+}
+
+/// Claims on one spray are sent to the gate together (`claim/gathered.rs`): one call must
+/// decide each exactly as calls one after another would, in the order given, a later
+/// claim seeing what an earlier one did (the same user twice, the last free share, the
+/// holds past their lease taken over one each).
+#[tokio::test]
+async fn several_claims_in_one_gate_call_are_decided_as_calls_one_after_another() {
+    let app = TestApp::new().await;
+    let token = app.spray(300, 3).await;
+    let keys = app.gate_keys(&token);
+    let (gate, lease, now) = (gate(&app), lease(&app), app.now());
+    let at = |id, now| (user(id), now);
+    let verdicts = gate
+        .claim_many(
+            &keys,
+            &[
+                at(2, now),
+                at(2, now),
+                at(OWNER, now),
+                at(3, now),
+                at(4, now),
+                at(5, now),
+            ],
+            lease,
+        )
+        .await
+        .unwrap();
+    let verdicts: Vec<GateVerdict> = verdicts.into_iter().map(Result::unwrap).collect();
+    let spray_id = match verdicts[0] {
+        GateVerdict::Slot { spray_id, .. } => spray_id,
+        other => panic!("the first claim got {other:?}"),
+    };
+    let slot = |slot, taken_over| GateVerdict::Slot {
+        spray_id,
+        slot,
+        taken_over,
+    };
+    assert_eq!(
+        verdicts,
+        [
+            slot(0, false),
+            GateVerdict::AlreadyHeld { spray_id, slot: 0 },
+            GateVerdict::OwnSpray { spray_id },
+            slot(1, false),
+            slot(2, false),
+            // Every share held, none past its lease yet.
+            GateVerdict::Exhausted {
+                spray_id,
+                shares: 3,
+                for_good: false
+            },
+        ]
+    );
+
+    // Nothing recorded any of them: past the lease, each newcomer takes over one hold,
+    // oldest first, and a newcomer who took one already holds it.
+    let later = now + lease + TimeDelta::milliseconds(1);
+    let verdicts: Vec<GateVerdict> = gate
+        .claim_many(&keys, &[at(6, later), at(7, later), at(6, later)], lease)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            slot(0, true),
+            slot(1, true),
+            GateVerdict::AlreadyHeld { spray_id, slot: 0 }
+        ]
+    );
 }
