@@ -114,9 +114,19 @@ impl GatheredClaims {
 
 /// One `CLAIM` call per spray, all at once; each claim is told its own verdict.
 async fn claim_gathered(gate: Arc<RedisGate>, lease: TimeDelta, gathered: Vec<Pending>) {
-    let mut by_spray: HashMap<GateKeys, Vec<Pending>> = HashMap::new();
-    for pending in gathered {
-        by_spray.entry(pending.keys.clone()).or_default().push(pending);
+    // Each spray's claims in the order they came, under the keys they brought.
+    let mut by_spray: HashMap<GateKeys, Vec<Asked>> = HashMap::new();
+    for Pending {
+        keys,
+        user,
+        now,
+        verdict,
+    } in gathered
+    {
+        by_spray
+            .entry(keys)
+            .or_default()
+            .push(Asked { user, now, verdict });
     }
     let calls = by_spray.into_iter().map(|(keys, claims)| {
         let gate = &gate;
@@ -124,17 +134,24 @@ async fn claim_gathered(gate: Arc<RedisGate>, lease: TimeDelta, gathered: Vec<Pe
             let asked: Vec<(UserId, DateTime<Utc>)> = claims.iter().map(|c| (c.user, c.now)).collect();
             match gate.claim_many(&keys, &asked, lease).await {
                 Ok(verdicts) => {
-                    for (pending, verdict) in claims.into_iter().zip(verdicts) {
-                        let _ = pending.verdict.send(verdict);
+                    for (claim, verdict) in claims.into_iter().zip(verdicts) {
+                        let _ = claim.verdict.send(verdict);
                     }
                 }
                 Err(failed) => {
-                    for pending in claims {
-                        let _ = pending.verdict.send(Err(GateUnavailable(failed.0.clone())));
+                    for claim in claims {
+                        let _ = claim.verdict.send(Err(GateUnavailable(failed.0.clone())));
                     }
                 }
             }
         }
     });
     futures_util::future::join_all(calls).await;
+}
+
+/// A claim in its spray's call: a [`Pending`] without the keys its call holds.
+struct Asked {
+    user: UserId,
+    now: DateTime<Utc>,
+    verdict: oneshot::Sender<Verdict>,
 }
