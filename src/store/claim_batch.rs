@@ -7,7 +7,7 @@
 //! same rows. The claims of one spray always go to the same writer (by its room and
 //! token), and a batch costs the same statements whatever it holds:
 //!
-//! 1. `BEGIN`;
+//! 1. `BEGIN`, in the same round trip as 2 (see `store/batch_tx.rs`);
 //! 2. the newest spray under each (room, token); then, in one round trip
 //!    (`multi_row::run_together`), those rows under the shared lock every claim takes
 //!    (see `store/mysql.rs`: claims run side by side, a settlement waits for them) and
@@ -37,12 +37,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sqlx::MySql;
-
+use super::batch_tx::BatchTransaction;
 use super::convert::{amount_from, time_from, user_from};
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, fetch_text, hex, run_together, write_and_answer};
-use super::mysql::portable::effect_recorded_in;
+use super::multi_row::{Fallback, hex, write_and_answer};
 use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in, landed_on};
 use super::queue::{BatchQueues, Reply};
 use super::slot_batch::{SlotRequest, give_and_commit};
@@ -132,11 +130,11 @@ async fn write_then_the_rest(
 /// One try at writing the batch in one transaction (see the module doc).
 async fn write_once(writer: &OneByOne, requests: &[ClaimRequest]) -> Result<Vec<Decided>, Fallback> {
     let failed = |e: StoreError| Fallback::Failed(e);
-    let mut tx = writer.pool().begin().await.map_err(|e| failed(e.into()))?;
+    let mut tx = BatchTransaction::acquire(writer.pool()).await.map_err(failed)?;
     let decided = match decide_in(&mut tx, writer, requests).await {
         Ok(decided) => decided,
         Err(e) => {
-            let _ = tx.rollback().await;
+            tx.rollback().await;
             return Err(failed(e));
         }
     };
@@ -179,7 +177,7 @@ type SprayFacts = (i64, String, String, i64, i64, i64, Option<i64>);
 /// Reads the batch's sprays and holders, decides each claim, takes the free shares and
 /// records the effect of each keyed claim given one.
 async fn decide_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
+    tx: &mut BatchTransaction,
     writer: &OneByOne,
     requests: &[ClaimRequest],
 ) -> Result<Vec<Decided>, StoreError> {
@@ -205,7 +203,10 @@ async fn decide_in(
          FROM sprays WHERE id IN ({})",
         newest.join(", ")
     );
-    let mut rows: Vec<SprayFacts> = fetch_text(&mut **tx, sql).await?;
+    let mut rows: Vec<SprayFacts> = match tx.run(&[sql]).await?.as_slice() {
+        [newest] => newest.read()?,
+        _ => return Err(StoreError::Other("a batch's sprays had no answer".into())),
+    };
 
     // Those rows under the shared lock (with `settled_at` read under it), and 3. the shares
     // the callers already hold there: both known from the rows just read, so they go in
@@ -237,7 +238,7 @@ async fn decide_in(
             "SELECT spray_id, receiver_id, amount FROM shares WHERE (spray_id, receiver_id) IN ({})",
             wanted.join(", ")
         );
-        let answered = run_together(&mut **tx, &[lock, holders]).await?;
+        let answered = tx.run(&[lock, holders]).await?;
         let [locked, holders] = answered.as_slice() else {
             return Err(StoreError::Other("a batch's reads had no answer".into()));
         };
@@ -309,9 +310,9 @@ async fn decide_in(
             .find(|s| s.0 == spray_id)
             .map_or(0, |s| u32::try_from(s.5).unwrap_or(u32::MAX));
         let from = writer.hints().start(spray_id);
-        let mut free = free_shares_in(tx, spray_id, from, claims.len()).await?;
+        let mut free = free_shares_in(tx.connection().await?, spray_id, from, claims.len()).await?;
         if free.len() < claims.len() && from > 0 {
-            let more = free_shares_in(tx, spray_id, 0, claims.len() - free.len()).await?;
+            let more = free_shares_in(tx.connection().await?, spray_id, 0, claims.len() - free.len()).await?;
             for share in more {
                 if !free.contains(&share) {
                     free.push(share);
@@ -319,7 +320,7 @@ async fn decide_in(
             }
         }
         let left_over = if free.len() < claims.len() {
-            let still_free = committed_free_shares_in(tx, spray_id).await?;
+            let still_free = committed_free_shares_in(tx.connection().await?, spray_id).await?;
             // The shares this batch locked are still counted free: it has not taken them.
             if still_free <= i64::try_from(free.len()).unwrap_or(i64::MAX) {
                 Decided::Answer(Ok(ClaimOutcome::Refused(ReceiveRefusal::Exhausted { shares })))
@@ -350,7 +351,10 @@ async fn decide_in(
     for (request, decided) in requests.iter().zip(decided.iter_mut()) {
         if let Decided::Give { amount, .. } = *decided {
             let effect = Effect::Received(amount);
-            if !effect_recorded_in(tx, request.idempotency.as_ref(), &effect, request.claim.now).await? {
+            if !tx
+                .effect_recorded(request.idempotency.as_ref(), &effect, request.claim.now)
+                .await?
+            {
                 *decided = Decided::Answer(Err(lease_lost()));
                 lost_lease = true;
             }

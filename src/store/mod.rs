@@ -6,6 +6,7 @@
 //! backend, each with its own migrations; [`open`] picks the backend by URL scheme.
 
 mod batch;
+mod batch_tx;
 mod claim_batch;
 mod commit;
 mod convert;

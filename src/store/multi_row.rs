@@ -110,13 +110,15 @@ impl Answered {
 /// each answered, in order: statements whose texts depend only on what the batch already
 /// knows cost one round trip together instead of one each. MySQL runs them in order and
 /// stops at the first that fails (InnoDB undoes that one statement, not the transaction);
-/// its error is returned, as sqlx's, so that the caller can tell a unique key's refusal.
+/// its error is returned, as sqlx's, so that the caller can tell a unique key's refusal,
+/// with the number of statements answered before it: the statement at that index is the
+/// one that failed, or was being answered when the round trip broke.
 /// Every result is read before returning, so the connection is left with none pending.
 /// Values go into the text as in [`fetch_text`].
 pub(super) async fn run_together<'e, E>(
     executor: E,
     statements: &[String],
-) -> Result<Vec<Answered>, sqlx::Error>
+) -> Result<Vec<Answered>, (usize, sqlx::Error)>
 where
     E: sqlx::Executor<'e, Database = MySql>,
 {
@@ -129,20 +131,24 @@ where
     let mut answered = Vec::with_capacity(statements.len());
     let mut rows = Vec::new();
     for item in items {
-        match item? {
-            sqlx::Either::Right(row) => rows.push(row),
-            sqlx::Either::Left(done) => answered.push(Answered {
+        match item {
+            Ok(sqlx::Either::Right(row)) => rows.push(row),
+            Ok(sqlx::Either::Left(done)) => answered.push(Answered {
                 rows: std::mem::take(&mut rows),
                 affected: done.rows_affected(),
             }),
+            Err(e) => return Err((answered.len(), e)),
         }
     }
     if answered.len() != statements.len() {
-        return Err(sqlx::Error::Protocol(format!(
-            "{} statements sent together gave {} results",
-            statements.len(),
-            answered.len()
-        )));
+        let count = answered.len();
+        return Err((
+            count,
+            sqlx::Error::Protocol(format!(
+                "{} statements sent together gave {count} results",
+                statements.len()
+            )),
+        ));
     }
     Ok(answered)
 }
@@ -296,8 +302,8 @@ mod tests {
         ];
         let failed = run_together(&mut conn, &statements).await;
         assert!(
-            matches!(&failed, Err(sqlx::Error::Database(e)) if e.is_unique_violation()),
-            "{:?}",
+            matches!(&failed, Err((2, sqlx::Error::Database(e))) if e.is_unique_violation()),
+            "two statements answered, then the third refused: {:?}",
             failed.err()
         );
         // The statement after the failing one never ran, and the connection answers the

@@ -378,7 +378,7 @@ async fn take_free_share_in(
 /// holds, locked, in slot order: `(slot, amount)`. Walks the primary key (see
 /// `take_free_share_in`); the SQL-only claim takes one, a claim batch as many as it needs.
 pub(super) async fn free_shares_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
+    connection: &mut sqlx::MySqlConnection,
     spray_id: i64,
     from: i64,
     count: usize,
@@ -391,7 +391,7 @@ pub(super) async fn free_shares_in(
     .bind(spray_id)
     .bind(from)
     .bind(u64::try_from(count).unwrap_or(u64::MAX))
-    .fetch_all(&mut **tx)
+    .fetch_all(connection)
     .await?)
 }
 
@@ -407,7 +407,7 @@ async fn first_free_share_in(
 /// How many of the spray's shares are free as committed, held or not: a plain read, which
 /// SKIP LOCKED cannot give (see `take_free_share_in`).
 pub(super) async fn committed_free_shares_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
+    connection: &mut sqlx::MySqlConnection,
     spray_id: i64,
 ) -> Result<i64, StoreError> {
     Ok(
@@ -415,7 +415,7 @@ pub(super) async fn committed_free_shares_in(
             "SELECT COUNT(*) FROM shares WHERE spray_id = ? AND receiver_id IS NULL",
         )
         .bind(spray_id)
-        .fetch_one(&mut **tx)
+        .fetch_one(connection)
         .await?,
     )
 }

@@ -479,7 +479,7 @@ macro_rules! portable_sql_functions {
             effect: &crate::store::Effect,
             now: chrono::DateTime<chrono::Utc>,
         ) -> Result<(), StoreError> {
-            if effect_recorded_in(tx, pending, effect, now).await? {
+            if effect_recorded_in(&mut **tx, pending, effect, now).await? {
                 Ok(())
             } else {
                 Err(crate::store::idempotency::lease_lost())
@@ -489,7 +489,7 @@ macro_rules! portable_sql_functions {
         /// Records `effect` on the pending idempotency row, if any: whether the row was
         /// still held under its lease (true when there is no key).
         pub(crate) async fn effect_recorded_in(
-            tx: &mut sqlx::Transaction<'static, $db>,
+            connection: &mut <$db as sqlx::Database>::Connection,
             pending: Option<&crate::store::PendingKey>,
             effect: &crate::store::Effect,
             now: chrono::DateTime<chrono::Utc>,
@@ -504,7 +504,7 @@ macro_rules! portable_sql_functions {
                 .bind(pending.endpoint.as_str())
                 .bind(pending.key.as_str())
                 .bind(pending.lease)
-                .execute(&mut **tx)
+                .execute(connection)
                 .await?;
             Ok(recorded.rows_affected() == 1)
         }

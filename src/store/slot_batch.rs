@@ -5,9 +5,9 @@
 //! concurrent commits share one redo-log flush. A claim alone is six round trips (`BEGIN`,
 //! the spray's shared lock, the point update, the share's amount, the CREDIT, `COMMIT`), so
 //! savepoints (as `store/batch.rs` uses on SQLite) would only add two more per claim. A
-//! batch here costs four round trips whatever it holds:
+//! batch here costs three round trips whatever it holds:
 //!
-//! 1. `BEGIN`;
+//! 1. `BEGIN`, in the same round trip as 2 (see `store/batch_tx.rs`);
 //! 2. in one round trip (`multi_row::run_together`), two reads known from the requests
 //!    alone: the sprays' rows, read under the shared lock every claim takes (see
 //!    `store/mysql.rs`: claims run side by side, a settlement waits for them), and the
@@ -15,7 +15,8 @@
 //!    transaction can take them;
 //! 3. in one round trip, one `UPDATE` giving each share it can have to each claim, and
 //!    one `INSERT` of every CREDIT;
-//! 4. `COMMIT`,
+//! 4. `COMMIT`, a round trip of its own: the rows the `UPDATE` changed are counted
+//!    before anything is kept;
 //!
 //! and one statement more for each claim that carries an idempotency key (its kept effect,
 //! in the same transaction as its money).
@@ -39,14 +40,14 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use sqlx::{MySql, MySqlPool};
+use sqlx::MySqlPool;
 
-use super::commit::{TakenShare, Written, commit_and_confirm};
+use super::batch_tx::{BatchTransaction, Ending};
+use super::commit::{TakenShare, Written};
 use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, run_together, write_and_answer};
-use super::mysql::portable::effect_recorded_in;
+use super::multi_row::{Fallback, write_and_answer};
 use super::queue::{BatchQueues, Reply};
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
 use crate::domain::Amount;
@@ -139,11 +140,11 @@ async fn write_once<W: SlotWriter>(
     requests: &[SlotRequest],
 ) -> Result<Vec<Result<SlotClaim, StoreError>>, Fallback> {
     let failed = |e: StoreError| Fallback::Failed(e);
-    let mut tx = writer.pool().begin().await.map_err(|e| failed(e.into()))?;
+    let mut tx = BatchTransaction::acquire(writer.pool()).await.map_err(failed)?;
     let decided = match decide_in(&mut tx, requests).await {
         Ok(decided) => decided,
         Err(e) => {
-            let _ = tx.rollback().await;
+            tx.rollback().await;
             return Err(failed(e));
         }
     };
@@ -164,7 +165,7 @@ async fn write_once<W: SlotWriter>(
 /// `store/commit.rs`). Rolls `tx` back when there is nothing to give, when a claimant
 /// already held a share of the spray (`OneByOne`) or when anything fails.
 pub(super) async fn give_and_commit<F, Fut>(
-    mut tx: sqlx::Transaction<'static, MySql>,
+    mut tx: BatchTransaction,
     given: &[(&SlotRequest, Amount)],
     landed: F,
 ) -> Result<(), Fallback>
@@ -173,17 +174,17 @@ where
     Fut: std::future::Future<Output = Result<bool, StoreError>>,
 {
     let Some(&(first, amount)) = given.first() else {
-        let _ = tx.rollback().await;
+        tx.rollback().await;
         return Ok(());
     };
     match give_in(&mut tx, given).await {
         Ok(true) => {}
         Ok(false) => {
-            let _ = tx.rollback().await;
+            tx.rollback().await;
             return Err(Fallback::OneByOne);
         }
         Err(e) => {
-            let _ = tx.rollback().await;
+            tx.rollback().await;
             return Err(Fallback::Failed(e));
         }
     }
@@ -195,9 +196,13 @@ where
         },
         &first.claim,
     );
-    commit_and_confirm(tx, &what, || landed(what.clone()))
-        .await
-        .map_err(Fallback::Failed)
+    // The COMMIT alone, not with the UPDATE before it: the counts that UPDATE answers are
+    // checked before anything is kept (see `give_in`).
+    match tx.commit_after(&[], &what, || landed(what.clone())).await {
+        Ok(()) => Ok(()),
+        Err(Ending::Refused(e)) => Err(Fallback::Failed(e.into())),
+        Err(Ending::Failed(e)) => Err(Fallback::Failed(e)),
+    }
 }
 
 fn answer_of(decided: Decided) -> Result<SlotClaim, StoreError> {
@@ -209,10 +214,7 @@ fn answer_of(decided: Decided) -> Result<SlotClaim, StoreError> {
 
 /// Locks the batch's sprays (shared) and shares (exclusive), decides each claim, and
 /// records the effect of each keyed claim that is given its share.
-async fn decide_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    requests: &[SlotRequest],
-) -> Result<Vec<Decided>, StoreError> {
+async fn decide_in(tx: &mut BatchTransaction, requests: &[SlotRequest]) -> Result<Vec<Decided>, StoreError> {
     // The sprays under the shared lock, and the shares locked, in one round trip: both
     // statements are known from the requests alone.
     let mut spray_ids: Vec<i64> = requests.iter().map(|r| r.spray_id).collect();
@@ -229,7 +231,7 @@ async fn decide_in(
     let shares_sql = format!(
         "SELECT spray_id, slot, amount, receiver_id FROM shares WHERE {keys} ORDER BY spray_id, slot FOR UPDATE"
     );
-    let answered = run_together(&mut **tx, &[sprays_sql, shares_sql]).await?;
+    let answered = tx.run(&[sprays_sql, shares_sql]).await?;
     let [spray_rows, share_rows] = answered.as_slice() else {
         return Err(StoreError::Other("a batch's reads had no answer".into()));
     };
@@ -268,7 +270,7 @@ async fn decide_in(
                 let amount = amount_from(*amount)?;
                 let effect = Effect::Received(amount);
                 let pending = request.idempotency.as_ref();
-                match effect_recorded_in(tx, pending, &effect, request.claim.now).await? {
+                match tx.effect_recorded(pending, &effect, request.claim.now).await? {
                     true => {
                         *taken = true;
                         receivers.insert((request.spray_id, request.claim.user.get()));
@@ -285,10 +287,7 @@ async fn decide_in(
 
 /// Gives each share its claimant and writes every CREDIT: two statements. False if one of
 /// the claimants already held a share of the spray (nothing changed then).
-async fn give_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    given: &[(&SlotRequest, Amount)],
-) -> Result<bool, StoreError> {
+async fn give_in(tx: &mut BatchTransaction, given: &[(&SlotRequest, Amount)]) -> Result<bool, StoreError> {
     use std::fmt::Write as _;
     let keys = share_keys(given.iter().map(|(r, _)| (r.spray_id, r.slot)));
     let (mut receivers, mut times, mut credits) = (String::new(), String::new(), String::new());
@@ -321,7 +320,7 @@ async fn give_in(
     let credit = format!("INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES {credits}");
     // Both in one round trip: MySQL stops at the first that fails, so the CREDITs are
     // never written without their shares.
-    let answered = match run_together(&mut **tx, &[update, credit]).await {
+    let answered = match tx.run(&[update, credit]).await {
         Ok(answered) => answered,
         // The UPDATE failed as a whole (InnoDB undoes the one statement).
         Err(e) if unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => return Ok(false),
@@ -445,6 +444,15 @@ pub(super) mod tests {
                 slot,
                 idempotency: None,
             }
+        }
+
+        /// The URL of the fixture's database.
+        pub(crate) fn url(&self) -> String {
+            let base = self
+                .admin
+                .rsplit_once('/')
+                .map_or(self.admin.as_str(), |(base, _)| base);
+            format!("{base}/{}", self.database)
         }
 
         pub(crate) fn writer(&self) -> crate::store::mysql::OneByOne {

@@ -4,16 +4,16 @@
 //! A spray alone is six round trips (`BEGIN`, its row, its shares, its DEBIT, `COMMIT`, and
 //! the pings sqlx adds around a pooled connection), and MariaDB's CPU, not the disk, was
 //! the bound: about 700 µs of it per spray on this machine, most of it spent per statement.
-//! A batch costs the same few round trips whatever it holds:
+//! A batch costs the same two round trips whatever it holds (`store/batch_tx.rs` sends
+//! `BEGIN` and `COMMIT` with the statements around them):
 //!
-//! 1. `BEGIN`;
-//! 2. for each spray that carries an idempotency key, its kept effect (one statement each;
-//!    a lost lease fails that spray alone, 503, as it would alone, and it is left out);
-//! 3. one `INSERT` of every spray's row and one `SELECT` of their ids, by the unique key
-//!    each row now holds, in one round trip (`multi_row::run_together`);
-//! 4. one `INSERT` of every share (one per 500 shares) and one of every DEBIT, in one
-//!    round trip;
-//! 5. `COMMIT`.
+//! 1. `BEGIN`, one `INSERT` of every spray's row and one `SELECT` of their ids, by the
+//!    unique key each row now holds (`multi_row::run_together`);
+//! 2. one `INSERT` of every share (one per 500 shares), one of every DEBIT, and `COMMIT`;
+//!
+//! and, before 1, one statement for each spray that carries an idempotency key (its kept
+//! effect; a lost lease fails that spray alone, 503, as it would alone, and it is left
+//! out), with a `BEGIN` of its own.
 //!
 //! A new spray can be refused by one rule only: its token is taken among the live sprays
 //! of its room or of its sprayer. Then the unique key fails the whole `INSERT`, the batch
@@ -29,14 +29,14 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use sqlx::{MySql, MySqlPool};
+use sqlx::MySqlPool;
 
-use super::commit::{Written, commit_and_confirm};
+use super::batch_tx::{BatchTransaction, Ending};
+use super::commit::Written;
 use super::convert::{millis, share_rows, stored};
 use super::error::unique_violation;
 use super::idempotency::lease_lost;
-use super::multi_row::{Fallback, hex, run_together, write_and_answer};
-use super::mysql::portable::effect_recorded_in;
+use super::multi_row::{Fallback, hex, write_and_answer};
 use super::queue::{BatchQueues, Reply};
 use super::{Effect, NewSpray, PendingKey, StoreError};
 
@@ -68,10 +68,10 @@ pub(super) trait SprayWriter: Send + Sync + 'static {
     /// Whether `written` is in the database, read on a connection of its own.
     async fn landed(&self, written: Written) -> Result<bool, StoreError>;
 
-    /// Commits a batch's transaction; `first` is what its first spray wrote, read back
-    /// if the commit's answer is lost. (Tests make it fail.)
-    async fn commit(&self, tx: sqlx::Transaction<'static, MySql>, first: &Written) -> Result<(), StoreError> {
-        commit_and_confirm(tx, first, || self.landed(first.clone())).await
+    /// Sends a batch's `last` statements with its `COMMIT`; `first` is what its first spray
+    /// wrote, read back if the commit's answer is lost. (Tests make it fail.)
+    async fn commit(&self, tx: BatchTransaction, last: &[String], first: &Written) -> Result<(), Ending> {
+        tx.commit_after(last, first, || self.landed(first.clone())).await
     }
 }
 
@@ -113,15 +113,15 @@ async fn write_once<W: SprayWriter>(
     requests: &[SprayRequest],
 ) -> Result<Vec<Result<i64, StoreError>>, Fallback> {
     let failed = |e: StoreError| Fallback::Failed(e);
-    let mut tx = writer.pool().begin().await.map_err(|e| failed(e.into()))?;
-    let written = match write_in(&mut tx, requests).await {
+    let mut tx = BatchTransaction::acquire(writer.pool()).await.map_err(failed)?;
+    let (written, last) = match write_in(&mut tx, requests).await {
         Ok(Some(written)) => written,
         Ok(None) => {
-            let _ = tx.rollback().await;
+            tx.rollback().await;
             return Err(Fallback::OneByOne);
         }
         Err(e) => {
-            let _ = tx.rollback().await;
+            tx.rollback().await;
             return Err(failed(e));
         }
     };
@@ -130,28 +130,33 @@ async fn write_once<W: SprayWriter>(
         .zip(&written)
         .find_map(|(request, answer)| answer.as_ref().ok().map(|id| Written::spray(*id, &request.spray)));
     match first {
-        Some(first) => writer.commit(tx, &first).await.map_err(failed)?,
+        Some(first) => match writer.commit(tx, &last, &first).await {
+            Ok(()) => {}
+            Err(Ending::Refused(e)) => return Err(failed(e.into())),
+            Err(Ending::Failed(e)) => return Err(failed(e)),
+        },
         // Every spray lost its idempotency lease: nothing to keep.
-        None => {
-            let _ = tx.rollback().await;
-        }
+        None => tx.rollback().await,
     }
     Ok(written)
 }
 
-/// The batch's statements, in `tx`: each spray's id or error, or `None` when a token was
-/// taken (the transaction is then to be rolled back).
+/// The batch's first statements, in `tx`: each spray's id or error, and the statements
+/// that go with the `COMMIT` (its shares and DEBITs); or `None` when a token was taken
+/// (the transaction is then to be rolled back).
+#[allow(clippy::type_complexity)]
 async fn write_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
+    tx: &mut BatchTransaction,
     requests: &[SprayRequest],
-) -> Result<Option<Vec<Result<i64, StoreError>>>, StoreError> {
+) -> Result<Option<(Vec<Result<i64, StoreError>>, Vec<String>)>, StoreError> {
     // The kept effects first: a spray whose lease is lost is left out of the rows.
     let mut kept = Vec::with_capacity(requests.len());
     for request in requests {
         let spray = &request.spray;
         let effect = Effect::Sprayed(spray.created());
-        let recorded =
-            effect_recorded_in(tx, request.idempotency.as_ref(), &effect, spray.created_at).await?;
+        let recorded = tx
+            .effect_recorded(request.idempotency.as_ref(), &effect, spray.created_at)
+            .await?;
         kept.push(recorded);
     }
     let sprays: Vec<&NewSpray> = requests
@@ -160,13 +165,13 @@ async fn write_in(
         .filter(|(_, kept)| **kept)
         .map(|(request, _)| &request.spray)
         .collect();
-    let mut ids = Vec::new();
+    let (mut ids, mut last) = (Vec::new(), Vec::new());
     if !sprays.is_empty() {
         let Some(inserted) = insert_rows_in(tx, &sprays).await? else {
             return Ok(None);
         };
         ids = inserted;
-        insert_shares_and_debits_in(tx, &sprays, &ids).await?;
+        last = shares_and_debits(&sprays, &ids)?;
     }
     let mut ids = ids.into_iter();
     let answers = kept
@@ -178,7 +183,7 @@ async fn write_in(
             false => Err(lease_lost()),
         })
         .collect();
-    Ok(Some(answers))
+    Ok(Some((answers, last)))
 }
 
 /// The sprays' rows, and their ids in the same order; `None` if a token is taken.
@@ -187,7 +192,7 @@ async fn write_in(
 /// computed from `LAST_INSERT_ID()`: MySQL 8's default auto-increment lock mode does not
 /// promise one statement consecutive ids.
 async fn insert_rows_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
+    tx: &mut BatchTransaction,
     sprays: &[&NewSpray],
 ) -> Result<Option<Vec<i64>>, StoreError> {
     let mut rows = String::new();
@@ -221,7 +226,7 @@ async fn insert_rows_in(
         "SELECT id, room_id, token FROM sprays
          WHERE id >= LAST_INSERT_ID() AND (room_id, token, token_live) IN ({keys})"
     );
-    let found: Vec<(i64, String, String)> = match run_together(&mut **tx, &[insert, select]).await {
+    let found: Vec<(i64, String, String)> = match tx.run(&[insert, select]).await {
         Ok(answered) => match answered.as_slice() {
             [_, selected] => selected.read()?,
             _ => return Err(StoreError::Other("a batch's sprays had no answer".into())),
@@ -245,12 +250,9 @@ async fn insert_rows_in(
     Ok(Some(ids))
 }
 
-/// Every spray's shares, in order of receipt, and every sprayer's DEBIT.
-async fn insert_shares_and_debits_in(
-    tx: &mut sqlx::Transaction<'static, MySql>,
-    sprays: &[&NewSpray],
-    ids: &[i64],
-) -> Result<(), StoreError> {
+/// The statements of every spray's shares, in order of receipt, and of every sprayer's
+/// DEBIT: they need nothing back, so they go with the `COMMIT`.
+fn shares_and_debits(sprays: &[&NewSpray], ids: &[i64]) -> Result<Vec<String>, StoreError> {
     // Integers only, formatted from `i64` (see `fetch_text` in `store/multi_row.rs`).
     let mut shares = Vec::new();
     let mut debits = Vec::with_capacity(sprays.len());
@@ -265,7 +267,6 @@ async fn insert_shares_and_debits_in(
             millis(spray.created_at)
         ));
     }
-    // All in one round trip.
     let mut inserts: Vec<String> = shares
         .chunks(SHARES_PER_INSERT)
         .map(|chunk| {
@@ -279,8 +280,7 @@ async fn insert_shares_and_debits_in(
         "INSERT INTO ledger (spray_id, kind, user_id, amount, at) VALUES {}",
         debits.join(", ")
     ));
-    run_together(&mut **tx, &inserts).await?;
-    Ok(())
+    Ok(inserts)
 }
 
 #[cfg(test)]
@@ -445,16 +445,21 @@ mod tests {
 
         async fn commit(
             &self,
-            mut tx: sqlx::Transaction<'static, MySql>,
+            mut tx: BatchTransaction,
+            last: &[String],
             first: &Written,
-        ) -> Result<(), StoreError> {
+        ) -> Result<(), Ending> {
+            let connection = tx.connection().await.map_err(Ending::Failed)?;
             let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
-                .fetch_one(&mut *tx)
-                .await?;
+                .fetch_one(connection)
+                .await
+                .map_err(|e| Ending::Failed(e.into()))?;
             sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
                 .execute(self.pool())
-                .await?;
-            commit_and_confirm(tx, first, || SprayWriter::landed(&self.0, first.clone())).await
+                .await
+                .map_err(|e| Ending::Failed(e.into()))?;
+            tx.commit_after(last, first, || SprayWriter::landed(&self.0, first.clone()))
+                .await
         }
     }
 

@@ -1,14 +1,20 @@
 //! A TCP proxy between the service and MariaDB that a test arms to make one network fault
 //! happen at an exact point of the MySQL protocol:
-//! - [`Fault::LoseCommitAck`]: the next `COMMIT` reaches the server, which executes it, and
-//!   both sides are cut before its OK reaches the service ("acknowledgement lost");
-//! - [`Fault::DropCommit`]: the next `COMMIT` never reaches the server; both sides are cut;
+//! - [`Fault::LoseCommitAck`]: the next `COMMIT` reaches the server, which executes it (with
+//!   any statements sent before it in the same packet), and both sides are cut before the
+//!   answer reaches the service ("acknowledgement lost");
+//! - [`Fault::DropCommit`]: the next `COMMIT` never reaches the server (nor the statements
+//!   sent with it); both sides are cut;
 //! - [`Fault::DownAtBegin`]: at the next `BEGIN` every connection is cut and new ones are
 //!   refused (accepted and closed at once, as a restarting server's port does) until
 //!   [`DbProxy::up`].
 //!
 //! sqlx sends `BEGIN`, `COMMIT` and `ROLLBACK` as text queries: a `COM_QUERY` packet (command
-//! byte 0x03) whose payload is exactly the statement. Every other packet passes untouched.
+//! byte 0x03) whose payload is exactly the statement. The batch writers send `BEGIN` at the
+//! head of a multi-statement and `COMMIT` at its tail (`src/store/batch_tx.rs`), so a
+//! `COM_QUERY` whose first statement is `BEGIN`, or whose last is `COMMIT`, counts too (the
+//! batches' statements hold no `;` of their own: their strings are hexadecimal literals).
+//! Every other packet passes untouched.
 //! Only the client-to-server stream is parsed (3-byte little-endian length, sequence byte,
 //! payload); the server's answers are forwarded as they come, unless muted.
 
@@ -62,12 +68,17 @@ impl Shared {
             return Action::Forward;
         };
         let mut armed = self.armed.lock().unwrap();
-        let action = match (*armed, text) {
-            (Some(Fault::LoseCommitAck), text) if text.eq_ignore_ascii_case(b"COMMIT") => {
-                Action::ForwardThenCut
-            }
-            (Some(Fault::DropCommit), text) if text.eq_ignore_ascii_case(b"COMMIT") => Action::Cut,
-            (Some(Fault::DownAtBegin), text) if text.eq_ignore_ascii_case(b"BEGIN") => Action::GoDown,
+        let statements: Vec<&[u8]> = text.split(|&b| b == b';').map(<[u8]>::trim_ascii).collect();
+        let commits = statements
+            .last()
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"COMMIT"));
+        let begins = statements
+            .first()
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"BEGIN"));
+        let action = match *armed {
+            Some(Fault::LoseCommitAck) if commits => Action::ForwardThenCut,
+            Some(Fault::DropCommit) if commits => Action::Cut,
+            Some(Fault::DownAtBegin) if begins => Action::GoDown,
             _ => return Action::Forward,
         };
         *armed = None;
