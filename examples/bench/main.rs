@@ -198,7 +198,9 @@ impl Row {
     }
 }
 
-/// A paced run at half of the workload's median peak.
+/// Paced runs at half of the workload's median peak, one per round: the medians of their
+/// rates and percentiles (a single run's p99 is a few hundred requests, and one stall of
+/// the shared machine decides it), every round's p99, and the errors of all.
 pub struct Half {
     pub store: &'static str,
     pub kind: Kind,
@@ -206,7 +208,24 @@ pub struct Half {
     pub achieved: f64,
     pub p50: f64,
     pub p99: f64,
+    pub round_p99: Vec<f64>,
     pub errors: u64,
+}
+
+impl Half {
+    fn of(store: &'static str, kind: Kind, offered: f64, rounds: &[Measured]) -> Half {
+        let median_of = |f: fn(&Measured) -> f64| report::median(&rounds.iter().map(f).collect::<Vec<_>>());
+        Half {
+            store,
+            kind,
+            offered,
+            achieved: median_of(Measured::per_second),
+            p50: median_of(|m| m.ms(50.0)),
+            p99: median_of(|m| m.ms(99.0)),
+            round_p99: rounds.iter().map(|m| m.ms(99.0)).collect(),
+            errors: rounds.iter().map(|m| m.errors).sum(),
+        }
+    }
 }
 
 pub struct Sweep {
@@ -418,8 +437,8 @@ async fn race(
     row
 }
 
-/// `kind` on the server at `base`, paced at half of `peak` (see [`Half`]); `None` for the
-/// mixed workload, which has its own.
+/// `kind` on the server at `base`, paced at half of `peak`, `rounds` times (see
+/// [`Half`]); `None` for the mixed workload, which has its own.
 async fn half_peak(
     mode: &Mode,
     store: &'static str,
@@ -427,10 +446,26 @@ async fn half_peak(
     base: &str,
     ids: &Arc<Ids>,
     peak: f64,
+    rounds: usize,
 ) -> Option<Half> {
     let offered = peak / 2.0;
+    let mut measured = Vec::with_capacity(rounds);
+    for _ in 0..rounds.max(1) {
+        measured.push(half_peak_once(mode, kind, base, ids, offered).await?);
+    }
+    Some(Half::of(store, kind, offered, &measured))
+}
+
+/// One paced run of [`half_peak`].
+async fn half_peak_once(
+    mode: &Mode,
+    kind: Kind,
+    base: &str,
+    ids: &Arc<Ids>,
+    offered: f64,
+) -> Option<Measured> {
     let base = base.to_owned();
-    let measured = match kind {
+    Some(match kind {
         Kind::Healthz => measure(Arc::new(Healthz { base }), paced(offered, mode.half_duration)).await,
         Kind::Create => {
             let create = Create {
@@ -454,15 +489,6 @@ async fn half_peak(
             measure(Arc::new(race), paced(offered, limit.min(mode.half_cap))).await
         }
         Kind::Mixed => return None,
-    };
-    Some(Half {
-        store,
-        kind,
-        offered,
-        achieved: measured.per_second(),
-        p50: measured.ms(50.0),
-        p99: measured.ms(99.0),
-        errors: measured.errors,
     })
 }
 
@@ -538,7 +564,7 @@ async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
         if peak <= 0.0 {
             continue;
         }
-        let Some(half) = half_peak(mode, store.name, kind, &base, &ids, peak).await else {
+        let Some(half) = half_peak(mode, store.name, kind, &base, &ids, peak, mode.rounds).await else {
             continue;
         };
         results.half.push(half);
@@ -650,16 +676,13 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
     let rates: Vec<f64> = results.rows[first_row..].iter().map(|r| r.rate).collect();
     let offered = report::median(&rates) / 2.0;
     if offered > 0.0 {
-        let measured = measure(mixed(&bases, &ids), paced(offered, mode.mixed_duration)).await;
-        results.half.push(Half {
-            store: "MySQL + Redis",
-            kind: Kind::Mixed,
-            offered,
-            achieved: measured.per_second(),
-            p50: measured.ms(50.0),
-            p99: measured.ms(99.0),
-            errors: measured.errors,
-        });
+        let mut measured = Vec::with_capacity(mode.rounds);
+        for _ in 0..mode.rounds.max(1) {
+            measured.push(measure(mixed(&bases, &ids), paced(offered, mode.mixed_duration)).await);
+        }
+        results
+            .half
+            .push(Half::of("MySQL + Redis", Kind::Mixed, offered, &measured));
     }
     drop(servers);
     results.mixed_audit = audit(&url);
@@ -800,7 +823,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     };
     print_server_figures(&base, &ServerFigures::new()).await;
     // Then paced at half of that peak, as the full run does.
-    let half = half_peak(mode, name, row.kind, &base, &ids, row.rate).await;
+    let half = half_peak(mode, name, row.kind, &base, &ids, row.rate, 1).await;
     drop(server);
     if let Some(db) = database {
         drop_database(&db).await;

@@ -435,7 +435,7 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
                 med(results, store, kind, |r| Some(r.p99)).unwrap_or(0.0),
                 all.iter().map(|r| r.errors).sum::<u64>(),
                 half.map_or_else(|| "-".into(), |h| n0(h.offered)),
-                half.map_or_else(|| "-".into(), |h| format!("{:.1}", h.p99)),
+                half.map_or_else(|| "-".into(), |h| with_rounds(h.p99, &h.round_p99)),
                 half.map_or("-", |h| if h.p99 < HALF_PEAK_P99_MS && h.errors == 0 {
                     "yes"
                 } else {
@@ -601,7 +601,8 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
          - *errors*: any answer that is not the 2xx asked for or the expected 409, or a transport error.\n\
          - *half peak*: the workload again, paced at half its median peak: request n is due at \
            n / rate and its latency counts from then (a late server is charged for the wait), \
-           on the same {CONNECTIONS} connections. The hot spray and winners runs there use a fresh \
+           on the same {CONNECTIONS} connections; as many rounds as at the peak, their median p99 \
+           first and each round's in brackets. The hot spray and winners runs there use a fresh \
            spray ({} users for the hot spray, {} shares for winners).\n\
          - *mixed*: three instances on one MariaDB database and one Redis; 5,000 rooms; sprays of \
            2 to 50 shares (amounts of 100 to 1,000 a share); each spray's receivers (a fifth more \
@@ -620,6 +621,15 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
     );
     let _ = writeln!(w, "\n{END}");
     out
+}
+
+/// `median`, and each round's figure in brackets when there are several.
+fn with_rounds(median: f64, rounds: &[f64]) -> String {
+    if rounds.len() < 2 {
+        return format!("{median:.1}");
+    }
+    let each: Vec<String> = rounds.iter().map(|r| format!("{r:.1}")).collect();
+    format!("{median:.1} ({})", each.join(", "))
 }
 
 /// The highest RSS of any instance, and whether every instance stayed flat: its last
