@@ -287,3 +287,36 @@ async fn a_sweep_reports_its_passes_its_last_success_and_the_settlements_it_is_l
     assert_eq!(passes(&failed, "error") - passes(&settled, "error"), 1.0);
     assert_eq!(last_success(&failed), last_success(&settled));
 }
+
+#[tokio::test]
+async fn a_spray_taken_for_good_shows_in_the_remembered_gauges() {
+    let _turn = SERIAL.lock().await;
+    let app = TestApp::with_settings(Settings {
+        redis_url: Some(common::redis_url()),
+        ..Settings::default()
+    })
+    .await;
+    let token = app.spray(100, 2).await;
+    app.receive(2, &token).await.assert_status(200);
+    app.receive(3, &token).await.assert_status(200);
+    let gauges = |samples: &[common::metrics::Sample]| {
+        (
+            value(samples, "spray_gate_remembered_sprays", &[]),
+            value(samples, "spray_gate_remembered_receivers", &[]),
+        )
+    };
+    let before = gauges(&scrape(&app).await);
+    // This loser learns from the gate that the spray is taken for good: the instance
+    // remembers it, with its two receivers.
+    app.receive(4, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    let after = gauges(&scrape(&app).await);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1.0, 2.0));
+    // Answered from memory: nothing more is remembered.
+    app.receive(5, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    assert_eq!(gauges(&scrape(&app).await), after);
+    app.assert_audit_clean().await;
+}

@@ -139,6 +139,7 @@ impl ExhaustedSprays {
             return None;
         }
         entries.by_spray.insert(key.clone(), Entry::Loading);
+        entries.report();
         Some(Loading {
             memory: self,
             key: Some(key),
@@ -150,8 +151,12 @@ impl ExhaustedSprays {
     fn finish(&self, key: (RoomId, Token), spray: Option<ExhaustedSpray>, now: DateTime<Utc>) {
         let mut entries = self.lock();
         entries.remove(&key);
-        let Some(mut spray) = spray else { return };
+        let Some(mut spray) = spray else {
+            entries.report();
+            return;
+        };
         if now >= spray.receive_until {
+            entries.report();
             return;
         }
         if !entries.fits(spray.receivers.len(), now) {
@@ -159,11 +164,13 @@ impl ExhaustedSprays {
                 let receive_until = spray.receive_until;
                 entries.by_spray.insert(key, Entry::TooLarge { receive_until });
             }
+            entries.report();
             return;
         }
         spray.receivers.sort_unstable();
         entries.receivers += spray.receivers.len();
         entries.by_spray.insert(key, Entry::Known(Arc::new(spray)));
+        entries.report();
     }
 
     /// How many sprays are remembered.
@@ -201,12 +208,20 @@ impl Loading<'_> {
 impl Drop for Loading<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.memory.lock().remove(&key);
+            let mut entries = self.memory.lock();
+            entries.remove(&key);
+            entries.report();
         }
     }
 }
 
 impl Entries {
+    /// Sets the gauges of what is held (`spray_gate_remembered_*`), under the write lock
+    /// that changed it, so that the last change is the one shown.
+    fn report(&self) {
+        crate::telemetry::record_remembered(self.by_spray.len(), self.receivers);
+    }
+
     fn remove(&mut self, key: &(RoomId, Token)) {
         if let Some(entry) = self.by_spray.remove(key) {
             self.receivers = self.receivers.saturating_sub(entry.receivers());

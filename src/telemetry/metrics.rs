@@ -185,6 +185,8 @@ fn register_at_zero() {
     for event in GATE_EVENTS {
         counter!("spray_gate_events_total", "event" => *event).increment(0);
     }
+    gauge!("spray_gate_remembered_sprays").set(0.0);
+    gauge!("spray_gate_remembered_receivers").set(0.0);
     gauge!("spray_store_calls_admitted").increment(0.0);
     counter!("spray_store_shed_total").increment(0);
     for operation in STORE_OPERATIONS {
@@ -252,6 +254,14 @@ fn describe() {
     describe_counter!(
         "spray_gate_events_total",
         "Redis gate events: hit, miss, rebuild (key reloaded from SQL), takeover (a hold past the claim lease handed to another claim), fallback (SQL-only claim), remembered (a claim on a spray taken for good, answered from the instance's memory without Redis)."
+    );
+    describe_gauge!(
+        "spray_gate_remembered_sprays",
+        "Sprays taken for good this instance remembers, to answer their late claims without Redis (at most 10,000; entries being read or too large count too)."
+    );
+    describe_gauge!(
+        "spray_gate_remembered_receivers",
+        "Receivers of the sprays taken for good this instance remembers (at most 1,000,000, 8 bytes each)."
     );
     describe_gauge!(
         "spray_store_calls_admitted",
@@ -373,6 +383,13 @@ pub fn record_gate_hit() {
 /// A claim on a spray taken for good, answered from the instance's memory of it.
 pub fn record_gate_remembered() {
     counter!("spray_gate_events_total", "event" => "remembered").increment(1);
+}
+
+/// What the instance's memory of sprays taken for good holds now (`claim/exhausted.rs`):
+/// its sprays (those being read or too large included) and their receivers.
+pub fn record_remembered(sprays: usize, receivers: usize) {
+    gauge!("spray_gate_remembered_sprays").set(u32::try_from(sprays).unwrap_or(u32::MAX));
+    gauge!("spray_gate_remembered_receivers").set(u32::try_from(receivers).unwrap_or(u32::MAX));
 }
 
 /// The Redis gate had no key for the spray.
