@@ -5,6 +5,7 @@
 #   bench/run.sh            full: medians of 3 rounds (about 15 minutes)
 #   bench/run.sh --quick    one round of shortened workloads (1-2 minutes), to check it works
 #   bench/run.sh --soak     full, then the mixed workload for 10 minutes, sampling RSS
+#                           (with --quick, for one minute)
 #   bench/run.sh [--quick] --probe STORE WORKLOAD   one workload on one store (sqlite, mysql,
 #                           gated; healthz, create, lookup, hot, winners, or mixed: 3 instances on
 #                           MySQL + Redis at peak and half peak), printed only: for profiling

@@ -259,6 +259,9 @@ pub struct Soak {
     pub errors: u64,
     /// Seconds since the start, and the RSS of each instance in MiB.
     pub samples: Vec<(f64, Vec<f64>)>,
+    /// At each sample, each instance's `spray_gate_remembered_sprays` (`None` if its
+    /// `/metrics` did not answer): the one memory that grows with the traffic, to its bound.
+    pub remembered: Vec<Vec<Option<f64>>>,
 }
 
 pub struct Results {
@@ -697,12 +700,13 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
         let load = paced(offered, length);
         let started = Instant::now();
         let running = tokio::spawn(load::run(workload, load));
-        let mut samples = Vec::new();
+        let (mut samples, mut remembered) = (Vec::new(), Vec::new());
         while !running.is_finished() {
             samples.push((
                 started.elapsed().as_secs_f64(),
                 pids.iter().map(|pid| rss_mib(*pid).0).collect(),
             ));
+            remembered.push(remembered_sprays(&bases).await);
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
         let measured = running.await.expect("the soak run");
@@ -710,6 +714,7 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
             started.elapsed().as_secs_f64(),
             pids.iter().map(|pid| rss_mib(*pid).0).collect(),
         ));
+        remembered.push(remembered_sprays(&bases).await);
         drop(servers);
         let soak_audit = audit(&url);
         drop_database(&db).await;
@@ -720,6 +725,7 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
             p99: measured.ms(99.0),
             errors: measured.errors,
             samples,
+            remembered,
         });
         results.mixed_audit = format!("{}; after the soak: {soak_audit}", results.mixed_audit);
     }
@@ -878,6 +884,23 @@ async fn print_server_figures(base: &str, before: &ServerFigures) -> ServerFigur
     now
 }
 
+/// Each server's `spray_gate_remembered_sprays` gauge, read from its `/metrics`.
+async fn remembered_sprays(bases: &[String]) -> Vec<Option<f64>> {
+    let mut gauges = Vec::with_capacity(bases.len());
+    for base in bases {
+        let text = match reqwest::get(format!("{base}/metrics")).await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        gauges.push(
+            text.lines()
+                .find_map(|line| line.strip_prefix("spray_gate_remembered_sprays "))
+                .and_then(|v| v.trim().parse::<f64>().ok()),
+        );
+    }
+    gauges
+}
+
 /// Sums and counts of the server's histograms, by series.
 type ServerFigures = std::collections::BTreeMap<String, (f64, f64)>;
 
@@ -963,7 +986,13 @@ async fn main() {
         Mode::full()
     };
     if args.iter().any(|a| a == "--soak") {
-        mode.soak = Some(Duration::from_secs(600));
+        // With --quick, a minute: enough to check that the soak works.
+        let minutes = if args.iter().any(|a| a == "--quick") {
+            1
+        } else {
+            10
+        };
+        mode.soak = Some(Duration::from_secs(60 * minutes));
     }
     if let Some(at) = args.iter().position(|a| a == "--probe") {
         let (Some(store), Some(workload)) = (args.get(at + 1), args.get(at + 2)) else {
