@@ -192,11 +192,9 @@ mod tests {
         pool
     }
 
-    #[tokio::test]
-    async fn a_transaction_dropped_before_its_commit_keeps_nothing_and_its_connection_is_not_reused() {
-        let fx = Fixture::new(1).await;
-        let pool = one_connection(&fx).await;
-        let mut tx = BatchTransaction::acquire(&pool).await.unwrap();
+    /// A transaction that has inserted mark 1 and not committed, and its connection's id.
+    async fn one_mark_inserted(pool: &MySqlPool) -> (BatchTransaction, u64) {
+        let mut tx = BatchTransaction::acquire(pool).await.unwrap();
         tx.run(&["INSERT INTO batch_tx_marks VALUES (1)".to_owned()])
             .await
             .unwrap();
@@ -204,6 +202,14 @@ mod tests {
             .fetch_one(tx.connection().await.unwrap())
             .await
             .unwrap();
+        (tx, id)
+    }
+
+    #[tokio::test]
+    async fn a_transaction_dropped_before_its_commit_keeps_nothing_and_its_connection_is_not_reused() {
+        let fx = Fixture::new(1).await;
+        let pool = one_connection(&fx).await;
+        let (tx, id) = one_mark_inserted(&pool).await;
         drop(tx);
         // The next caller does not find itself inside the abandoned transaction.
         let mut next = pool.acquire().await.unwrap();
@@ -290,14 +296,7 @@ mod tests {
     async fn a_commit_whose_connection_dies_is_read_back() {
         let fx = Fixture::new(1).await;
         let pool = one_connection(&fx).await;
-        let mut tx = BatchTransaction::acquire(&pool).await.unwrap();
-        tx.run(&["INSERT INTO batch_tx_marks VALUES (1)".to_owned()])
-            .await
-            .unwrap();
-        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
-            .fetch_one(tx.connection().await.unwrap())
-            .await
-            .unwrap();
+        let (tx, id) = one_mark_inserted(&pool).await;
         let other = fx.writer();
         sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
             .execute(other.pool())
