@@ -18,7 +18,8 @@
 //! does not read it again and again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use chrono::{DateTime, Utc};
 
@@ -90,11 +91,13 @@ struct Entries {
 }
 
 impl ExhaustedSprays {
-    /// The entries, to change.
-    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Entries> {
-        self.entries
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The entries, to change (see [`Changing`]).
+    fn lock(&self) -> Changing<'_> {
+        Changing(
+            self.entries
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// The remembered answer to `user` claiming `token` in `room` at `now`, if any.
@@ -139,7 +142,6 @@ impl ExhaustedSprays {
             return None;
         }
         entries.by_spray.insert(key.clone(), Entry::Loading);
-        entries.report();
         Some(Loading {
             memory: self,
             key: Some(key),
@@ -151,12 +153,8 @@ impl ExhaustedSprays {
     fn finish(&self, key: (RoomId, Token), spray: Option<ExhaustedSpray>, now: DateTime<Utc>) {
         let mut entries = self.lock();
         entries.remove(&key);
-        let Some(mut spray) = spray else {
-            entries.report();
-            return;
-        };
+        let Some(mut spray) = spray else { return };
         if now >= spray.receive_until {
-            entries.report();
             return;
         }
         if !entries.fits(spray.receivers.len(), now) {
@@ -164,13 +162,11 @@ impl ExhaustedSprays {
                 let receive_until = spray.receive_until;
                 entries.by_spray.insert(key, Entry::TooLarge { receive_until });
             }
-            entries.report();
             return;
         }
         spray.receivers.sort_unstable();
         entries.receivers += spray.receivers.len();
         entries.by_spray.insert(key, Entry::Known(Arc::new(spray)));
-        entries.report();
     }
 
     /// How many sprays are remembered.
@@ -208,20 +204,37 @@ impl Loading<'_> {
 impl Drop for Loading<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            let mut entries = self.memory.lock();
-            entries.remove(&key);
-            entries.report();
+            self.memory.lock().remove(&key);
         }
     }
 }
 
-impl Entries {
-    /// Sets the gauges of what is held (`spray_gate_remembered_*`), under the write lock
-    /// that changed it, so that the last change is the one shown.
-    fn report(&self) {
-        crate::telemetry::record_remembered(self.by_spray.len(), self.receivers);
-    }
+/// The entries under the write lock. Every change goes through it, and the gauges of what
+/// they hold (`spray_gate_remembered_*`) are set as it is released, still under the lock:
+/// so every change shows, the last one last.
+struct Changing<'a>(RwLockWriteGuard<'a, Entries>);
 
+impl Deref for Changing<'_> {
+    type Target = Entries;
+
+    fn deref(&self) -> &Entries {
+        &self.0
+    }
+}
+
+impl DerefMut for Changing<'_> {
+    fn deref_mut(&mut self) -> &mut Entries {
+        &mut self.0
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        crate::telemetry::record_remembered(self.0.by_spray.len(), self.0.receivers);
+    }
+}
+
+impl Entries {
     fn remove(&mut self, key: &(RoomId, Token)) {
         if let Some(entry) = self.by_spray.remove(key) {
             self.receivers = self.receivers.saturating_sub(entry.receivers());
