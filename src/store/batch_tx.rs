@@ -50,6 +50,17 @@ pub(super) enum Ending {
     Failed(StoreError),
 }
 
+impl From<Ending> for StoreError {
+    /// What a batch answers for a commit that did not succeed: the refusal's error, or
+    /// the failure's.
+    fn from(ending: Ending) -> StoreError {
+        match ending {
+            Ending::Refused(e) => e.into(),
+            Ending::Failed(e) => e,
+        }
+    }
+}
+
 impl BatchTransaction {
     /// A connection from `pool`; the transaction begins with the first statements.
     pub(super) async fn acquire(pool: &MySqlPool) -> Result<BatchTransaction, StoreError> {

@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use sqlx::MySqlPool;
 
-use super::batch_tx::{BatchTransaction, Ending};
+use super::batch_tx::BatchTransaction;
 use super::commit::{TakenShare, Written};
 use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
@@ -198,11 +198,9 @@ where
     );
     // The COMMIT alone, not with the UPDATE before it: the counts that UPDATE answers are
     // checked before anything is kept (see `give_in`).
-    match tx.commit_after(&[], &what, || landed(what.clone())).await {
-        Ok(()) => Ok(()),
-        Err(Ending::Refused(e)) => Err(Fallback::Failed(e.into())),
-        Err(Ending::Failed(e)) => Err(Fallback::Failed(e)),
-    }
+    tx.commit_after(&[], &what, || landed(what.clone()))
+        .await
+        .map_err(|ended| Fallback::Failed(ended.into()))
 }
 
 fn answer_of(decided: Decided) -> Result<SlotClaim, StoreError> {

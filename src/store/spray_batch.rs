@@ -130,11 +130,10 @@ async fn write_once<W: SprayWriter>(
         .zip(&written)
         .find_map(|(request, answer)| answer.as_ref().ok().map(|id| Written::spray(*id, &request.spray)));
     match first {
-        Some(first) => match writer.commit(tx, &last, &first).await {
-            Ok(()) => {}
-            Err(Ending::Refused(e)) => return Err(failed(e.into())),
-            Err(Ending::Failed(e)) => return Err(failed(e)),
-        },
+        Some(first) => writer
+            .commit(tx, &last, &first)
+            .await
+            .map_err(|ended| failed(ended.into()))?,
         // Every spray lost its idempotency lease: nothing to keep.
         None => tx.rollback().await,
     }
