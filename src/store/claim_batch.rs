@@ -68,7 +68,7 @@ impl ClaimBatches {
     /// `ClaimBatches` is dropped.
     pub(super) fn start(writer: OneByOne) -> ClaimBatches {
         let writer = Arc::new(writer);
-        ClaimBatches(BatchQueues::start(WRITERS, MAX_BATCH, move |batch| {
+        ClaimBatches(BatchQueues::in_lanes(WRITERS, MAX_BATCH, move |batch| {
             let writer = writer.clone();
             async move { write_batch(writer.as_ref(), batch).await }
         }))

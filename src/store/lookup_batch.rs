@@ -26,8 +26,8 @@ use crate::domain::SprayRecord;
 
 /// The most lookups one statement answers.
 const MAX_BATCH: usize = 64;
-/// Readers, each with a queue, taking lookups in turn: each holds one pooled connection
-/// while it reads.
+/// Readers taking lookups from one queue, whichever is free: each holds one pooled
+/// connection while it reads.
 const READERS: usize = 4;
 
 /// The queues in front of the readers.
@@ -37,7 +37,7 @@ impl LookupBatches {
     /// Starts [`READERS`] tasks reading from `pool`. They end when the `LookupBatches` is
     /// dropped.
     pub(super) fn start(pool: MySqlPool) -> LookupBatches {
-        LookupBatches(BatchQueues::start(READERS, MAX_BATCH, move |batch| {
+        LookupBatches(BatchQueues::shared(READERS, MAX_BATCH, move |batch| {
             let pool = pool.clone();
             async move { read_batch(&pool, batch).await }
         }))

@@ -1,13 +1,20 @@
 //! The queues in front of group commit (`store/batch.rs`, `store/slot_batch.rs`,
-//! `store/spray_batch.rs`): callers queue one request each and wait; a writer task per
-//! queue takes every request waiting (up to a batch's size), writes them as one batch and
-//! answers each. Nothing waits on purpose for a batch to fill: under light load a batch
+//! `store/spray_batch.rs`) and of batched reads: callers queue one request each and wait;
+//! writer tasks take every request waiting (up to a batch's size), write them as one batch
+//! and answer each. Nothing waits on purpose for a batch to fill: under light load a batch
 //! holds one request, under heavy load batches grow by themselves.
+//!
+//! Two shapes. Requests with no order among them (new sprays, lookups) wait in one queue
+//! that every writer takes from, so a request waits for a batch ahead of it only when
+//! every writer is busy. (With a queue per writer, taken in turn, a request waited behind
+//! its own writer's batch while the others were idle: at half of the peak load, two
+//! commits instead of one for a good share of the requests.) Requests that must be written
+//! in order (the claims of one spray) go by lane: one queue and one writer per lane.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::StoreError;
 
@@ -18,48 +25,54 @@ pub(super) const QUEUE: usize = 4096;
 /// Where a writer sends one request's answer.
 pub(super) type Reply<A> = oneshot::Sender<Result<A, StoreError>>;
 
-/// The queues of one kind of batch, one writer task each.
+/// The queue of requests waiting for a batch, and where they are taken from.
+type Waiting<R, A> = Arc<Mutex<mpsc::Receiver<(R, Reply<A>)>>>;
+
+/// The queues of one kind of batch and the writer tasks taking from them.
 pub(super) struct BatchQueues<R, A> {
     queues: Vec<mpsc::Sender<(R, Reply<A>)>>,
-    /// Which queue the next request without a lane of its own goes to.
-    next: std::sync::atomic::AtomicUsize,
 }
 
 impl<R: Send + 'static, A: Send + 'static> BatchQueues<R, A> {
-    /// Starts `writers` tasks (at least one), each taking up to `max_batch` requests at a
-    /// time off its own queue and handing them to `write_batch`, which must answer every
-    /// one. They end when the `BatchQueues` is dropped.
-    pub(super) fn start<W, Fut>(writers: usize, max_batch: usize, write_batch: W) -> Self
+    /// One queue and `writers` tasks (at least one) taking from it: whichever writer is
+    /// free takes up to `max_batch` requests waiting and hands them to `write_batch`, which
+    /// must answer every one. For [`BatchQueues::send`]. The writers end when the
+    /// `BatchQueues` is dropped.
+    pub(super) fn shared<W, Fut>(writers: usize, max_batch: usize, write_batch: W) -> Self
     where
         W: Fn(Vec<(R, Reply<A>)>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let write_batch = Arc::new(write_batch);
-        let queues = (0..writers.max(1))
+        let (queue, waiting) = mpsc::channel(QUEUE);
+        let waiting = Arc::new(Mutex::new(waiting));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(take_and_write(waiting.clone(), max_batch, write_batch.clone()));
+        }
+        BatchQueues { queues: vec![queue] }
+    }
+
+    /// `lanes` queues (at least one), each with a writer task of its own taking up to
+    /// `max_batch` requests at a time, as [`BatchQueues::shared`] does. For
+    /// [`BatchQueues::send_in_lane`].
+    pub(super) fn in_lanes<W, Fut>(lanes: usize, max_batch: usize, write_batch: W) -> Self
+    where
+        W: Fn(Vec<(R, Reply<A>)>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let write_batch = Arc::new(write_batch);
+        let queues = (0..lanes.max(1))
             .map(|_| {
-                let (queue, mut waiting) = mpsc::channel::<(R, Reply<A>)>(QUEUE);
-                let write_batch = write_batch.clone();
-                tokio::spawn(async move {
-                    let mut batch = Vec::with_capacity(max_batch);
-                    while waiting.recv_many(&mut batch, max_batch).await > 0 {
-                        // Each batch in a task of its own, so that one that panics (a bug)
-                        // does not end this queue's writer: its requests are answered 503
-                        // (their replies dropped unanswered), and the next batch is
-                        // written. A transaction it left open is rolled back as its
-                        // connection is dropped.
-                        let written = tokio::spawn(write_batch(std::mem::take(&mut batch))).await;
-                        if let Err(failed) = written {
-                            tracing::error!(error = %failed, "a batch of writes panicked; its requests were answered 503");
-                        }
-                    }
-                });
+                let (queue, waiting) = mpsc::channel(QUEUE);
+                tokio::spawn(take_and_write(
+                    Arc::new(Mutex::new(waiting)),
+                    max_batch,
+                    write_batch.clone(),
+                ));
                 queue
             })
             .collect();
-        BatchQueues {
-            queues,
-            next: std::sync::atomic::AtomicUsize::new(0),
-        }
+        BatchQueues { queues }
     }
 
     /// Queues `request` on the queue `lane` picks (requests of one lane are written in
@@ -67,17 +80,41 @@ impl<R: Send + 'static, A: Send + 'static> BatchQueues<R, A> {
     pub(super) async fn send_in_lane(&self, lane: u64, request: R) -> Result<A, StoreError> {
         let queues = u64::try_from(self.queues.len()).unwrap_or(1);
         let queue = usize::try_from(lane % queues).unwrap_or(0);
-        self.send_to(queue, request).await
-    }
-
-    /// Queues `request` on the queues in turn and waits for its answer.
-    pub(super) async fn send(&self, request: R) -> Result<A, StoreError> {
-        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.send_to(turn % self.queues.len(), request).await
-    }
-
-    async fn send_to(&self, queue: usize, request: R) -> Result<A, StoreError> {
         ask(&self.queues[queue], request).await
+    }
+
+    /// Queues `request` for the first free writer and waits for its answer (on queues made
+    /// [`BatchQueues::in_lanes`], the first lane's).
+    pub(super) async fn send(&self, request: R) -> Result<A, StoreError> {
+        ask(&self.queues[0], request).await
+    }
+}
+
+/// One writer task: takes every request waiting (up to `max_batch`) whenever it is free,
+/// until the queue is closed. While it waits for requests it holds the queue's lock, so
+/// that requests arriving one at a time go to the free writers in turn (tokio's mutex is
+/// fair), each writer with a batch of its own.
+async fn take_and_write<R, A, W, Fut>(waiting: Waiting<R, A>, max_batch: usize, write_batch: Arc<W>)
+where
+    R: Send + 'static,
+    A: Send + 'static,
+    W: Fn(Vec<(R, Reply<A>)>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        let taken = waiting.lock().await.recv_many(&mut batch, max_batch).await;
+        if taken == 0 {
+            return;
+        }
+        // Each batch in a task of its own, so that one that panics (a bug) does not end
+        // this writer: its requests are answered 503 (their replies dropped unanswered),
+        // and the next batch is written. A transaction it left open is rolled back as its
+        // connection is dropped.
+        let written = tokio::spawn(write_batch(std::mem::take(&mut batch))).await;
+        if let Err(failed) = written {
+            tracing::error!(error = %failed, "a batch of writes panicked; its requests were answered 503");
+        }
     }
 }
 
@@ -121,19 +158,106 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::{Notify, Semaphore};
+
     use super::*;
 
     #[tokio::test]
     async fn a_batch_that_panics_is_answered_503_and_the_next_batch_is_written() {
-        let queues = BatchQueues::start(1, 8, |batch: Vec<(u32, Reply<u32>)>| async move {
-            for (request, reply) in batch {
-                assert_ne!(request, 0, "a bug in the batch writer");
-                let _ = reply.send(Ok(request * 10));
-            }
+        for queues in [
+            BatchQueues::shared(1, 8, panics_on_zero),
+            BatchQueues::in_lanes(1, 8, panics_on_zero),
+        ] {
+            let first = queues.send(0).await;
+            assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
+            assert_eq!(queues.send(1).await.unwrap(), 10);
+            assert_eq!(queues.send_in_lane(7, 2).await.unwrap(), 20);
+        }
+    }
+
+    async fn panics_on_zero(batch: Vec<(u32, Reply<u32>)>) {
+        for (request, reply) in batch {
+            assert_ne!(request, 0, "a bug in the batch writer");
+            let _ = reply.send(Ok(request * 10));
+        }
+    }
+
+    type Writing = futures_util::future::BoxFuture<'static, ()>;
+
+    /// A batch writer that answers each request ten times itself, but holds request 0
+    /// until `release` has a permit, saying on `started` that it holds it.
+    fn holding_zero(
+        started: Arc<Notify>,
+        release: Arc<Semaphore>,
+    ) -> impl Fn(Vec<(u32, Reply<u32>)>) -> Writing + Send + Sync {
+        move |batch| {
+            let (started, release) = (started.clone(), release.clone());
+            Box::pin(async move {
+                for (request, reply) in batch {
+                    if request == 0 {
+                        started.notify_one();
+                        let _permit = release.acquire().await;
+                    }
+                    let _ = reply.send(Ok(request * 10));
+                }
+            })
+        }
+    }
+
+    // The paused clock moves on by itself only when every task waits: a timeout that
+    // fires means the request could not be written at all while request 0 was held.
+    #[tokio::test(start_paused = true)]
+    async fn on_a_shared_queue_a_request_waits_only_while_every_writer_is_busy() {
+        let (started, release) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
+        let queues = Arc::new(BatchQueues::shared(
+            2,
+            8,
+            holding_zero(started.clone(), release.clone()),
+        ));
+        let held = tokio::spawn({
+            let queues = queues.clone();
+            async move { queues.send(0).await }
         });
-        let first = queues.send(0).await;
-        assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
-        assert_eq!(queues.send(1).await.unwrap(), 10);
-        assert_eq!(queues.send_in_lane(7, 2).await.unwrap(), 20);
+        started.notified().await;
+        for request in 1..=3 {
+            let answer = tokio::time::timeout(Duration::from_secs(1), queues.send(request))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("request {request} waited behind a busy writer while another was free")
+                });
+            assert_eq!(answer.unwrap(), request * 10);
+        }
+        release.add_permits(1);
+        assert_eq!(held.await.unwrap().unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_of_one_lane_are_written_one_batch_after_the_other() {
+        let (started, release) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
+        let queues = Arc::new(BatchQueues::in_lanes(
+            2,
+            8,
+            holding_zero(started.clone(), release.clone()),
+        ));
+        let held = tokio::spawn({
+            let queues = queues.clone();
+            async move { queues.send_in_lane(0, 0).await }
+        });
+        started.notified().await;
+        assert_eq!(
+            queues.send_in_lane(1, 1).await.unwrap(),
+            10,
+            "another lane is written meanwhile"
+        );
+        let behind = tokio::time::timeout(Duration::from_secs(1), queues.send_in_lane(2, 2)).await;
+        assert!(
+            behind.is_err(),
+            "a request of the held lane was written beside it: {behind:?}"
+        );
+        release.add_permits(1);
+        assert_eq!(held.await.unwrap().unwrap(), 0);
+        assert_eq!(queues.send_in_lane(4, 4).await.unwrap(), 40);
     }
 }

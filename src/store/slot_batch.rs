@@ -100,7 +100,7 @@ impl SlotBatches {
     /// `SlotBatches` is dropped.
     pub(super) fn start<W: SlotWriter>(writer: W) -> SlotBatches {
         let writer = Arc::new(writer);
-        SlotBatches(BatchQueues::start(WRITERS, MAX_BATCH, move |batch| {
+        SlotBatches(BatchQueues::in_lanes(WRITERS, MAX_BATCH, move |batch| {
             let writer = writer.clone();
             async move { write_batch(writer.as_ref(), batch).await }
         }))

@@ -42,8 +42,8 @@ use super::{Effect, NewSpray, PendingKey, StoreError};
 
 /// The most sprays one batch holds: its statements stay a few tens of kilobytes.
 const MAX_BATCH: usize = 64;
-/// Batch writers, each with a queue and a connection of its own, taking new sprays in
-/// turn: one batch is written while the next fills up.
+/// Batch writers, each with a connection of its own, taking new sprays from one queue,
+/// whichever is free: while batches are written, the next fills up.
 const WRITERS: usize = 4;
 /// Rows per multi-row `INSERT` of shares: a statement of a few kilobytes.
 const SHARES_PER_INSERT: usize = 500;
@@ -79,11 +79,11 @@ pub(super) trait SprayWriter: Send + Sync + 'static {
 pub(super) struct SprayBatches(BatchQueues<SprayRequest, i64>);
 
 impl SprayBatches {
-    /// Starts [`WRITERS`] tasks, each taking batches off its own queue. They end when the
+    /// Starts [`WRITERS`] tasks, taking batches off one queue. They end when the
     /// `SprayBatches` is dropped.
     pub(super) fn start<W: SprayWriter>(writer: W) -> SprayBatches {
         let writer = Arc::new(writer);
-        SprayBatches(BatchQueues::start(WRITERS, MAX_BATCH, move |batch| {
+        SprayBatches(BatchQueues::shared(WRITERS, MAX_BATCH, move |batch| {
             let writer = writer.clone();
             async move { write_batch(writer.as_ref(), batch).await }
         }))

@@ -47,7 +47,7 @@ impl SqliteLookups {
             busy_timeout,
             idle: Mutex::new(Vec::new()),
         });
-        SqliteLookups(BatchQueues::start(READERS, MAX_BATCH, move |batch| {
+        SqliteLookups(BatchQueues::shared(READERS, MAX_BATCH, move |batch| {
             let readers = readers.clone();
             async move {
                 let (keys, replies): (Vec<SprayLookup>, Vec<_>) = batch.into_iter().unzip();
