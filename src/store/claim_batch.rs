@@ -42,7 +42,7 @@ use super::convert::{amount_from, time_from, user_from};
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, hex, write_and_answer};
 use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in, landed_on};
-use super::queue::{BatchQueues, Reply};
+use super::queue::{KeyedBatchQueue, Reply};
 use super::slot_batch::{SlotRequest, give_and_commit};
 use super::{Claim, ClaimOutcome, Effect, PendingKey, StoreError};
 use crate::domain::{Amount, ReceiveFacts, ReceiveRefusal, rules};
@@ -60,15 +60,15 @@ pub(super) struct ClaimRequest {
     pub(super) idempotency: Option<PendingKey>,
 }
 
-/// The queues in front of the batch writers.
-pub(super) struct ClaimBatches(BatchQueues<ClaimRequest, ClaimOutcome>);
+/// The queue in front of the batch writers.
+pub(super) struct ClaimBatches(KeyedBatchQueue<ClaimRequest, ClaimOutcome>);
 
 impl ClaimBatches {
-    /// Starts [`WRITERS`] tasks, each taking batches off its own queue. They end when the
+    /// Starts [`WRITERS`] tasks, taking batches off one queue. They end when the
     /// `ClaimBatches` is dropped.
     pub(super) fn start(writer: OneByOne) -> ClaimBatches {
         let writer = Arc::new(writer);
-        ClaimBatches(BatchQueues::in_lanes(WRITERS, MAX_BATCH, move |batch| {
+        ClaimBatches(KeyedBatchQueue::start(WRITERS, MAX_BATCH, move |batch| {
             let writer = writer.clone();
             async move { write_batch(writer.as_ref(), batch).await }
         }))
@@ -80,7 +80,7 @@ impl ClaimBatches {
         use std::hash::{Hash, Hasher};
         let mut lane = std::collections::hash_map::DefaultHasher::new();
         (request.claim.room.as_str(), request.claim.token.as_str()).hash(&mut lane);
-        self.0.send_in_lane(lane.finish(), request).await
+        self.0.send(lane.finish(), request).await
     }
 }
 

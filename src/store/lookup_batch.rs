@@ -20,7 +20,7 @@ use sqlx::MySqlPool;
 use super::convert::{SPRAY_COLUMNS, SprayWithReceipt, spray_with_receipts};
 use super::multi_row::{fetch_text, hex};
 use super::mysql::portable::find_in;
-use super::queue::{BatchQueues, Reply};
+use super::queue::{BatchQueue, Reply};
 use super::{SprayLookup, StoreError};
 use crate::domain::SprayRecord;
 
@@ -30,14 +30,14 @@ const MAX_BATCH: usize = 64;
 /// connection while it reads.
 const READERS: usize = 4;
 
-/// The queues in front of the readers.
-pub(super) struct LookupBatches(BatchQueues<SprayLookup, Option<SprayRecord>>);
+/// The queue in front of the readers.
+pub(super) struct LookupBatches(BatchQueue<SprayLookup, Option<SprayRecord>>);
 
 impl LookupBatches {
     /// Starts [`READERS`] tasks reading from `pool`. They end when the `LookupBatches` is
     /// dropped.
     pub(super) fn start(pool: MySqlPool) -> LookupBatches {
-        LookupBatches(BatchQueues::shared(READERS, MAX_BATCH, move |batch| {
+        LookupBatches(BatchQueue::start(READERS, MAX_BATCH, move |batch| {
             let pool = pool.clone();
             async move { read_batch(&pool, batch).await }
         }))

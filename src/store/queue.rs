@@ -1,20 +1,25 @@
 //! The queues in front of group commit (`store/batch.rs`, `store/slot_batch.rs`,
-//! `store/spray_batch.rs`) and of batched reads: callers queue one request each and wait;
-//! writer tasks take every request waiting (up to a batch's size), write them as one batch
-//! and answer each. Nothing waits on purpose for a batch to fill: under light load a batch
-//! holds one request, under heavy load batches grow by themselves.
+//! `store/spray_batch.rs`, `store/claim_batch.rs`) and of batched reads: callers queue one
+//! request each and wait; writer tasks take every request waiting (up to a batch's size),
+//! write them as one batch and answer each. Nothing waits on purpose for a batch to fill:
+//! under light load a batch holds one request, under heavy load batches grow by themselves.
 //!
-//! Two shapes. Requests with no order among them (new sprays, lookups) wait in one queue
-//! that every writer takes from, so a request waits for a batch ahead of it only when
-//! every writer is busy. (With a queue per writer, taken in turn, a request waited behind
-//! its own writer's batch while the others were idle: at half of the peak load, two
-//! commits instead of one for a good share of the requests.) Requests that must be written
-//! in order (the claims of one spray) go by lane: one queue and one writer per lane.
+//! Whichever writer is free takes what waits, so a request waits for a batch ahead of it
+//! only when every writer is busy. (With a queue per writer, taken in turn, a request
+//! waited behind its own writer's batch while the others were idle: at half of the peak
+//! load, two commits instead of one for a good share of the requests.) Two shapes:
+//!
+//! - [`BatchQueue`]: requests with no order among them (new sprays, lookups), one queue.
+//! - [`KeyedBatchQueue`]: requests with a key (a claim's spray), never in two batches
+//!   written at once: one spray's claims are written one batch after the other, because
+//!   two batches of one spray written at once wait on each other's locks (see `WRITERS` in
+//!   `store/slot_batch.rs`), while the claims of other sprays are taken by the free writers.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::StoreError;
 
@@ -25,20 +30,16 @@ pub(super) const QUEUE: usize = 4096;
 /// Where a writer sends one request's answer.
 pub(super) type Reply<A> = oneshot::Sender<Result<A, StoreError>>;
 
-/// The queue of requests waiting for a batch, and where they are taken from.
-type Waiting<R, A> = Arc<Mutex<mpsc::Receiver<(R, Reply<A>)>>>;
-
-/// The queues of one kind of batch and the writer tasks taking from them.
-pub(super) struct BatchQueues<R, A> {
-    queues: Vec<mpsc::Sender<(R, Reply<A>)>>,
+/// One queue of requests with no order among them, and the writer tasks taking from it.
+pub(super) struct BatchQueue<R, A> {
+    queue: mpsc::Sender<(R, Reply<A>)>,
 }
 
-impl<R: Send + 'static, A: Send + 'static> BatchQueues<R, A> {
-    /// One queue and `writers` tasks (at least one) taking from it: whichever writer is
-    /// free takes up to `max_batch` requests waiting and hands them to `write_batch`, which
-    /// must answer every one. For [`BatchQueues::send`]. The writers end when the
-    /// `BatchQueues` is dropped.
-    pub(super) fn shared<W, Fut>(writers: usize, max_batch: usize, write_batch: W) -> Self
+impl<R: Send + 'static, A: Send + 'static> BatchQueue<R, A> {
+    /// Starts `writers` tasks (at least one): whichever is free takes up to `max_batch`
+    /// requests waiting and hands them to `write_batch`, which must answer every one. They
+    /// end when the `BatchQueue` is dropped.
+    pub(super) fn start<W, Fut>(writers: usize, max_batch: usize, write_batch: W) -> Self
     where
         W: Fn(Vec<(R, Reply<A>)>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -47,74 +48,202 @@ impl<R: Send + 'static, A: Send + 'static> BatchQueues<R, A> {
         let (queue, waiting) = mpsc::channel(QUEUE);
         let waiting = Arc::new(Mutex::new(waiting));
         for _ in 0..writers.max(1) {
-            tokio::spawn(take_and_write(waiting.clone(), max_batch, write_batch.clone()));
+            let (waiting, write_batch) = (waiting.clone(), write_batch.clone());
+            tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(max_batch);
+                // A writer waiting for requests holds the queue's lock, so that requests
+                // arriving one at a time go to the free writers in turn (tokio's mutex is
+                // fair), each in a batch of its own.
+                while waiting.lock().await.recv_many(&mut batch, max_batch).await > 0 {
+                    write_in_own_task(write_batch.as_ref(), std::mem::take(&mut batch)).await;
+                }
+            });
         }
-        BatchQueues { queues: vec![queue] }
+        BatchQueue { queue }
     }
 
-    /// `lanes` queues (at least one), each with a writer task of its own taking up to
-    /// `max_batch` requests at a time, as [`BatchQueues::shared`] does. For
-    /// [`BatchQueues::send_in_lane`].
-    pub(super) fn in_lanes<W, Fut>(lanes: usize, max_batch: usize, write_batch: W) -> Self
+    /// Queues `request` for the first free writer and waits for its answer.
+    pub(super) async fn send(&self, request: R) -> Result<A, StoreError> {
+        ask(&self.queue, request).await
+    }
+}
+
+/// A queue of requests with a key, and the writer tasks taking from it: a free writer
+/// takes the requests of the keys no other writer is writing, oldest key first, up to a
+/// batch's size.
+pub(super) struct KeyedBatchQueue<R, A> {
+    shared: Arc<Keyed<R, A>>,
+}
+
+/// What the handle and the writers of a [`KeyedBatchQueue`] share.
+struct Keyed<R, A> {
+    state: std::sync::Mutex<KeyedState<R, A>>,
+    /// Rung when a request arrives, a key is freed or the queue closes.
+    changed: Notify,
+    /// One permit per request waiting, released as a writer takes it: callers wait to
+    /// queue past [`QUEUE`], as on a [`BatchQueue`].
+    room: Arc<Semaphore>,
+}
+
+/// A request waiting in a [`KeyedBatchQueue`], and its place in the queue's bound.
+type KeyedEntry<R, A> = (R, Reply<A>, OwnedSemaphorePermit);
+
+struct KeyedState<R, A> {
+    /// The requests waiting, by key, each key's in the order they came.
+    waiting: HashMap<u64, VecDeque<KeyedEntry<R, A>>>,
+    /// The keys with requests waiting that no writer is writing, oldest first.
+    ready: VecDeque<u64>,
+    /// The keys of the batches being written.
+    writing: HashSet<u64>,
+    /// Set when the handle is dropped: the writers end once nothing waits.
+    closed: bool,
+}
+
+impl<R, A> KeyedState<R, A> {
+    fn push(&mut self, key: u64, entry: KeyedEntry<R, A>) {
+        let requests = self.waiting.entry(key).or_default();
+        requests.push_back(entry);
+        if requests.len() == 1 && !self.writing.contains(&key) {
+            self.ready.push_back(key);
+        }
+    }
+
+    /// The requests of the next batch and their keys, now being written: every request
+    /// waiting of the oldest ready keys, up to `max_batch` (a key with more stays behind
+    /// the batch with the rest).
+    fn take(&mut self, max_batch: usize) -> (Vec<u64>, Vec<(R, Reply<A>)>) {
+        let (mut keys, mut batch) = (Vec::new(), Vec::new());
+        while batch.len() < max_batch {
+            let Some(key) = self.ready.pop_front() else { break };
+            let Some(requests) = self.waiting.get_mut(&key) else {
+                continue;
+            };
+            let count = requests.len().min(max_batch - batch.len());
+            batch.extend(
+                requests
+                    .drain(..count)
+                    .map(|(request, reply, _room)| (request, reply)),
+            );
+            if requests.is_empty() {
+                self.waiting.remove(&key);
+            }
+            self.writing.insert(key);
+            keys.push(key);
+        }
+        (keys, batch)
+    }
+
+    /// The batch of `keys` is written: their requests left waiting are ready again.
+    fn written(&mut self, keys: &[u64]) {
+        for key in keys {
+            self.writing.remove(key);
+            if self.waiting.contains_key(key) {
+                self.ready.push_back(*key);
+            }
+        }
+    }
+}
+
+impl<R: Send + 'static, A: Send + 'static> KeyedBatchQueue<R, A> {
+    /// Starts `writers` tasks (at least one), each taking batches as [`KeyedBatchQueue`]
+    /// says and handing them to `write_batch`, which must answer every request. They end
+    /// when the `KeyedBatchQueue` is dropped.
+    pub(super) fn start<W, Fut>(writers: usize, max_batch: usize, write_batch: W) -> Self
     where
         W: Fn(Vec<(R, Reply<A>)>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let shared = Arc::new(Keyed {
+            state: std::sync::Mutex::new(KeyedState {
+                waiting: HashMap::new(),
+                ready: VecDeque::new(),
+                writing: HashSet::new(),
+                closed: false,
+            }),
+            changed: Notify::new(),
+            room: Arc::new(Semaphore::new(QUEUE)),
+        });
         let write_batch = Arc::new(write_batch);
-        let queues = (0..lanes.max(1))
-            .map(|_| {
-                let (queue, waiting) = mpsc::channel(QUEUE);
-                tokio::spawn(take_and_write(
-                    Arc::new(Mutex::new(waiting)),
-                    max_batch,
-                    write_batch.clone(),
-                ));
-                queue
-            })
-            .collect();
-        BatchQueues { queues }
+        for _ in 0..writers.max(1) {
+            let (shared, write_batch) = (shared.clone(), write_batch.clone());
+            tokio::spawn(async move {
+                while let Some((keys, batch)) = shared.next_batch(max_batch).await {
+                    write_in_own_task(write_batch.as_ref(), batch).await;
+                    shared.lock().written(&keys);
+                    // The keys are free: a writer waiting may take what waits behind them.
+                    shared.changed.notify_waiters();
+                }
+            });
+        }
+        KeyedBatchQueue { shared }
     }
 
-    /// Queues `request` on the queue `lane` picks (requests of one lane are written in
-    /// order, one batch after the other) and waits for its answer.
-    pub(super) async fn send_in_lane(&self, lane: u64, request: R) -> Result<A, StoreError> {
-        let queues = u64::try_from(self.queues.len()).unwrap_or(1);
-        let queue = usize::try_from(lane % queues).unwrap_or(0);
-        ask(&self.queues[queue], request).await
-    }
-
-    /// Queues `request` for the first free writer and waits for its answer (on queues made
-    /// [`BatchQueues::in_lanes`], the first lane's).
-    pub(super) async fn send(&self, request: R) -> Result<A, StoreError> {
-        ask(&self.queues[0], request).await
+    /// Queues `request` behind the other requests of `key` and waits for its answer.
+    pub(super) async fn send(&self, key: u64, request: R) -> Result<A, StoreError> {
+        let room = self
+            .shared
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's batch writer has stopped".into()))?;
+        let (reply, answer) = oneshot::channel();
+        self.shared.lock().push(key, (request, reply, room));
+        self.shared.changed.notify_one();
+        answer.await.map_err(|_| {
+            StoreError::Unavailable("the store's batch writer stopped before answering".into())
+        })?
     }
 }
 
-/// One writer task: takes every request waiting (up to `max_batch`) whenever it is free,
-/// until the queue is closed. While it waits for requests it holds the queue's lock, so
-/// that requests arriving one at a time go to the free writers in turn (tokio's mutex is
-/// fair), each writer with a batch of its own.
-async fn take_and_write<R, A, W, Fut>(waiting: Waiting<R, A>, max_batch: usize, write_batch: Arc<W>)
+impl<R, A> Keyed<R, A> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyedState<R, A>> {
+        // No code panics while holding it; were one to, the state is still whole.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a batch to write; `None` once the queue is closed and nothing waits.
+    async fn next_batch(&self, max_batch: usize) -> Option<(Vec<u64>, Vec<(R, Reply<A>)>)> {
+        loop {
+            // Registered before the state is read, so that a change made after the read
+            // still wakes this writer.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = self.lock();
+                let (keys, batch) = state.take(max_batch);
+                if !batch.is_empty() {
+                    return Some((keys, batch));
+                }
+                if state.closed && state.waiting.is_empty() {
+                    return None;
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+impl<R, A> Drop for KeyedBatchQueue<R, A> {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.room.close();
+        self.shared.changed.notify_waiters();
+    }
+}
+
+/// Writes one batch in a task of its own, so that one that panics (a bug) does not end
+/// its writer: its requests are answered 503 (their replies dropped unanswered), and the
+/// next batch is written. A transaction it left open is rolled back as its connection is
+/// dropped.
+async fn write_in_own_task<R, A, W, Fut>(write_batch: &W, batch: Vec<(R, Reply<A>)>)
 where
-    R: Send + 'static,
-    A: Send + 'static,
-    W: Fn(Vec<(R, Reply<A>)>) -> Fut + Send + Sync + 'static,
+    W: Fn(Vec<(R, Reply<A>)>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut batch = Vec::with_capacity(max_batch);
-    loop {
-        let taken = waiting.lock().await.recv_many(&mut batch, max_batch).await;
-        if taken == 0 {
-            return;
-        }
-        // Each batch in a task of its own, so that one that panics (a bug) does not end
-        // this writer: its requests are answered 503 (their replies dropped unanswered),
-        // and the next batch is written. A transaction it left open is rolled back as its
-        // connection is dropped.
-        let written = tokio::spawn(write_batch(std::mem::take(&mut batch))).await;
-        if let Err(failed) = written {
-            tracing::error!(error = %failed, "a batch of writes panicked; its requests were answered 503");
-        }
+    if let Err(failed) = tokio::spawn(write_batch(batch)).await {
+        tracing::error!(error = %failed, "a batch of writes panicked; its requests were answered 503");
     }
 }
 
@@ -160,21 +289,19 @@ where
 mod tests {
     use std::time::Duration;
 
-    use tokio::sync::{Notify, Semaphore};
-
     use super::*;
 
     #[tokio::test]
     async fn a_batch_that_panics_is_answered_503_and_the_next_batch_is_written() {
-        for queues in [
-            BatchQueues::shared(1, 8, panics_on_zero),
-            BatchQueues::in_lanes(1, 8, panics_on_zero),
-        ] {
-            let first = queues.send(0).await;
-            assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
-            assert_eq!(queues.send(1).await.unwrap(), 10);
-            assert_eq!(queues.send_in_lane(7, 2).await.unwrap(), 20);
-        }
+        let queue = BatchQueue::start(1, 8, panics_on_zero);
+        let first = queue.send(0).await;
+        assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
+        assert_eq!(queue.send(1).await.unwrap(), 10);
+
+        let keyed = KeyedBatchQueue::start(1, 8, panics_on_zero);
+        let first = keyed.send(7, 0).await;
+        assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
+        assert_eq!(keyed.send(7, 1).await.unwrap(), 10);
     }
 
     async fn panics_on_zero(batch: Vec<(u32, Reply<u32>)>) {
@@ -206,23 +333,25 @@ mod tests {
         }
     }
 
-    // The paused clock moves on by itself only when every task waits: a timeout that
-    // fires means the request could not be written at all while request 0 was held.
+    // In the two tests below, the paused clock moves on by itself only when every task
+    // waits: a timeout that fires means the request could not be written at all while
+    // request 0 was held.
+
     #[tokio::test(start_paused = true)]
-    async fn on_a_shared_queue_a_request_waits_only_while_every_writer_is_busy() {
+    async fn a_request_waits_only_while_every_writer_is_busy() {
         let (started, release) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
-        let queues = Arc::new(BatchQueues::shared(
+        let queue = Arc::new(BatchQueue::start(
             2,
             8,
             holding_zero(started.clone(), release.clone()),
         ));
         let held = tokio::spawn({
-            let queues = queues.clone();
-            async move { queues.send(0).await }
+            let queue = queue.clone();
+            async move { queue.send(0).await }
         });
         started.notified().await;
         for request in 1..=3 {
-            let answer = tokio::time::timeout(Duration::from_secs(1), queues.send(request))
+            let answer = tokio::time::timeout(Duration::from_secs(1), queue.send(request))
                 .await
                 .unwrap_or_else(|_| {
                     panic!("request {request} waited behind a busy writer while another was free")
@@ -234,30 +363,80 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn requests_of_one_lane_are_written_one_batch_after_the_other() {
+    async fn one_key_is_never_in_two_batches_at_once_and_other_keys_go_to_free_writers() {
         let (started, release) = (Arc::new(Notify::new()), Arc::new(Semaphore::new(0)));
-        let queues = Arc::new(BatchQueues::in_lanes(
+        let queue = Arc::new(KeyedBatchQueue::start(
             2,
             8,
             holding_zero(started.clone(), release.clone()),
         ));
         let held = tokio::spawn({
-            let queues = queues.clone();
-            async move { queues.send_in_lane(0, 0).await }
+            let queue = queue.clone();
+            async move { queue.send(0, 0).await }
         });
         started.notified().await;
-        assert_eq!(
-            queues.send_in_lane(1, 1).await.unwrap(),
-            10,
-            "another lane is written meanwhile"
-        );
-        let behind = tokio::time::timeout(Duration::from_secs(1), queues.send_in_lane(2, 2)).await;
+        for (key, request) in [(1, 1), (2, 3), (4, 5)] {
+            let answer = tokio::time::timeout(Duration::from_secs(1), queue.send(key, request))
+                .await
+                .unwrap_or_else(|_| panic!("key {key} waited behind a busy writer while another was free"));
+            assert_eq!(answer.unwrap(), request * 10);
+        }
+        let behind = tokio::time::timeout(Duration::from_secs(1), queue.send(0, 2)).await;
         assert!(
             behind.is_err(),
-            "a request of the held lane was written beside it: {behind:?}"
+            "a request of the key being written was written beside it: {behind:?}"
         );
         release.add_permits(1);
         assert_eq!(held.await.unwrap().unwrap(), 0);
-        assert_eq!(queues.send_in_lane(4, 4).await.unwrap(), 40);
+        let after = tokio::time::timeout(Duration::from_secs(1), queue.send(0, 4)).await;
+        assert_eq!(
+            after.expect("the key is free once its batch is written").unwrap(),
+            40
+        );
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_ready_keys_and_a_key_being_written_waits() {
+        let room = Arc::new(Semaphore::new(16));
+        let mut state = KeyedState::<u32, u32> {
+            waiting: HashMap::new(),
+            ready: VecDeque::new(),
+            writing: HashSet::new(),
+            closed: false,
+        };
+        let push = |state: &mut KeyedState<u32, u32>, key: u64, request: u32| {
+            let permit = room.clone().try_acquire_owned().unwrap();
+            state.push(key, (request, oneshot::channel().0, permit));
+        };
+        let requests = |batch: Vec<(u32, Reply<u32>)>| batch.into_iter().map(|(r, _)| r).collect::<Vec<_>>();
+        for (key, request) in [(5, 1), (5, 2), (5, 3), (6, 4), (7, 5)] {
+            push(&mut state, key, request);
+        }
+        let (keys, batch) = state.take(2);
+        assert_eq!(
+            (keys, requests(batch)),
+            (vec![5], vec![1, 2]),
+            "the oldest key first, up to the batch's size"
+        );
+        let (keys, batch) = state.take(8);
+        assert_eq!(
+            (keys, requests(batch)),
+            (vec![6, 7], vec![4, 5]),
+            "key 5 is being written"
+        );
+        push(&mut state, 6, 6);
+        assert!(
+            state.take(8).1.is_empty(),
+            "keys 5, 6 and 7 are all being written"
+        );
+        state.written(&[6, 7]);
+        state.written(&[5]);
+        let (keys, batch) = state.take(8);
+        assert_eq!(
+            (keys, requests(batch)),
+            (vec![6, 5], vec![6, 3]),
+            "ready again as written"
+        );
+        assert!(state.waiting.is_empty() && state.ready.is_empty());
     }
 }

@@ -48,16 +48,16 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, write_and_answer};
-use super::queue::{BatchQueues, Reply};
+use super::queue::{KeyedBatchQueue, Reply};
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
 use crate::domain::Amount;
 
 /// The most claims one batch holds: its statements stay far below MySQL's 65,535 bound
 /// parameters, and its locks are held for a few milliseconds.
 const MAX_BATCH: usize = 128;
-/// Batch writers, each with a queue and a connection of its own: the claims of one spray
-/// always go to the same writer (by its id), so batches of different sprays are written at
-/// once, and batches of one spray one after the other. Two batches of one spray written
+/// Batch writers, each with a connection of its own, taking claims from one queue keyed by
+/// their spray (`store/queue.rs`): batches of different sprays are written at once, by
+/// whichever writers are free, and batches of one spray one after the other. Two batches of one spray written
 /// at once were measured slower than one after the other: both insert receivers into the
 /// same range of the unique key `shares_one_per_receiver`, whose duplicate checks take
 /// next-key locks even at READ COMMITTED, so they waited on and deadlocked with each other
@@ -92,15 +92,15 @@ pub(super) trait SlotWriter: Send + Sync + 'static {
     async fn landed(&self, written: Written) -> Result<bool, StoreError>;
 }
 
-/// The queues in front of the batch writers, one per writer.
-pub(super) struct SlotBatches(BatchQueues<SlotRequest, SlotClaim>);
+/// The queue in front of the batch writers.
+pub(super) struct SlotBatches(KeyedBatchQueue<SlotRequest, SlotClaim>);
 
 impl SlotBatches {
-    /// Starts [`WRITERS`] tasks, each taking batches off its own queue. They end when the
+    /// Starts [`WRITERS`] tasks, taking batches off one queue. They end when the
     /// `SlotBatches` is dropped.
     pub(super) fn start<W: SlotWriter>(writer: W) -> SlotBatches {
         let writer = Arc::new(writer);
-        SlotBatches(BatchQueues::in_lanes(WRITERS, MAX_BATCH, move |batch| {
+        SlotBatches(KeyedBatchQueue::start(WRITERS, MAX_BATCH, move |batch| {
             let writer = writer.clone();
             async move { write_batch(writer.as_ref(), batch).await }
         }))
@@ -109,9 +109,7 @@ impl SlotBatches {
     /// Queues the claim behind the other claims of its spray and waits for its answer,
     /// given once the batch holding it is durable.
     pub(super) async fn claim(&self, request: SlotRequest) -> Result<SlotClaim, StoreError> {
-        self.0
-            .send_in_lane(request.spray_id.unsigned_abs(), request)
-            .await
+        self.0.send(request.spray_id.unsigned_abs(), request).await
     }
 }
 

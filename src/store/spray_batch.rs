@@ -37,7 +37,7 @@ use super::convert::{millis, share_rows, stored};
 use super::error::unique_violation;
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, hex, write_and_answer};
-use super::queue::{BatchQueues, Reply};
+use super::queue::{BatchQueue, Reply};
 use super::{Effect, NewSpray, PendingKey, StoreError};
 
 /// The most sprays one batch holds: its statements stay a few tens of kilobytes.
@@ -75,15 +75,15 @@ pub(super) trait SprayWriter: Send + Sync + 'static {
     }
 }
 
-/// The queues in front of the batch writers.
-pub(super) struct SprayBatches(BatchQueues<SprayRequest, i64>);
+/// The queue in front of the batch writers.
+pub(super) struct SprayBatches(BatchQueue<SprayRequest, i64>);
 
 impl SprayBatches {
     /// Starts [`WRITERS`] tasks, taking batches off one queue. They end when the
     /// `SprayBatches` is dropped.
     pub(super) fn start<W: SprayWriter>(writer: W) -> SprayBatches {
         let writer = Arc::new(writer);
-        SprayBatches(BatchQueues::shared(WRITERS, MAX_BATCH, move |batch| {
+        SprayBatches(BatchQueue::start(WRITERS, MAX_BATCH, move |batch| {
             let writer = writer.clone();
             async move { write_batch(writer.as_ref(), batch).await }
         }))

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 use super::convert::{SprayRow, SprayWithReceipt, spray_with_receipts};
-use super::queue::BatchQueues;
+use super::queue::BatchQueue;
 use super::{SprayLookup, StoreError};
 use crate::domain::SprayRecord;
 
@@ -29,7 +29,7 @@ const MAX_BATCH: usize = 64;
 
 /// The queues in front of the readers: [`SqliteLookups::find`] queues one lookup and waits
 /// for the batch that holds it.
-pub(super) struct SqliteLookups(BatchQueues<SprayLookup, Option<SprayRecord>>);
+pub(super) struct SqliteLookups(BatchQueue<SprayLookup, Option<SprayRecord>>);
 
 /// The read-only connections, opened by the first batches that need them, and where to
 /// open more.
@@ -47,7 +47,7 @@ impl SqliteLookups {
             busy_timeout,
             idle: Mutex::new(Vec::new()),
         });
-        SqliteLookups(BatchQueues::shared(READERS, MAX_BATCH, move |batch| {
+        SqliteLookups(BatchQueue::start(READERS, MAX_BATCH, move |batch| {
             let readers = readers.clone();
             async move {
                 let (keys, replies): (Vec<SprayLookup>, Vec<_>) = batch.into_iter().unzip();
