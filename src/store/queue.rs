@@ -395,6 +395,33 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_writers_end_when_their_queue_is_dropped() {
+        // Each writer holds `alive` through its `write_batch`, so the count falls back to
+        // one only when every writer task has ended.
+        let alive = Arc::new(());
+        let writer = |alive: Arc<()>| {
+            move |batch: Vec<(u32, Reply<u32>)>| {
+                let _alive = alive.clone();
+                async move {
+                    for (request, reply) in batch {
+                        let _ = reply.send(Ok(request));
+                    }
+                }
+            }
+        };
+        let queue = BatchQueue::start(3, 8, writer(alive.clone()));
+        let keyed = KeyedBatchQueue::start(3, 8, writer(alive.clone()));
+        assert_eq!(queue.send(1).await.unwrap(), 1);
+        assert_eq!(keyed.send(5, 2).await.unwrap(), 2);
+        assert!(Arc::strong_count(&alive) > 1);
+        drop((queue, keyed));
+        // The paused clock moves on only once every task waits: by then each writer has
+        // seen its queue closed.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(Arc::strong_count(&alive), 1, "a writer outlived its queue");
+    }
+
     #[test]
     fn a_batch_takes_the_oldest_ready_keys_and_a_key_being_written_waits() {
         let room = Arc::new(Semaphore::new(16));
