@@ -43,8 +43,11 @@ use super::{Effect, NewSpray, PendingKey, StoreError};
 /// The most sprays one batch holds: its statements stay a few tens of kilobytes.
 const MAX_BATCH: usize = 64;
 /// Batch writers, each with a connection of its own, taking new sprays from one queue,
-/// whichever is free: while batches are written, the next fills up.
-const WRITERS: usize = 4;
+/// whichever is free: while one batch is written, the next fills up. Two, measured against
+/// four and eight (2026-12-06, BENCHMARKS.md): more writers write smaller batches, and a
+/// batch costs its round trips and its commit whatever it holds, so four gave 7-13% fewer
+/// creates at the peak and no better tails at half of it, and eight fewer still.
+const WRITERS: usize = 2;
 /// Rows per multi-row `INSERT` of shares: a statement of a few kilobytes.
 const SHARES_PER_INSERT: usize = 500;
 
