@@ -951,7 +951,12 @@ async fn probe_mixed(mode: &Mode) {
     eprintln!("server PIDs {pids:?}");
     let ids = Arc::new(Ids::new());
     let peak = measure(mixed(&bases, &ids), closed(mode.mixed_duration)).await;
-    let offered = peak.per_second() / 2.0;
+    // `SPRAY_PROBE_RATE`: pace the second run at this rate instead of half the peak, to
+    // compare two builds at the same offered load.
+    let offered = std::env::var("SPRAY_PROBE_RATE")
+        .ok()
+        .and_then(|rate| rate.parse::<f64>().ok())
+        .unwrap_or(peak.per_second() / 2.0);
     let mut before = Vec::new();
     for base in &bases {
         before.push(server_figures(base).await);
@@ -964,7 +969,8 @@ async fn probe_mixed(mode: &Mode) {
     drop(servers);
     let audit = audit(&url);
     drop_database(&db).await;
-    for (what, measured) in [("peak", &peak), ("half peak", &half)] {
+    let paced = format!("paced at {offered:.0}/s");
+    for (what, measured) in [("peak", &peak), (paced.as_str(), &half)] {
         println!(
             "mixed on MySQL + Redis, 3 instances, {what}: {:.0}/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, errors {}",
             measured.per_second(),

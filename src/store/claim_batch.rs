@@ -51,7 +51,7 @@ use crate::domain::{Amount, ReceiveFacts, ReceiveRefusal, rules};
 const MAX_BATCH: usize = 128;
 /// Batch writers: the claims of one spray are written one batch after the other, those of
 /// different sprays at once (see `WRITERS` in `store/slot_batch.rs`).
-const WRITERS: usize = 4;
+const WRITERS: usize = 2;
 
 /// One SQL-only claim: `Store::claim_share`'s arguments.
 #[derive(Debug, Clone)]

@@ -66,8 +66,10 @@ const MAX_BATCH: usize = 128;
 /// locked their shares by primary key (2026-12-04, one spray's claims spread over the 4
 /// writers by slot): no deadlock, but 12,282 winners/s against 14,000-16,000/s on one
 /// writer, in batches of 10.6 claims instead of 40: a batch costs its round trips
-/// whatever it holds, so smaller ones cost more per claim.
-const WRITERS: usize = 4;
+/// whatever it holds, so smaller ones cost more per claim. For the same reason two writers
+/// rather than four (2026-12-06, the mixed workload of many sprays, BENCHMARKS.md): a
+/// fifth more at the peak, and at the same offered rate a lower median and the same p99.
+const WRITERS: usize = 2;
 
 /// One claim of a slot the gate handed out: `Store::claim_slot`'s arguments.
 #[derive(Debug, Clone)]
