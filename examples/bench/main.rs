@@ -884,14 +884,22 @@ async fn print_server_figures(base: &str, before: &ServerFigures) -> ServerFigur
     now
 }
 
+/// The server's `/metrics` page; empty if it did not answer.
+async fn metrics_text(base: &str) -> String {
+    match reqwest::get(format!("{base}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+    {
+        Ok(answer) => answer.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// Each server's `spray_gate_remembered_sprays` gauge, read from its `/metrics`.
 async fn remembered_sprays(bases: &[String]) -> Vec<Option<f64>> {
     let mut gauges = Vec::with_capacity(bases.len());
     for base in bases {
-        let text = match reqwest::get(format!("{base}/metrics")).await {
-            Ok(answer) => answer.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
+        let text = metrics_text(base).await;
         gauges.push(
             text.lines()
                 .find_map(|line| line.strip_prefix("spray_gate_remembered_sprays "))
@@ -906,15 +914,7 @@ type ServerFigures = std::collections::BTreeMap<String, (f64, f64)>;
 
 async fn server_figures(base: &str) -> ServerFigures {
     let mut sums = ServerFigures::new();
-    let Ok(answer) = reqwest::get(format!("{base}/metrics"))
-        .await
-        .and_then(|r| r.error_for_status())
-    else {
-        return sums;
-    };
-    let Ok(text) = answer.text().await else {
-        return sums;
-    };
+    let text = metrics_text(base).await;
     let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some(name_end) = line.find([' ', '{']) else {

@@ -78,9 +78,10 @@ impl ClaimBatches {
     /// given once the batch holding it is durable.
     pub(super) async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         use std::hash::{Hash, Hasher};
-        let mut lane = std::collections::hash_map::DefaultHasher::new();
-        (request.claim.room.as_str(), request.claim.token.as_str()).hash(&mut lane);
-        self.0.send(lane.finish(), request).await
+        // The spray's key: its room and token (two sprays sharing a hash only share turns).
+        let mut spray = std::collections::hash_map::DefaultHasher::new();
+        (request.claim.room.as_str(), request.claim.token.as_str()).hash(&mut spray);
+        self.0.send(spray.finish(), request).await
     }
 }
 

@@ -186,13 +186,11 @@ impl<R: Send + 'static, A: Send + 'static> KeyedBatchQueue<R, A> {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| StoreError::Unavailable("the store's batch writer has stopped".into()))?;
+            .map_err(|_| writer_stopped())?;
         let (reply, answer) = oneshot::channel();
         self.shared.lock().push(key, (request, reply, room));
         self.shared.changed.notify_one();
-        answer.await.map_err(|_| {
-            StoreError::Unavailable("the store's batch writer stopped before answering".into())
-        })?
+        answer.await.map_err(|_| writer_stopped_before_answering())?
     }
 }
 
@@ -251,13 +249,18 @@ where
 /// behind the queue has stopped, or stopped before answering.
 pub(super) async fn ask<R, A>(queue: &mpsc::Sender<(R, Reply<A>)>, request: R) -> Result<A, StoreError> {
     let (reply, answer) = oneshot::channel();
-    queue
-        .send((request, reply))
-        .await
-        .map_err(|_| StoreError::Unavailable("the store's batch writer has stopped".into()))?;
-    answer
-        .await
-        .map_err(|_| StoreError::Unavailable("the store's batch writer stopped before answering".into()))?
+    queue.send((request, reply)).await.map_err(|_| writer_stopped())?;
+    answer.await.map_err(|_| writer_stopped_before_answering())?
+}
+
+/// 503: the writer behind a queue has stopped.
+fn writer_stopped() -> StoreError {
+    StoreError::Unavailable("the store's batch writer has stopped".into())
+}
+
+/// 503: the writer took the request and stopped (or its batch panicked) before answering.
+fn writer_stopped_before_answering() -> StoreError {
+    StoreError::Unavailable("the store's batch writer stopped before answering".into())
 }
 
 /// Runs `requests` as one batch through `write_batch`, as a writer task would, and their
