@@ -65,6 +65,10 @@ pub struct Measured {
     pub elapsed: Duration,
     /// Latency of every answered request, in microseconds.
     pub latency: Histogram<u64>,
+    /// The share of the whole machine's CPU time that was busy during the run (0 to 1),
+    /// whoever used it: the server, MariaDB, Redis and this load generator share the same
+    /// cores. `None` where `/proc/stat` cannot be read.
+    pub busy: Option<f64>,
 }
 
 impl Measured {
@@ -115,6 +119,7 @@ fn histogram() -> Histogram<u64> {
 pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
     let connections = open_connections(&workload.servers(), load.connections).await;
     let next = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_times();
     let started = Instant::now();
     let deadline = started + load.limit;
     let mut tasks = JoinSet::new();
@@ -146,6 +151,10 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
     while let Some(done) = tasks.join_next().await {
         all.merge(done.expect("a connection task"));
     }
+    let busy = match (cpu_before, cpu_times()) {
+        (Some(before), Some(after)) => before.busy_until(&after),
+        _ => None,
+    };
     Measured {
         ok: all.ok,
         expected: all.expected,
@@ -153,7 +162,44 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
         started,
         elapsed: all.last.max(started) - started,
         latency: all.latency,
+        busy,
     }
+}
+
+/// The machine's CPU time so far, from the first line of `/proc/stat`, in clock ticks.
+struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    /// The busy share of the ticks between `self` and `later`.
+    fn busy_until(&self, later: &CpuTimes) -> Option<f64> {
+        let total = later.total.checked_sub(self.total)?;
+        let busy = later.busy.checked_sub(self.busy)?;
+        (total > 0).then(|| count_f64(busy) / count_f64(total))
+    }
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...`: idle and iowait are the
+/// time no CPU was busy; guest time is already counted in user.
+fn cpu_times() -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
+        return None;
+    };
+    Some(CpuTimes {
+        busy: user + nice + system + irq + softirq + steal,
+        total: user + nice + system + idle + iowait + irq + softirq + steal,
+    })
 }
 
 /// Opens the connections of `connections` tasks, each with one unmeasured `GET /healthz`

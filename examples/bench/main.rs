@@ -154,6 +154,8 @@ pub struct Row {
     /// What was checked and whether it held.
     pub check: String,
     pub exact: bool,
+    /// The machine's CPU busy during the run (see `load::Measured::busy`).
+    pub busy: Option<f64>,
 }
 
 impl Row {
@@ -174,6 +176,7 @@ impl Row {
             last_window: None,
             check: check.to_owned(),
             exact: false,
+            busy: None,
         }
     }
 
@@ -192,6 +195,7 @@ impl Row {
             losers_per_second: None,
             first_window: None,
             last_window: None,
+            busy: measured.busy,
             check: String::new(),
             exact: true,
         }
@@ -210,6 +214,9 @@ pub struct Half {
     pub p99: f64,
     pub round_p99: Vec<f64>,
     pub errors: u64,
+    /// The median share of the machine's CPU busy during the paced runs: half the peak's
+    /// requests need not be half its CPU (smaller batches cost more each).
+    pub busy: Option<f64>,
 }
 
 impl Half {
@@ -224,6 +231,10 @@ impl Half {
             p99: median_of(|m| m.ms(99.0)),
             round_p99: rounds.iter().map(|m| m.ms(99.0)).collect(),
             errors: rounds.iter().map(|m| m.errors).sum(),
+            busy: {
+                let busy: Vec<f64> = rounds.iter().filter_map(|m| m.busy).collect();
+                (!busy.is_empty()).then(|| report::median(&busy))
+            },
         }
     }
 }
@@ -836,30 +847,37 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     }
     if let Some(half) = half {
         println!(
-            "{} on {} at half peak: offered {:.0}/s, answered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}",
+            "{} on {} at half peak: offered {:.0}/s, answered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, CPU busy {}",
             half.kind.name(),
             half.store,
             half.offered,
             half.achieved,
             half.p50,
             half.p99,
-            half.errors
+            half.errors,
+            busy_text(half.busy)
         );
     }
     println!(
-        "{} on {}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, winners/s {:?}, losers/s {:?}, first/last window {:?}/{:?}; {}",
+        "{} on {}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, CPU busy {}, winners/s {:?}, losers/s {:?}, first/last window {:?}/{:?}; {}",
         row.kind.name(),
         row.store,
         row.rate,
         row.p50,
         row.p99,
         row.errors,
+        busy_text(row.busy),
         row.winners_per_second.map(|r| r.round()),
         row.losers_per_second.map(|r| r.round()),
         row.first_window.map(|r| r.round()),
         row.last_window.map(|r| r.round()),
         row.check
     );
+}
+
+/// The machine's CPU busy during a run, as a percentage for the probe's lines.
+fn busy_text(busy: Option<f64>) -> String {
+    busy.map_or_else(|| "unknown".into(), |b| format!("{:.0}%", b * 100.0))
 }
 
 /// What the server says of its own work during a probe, from its `/metrics`: how many
@@ -972,12 +990,13 @@ async fn probe_mixed(mode: &Mode) {
     let paced = format!("paced at {offered:.0}/s");
     for (what, measured) in [("peak", &peak), (paced.as_str(), &half)] {
         println!(
-            "mixed on MySQL + Redis, 3 instances, {what}: {:.0}/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, errors {}",
+            "mixed on MySQL + Redis, 3 instances, {what}: {:.0}/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, errors {}, CPU busy {}",
             measured.per_second(),
             measured.ms(50.0),
             measured.ms(90.0),
             measured.ms(99.0),
-            measured.errors
+            measured.errors,
+            busy_text(measured.busy)
         );
     }
     println!("spray audit: {audit}");

@@ -410,7 +410,7 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
     );
     let _ = writeln!(
         w,
-        "| workload | store | per second | p50 ms | p99 ms | errors | half peak: offered /s | p99 ms there | < {HALF_PEAK_P99_MS} ms | every round correct |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| workload | store | per second | p50 ms | p99 ms | errors | half peak: offered /s | p99 ms there | < {HALF_PEAK_P99_MS} ms | machine's CPU busy: at peak, at half | every round correct |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for kind in [
         Kind::Healthz,
@@ -428,7 +428,7 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
             let half = results.half.iter().find(|h| h.store == store && h.kind == kind);
             let _ = writeln!(
                 w,
-                "| {} | {store} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+                "| {} | {store} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {}, {} | {} |",
                 kind.name(),
                 opt0(med(results, store, kind, |r| Some(r.rate))),
                 med(results, store, kind, |r| Some(r.p50)).unwrap_or(0.0),
@@ -441,6 +441,8 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
                 } else {
                     "no"
                 }),
+                percent(med(results, store, kind, |r| r.busy)),
+                percent(half.and_then(|h| h.busy)),
                 if all.iter().all(|r| r.exact) {
                     "yes"
                 } else {
@@ -620,6 +622,11 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
            on the same {CONNECTIONS} connections; as many rounds as at the peak, their median p99 \
            first and each round's in brackets. The hot spray and winners runs there use a fresh \
            spray ({} users for the hot spray, {} shares for winners).\n\
+         - *machine's CPU busy*: the share of both cores' time that was not idle during the run \
+           (`/proc/stat`, steal included), whoever used it: the server, MariaDB, Redis and the \
+           load generator all run on this machine; medians over the rounds. Half the peak's \
+           requests can take much more than half its CPU, since smaller batches cost more each: \
+           a high figure at half peak means its p99 is decided by waiting for a core.\n\
          - *mixed*: three instances on one MariaDB database and one Redis; 5,000 rooms; sprays of \
            2 to 50 shares (amounts of 100 to 1,000 a share); each spray's receivers (a fifth more \
            than its shares, plus one) arrive at random over the next 3 s, and its sprayer looks \
@@ -640,6 +647,11 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
 }
 
 /// `median`, and each round's figure in brackets when there are several.
+/// A share (0 to 1) as a whole percentage, or "-".
+fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "-".into(), |s| format!("{:.0}%", s * 100.0))
+}
+
 fn with_rounds(median: f64, rounds: &[f64]) -> String {
     if rounds.len() < 2 {
         return format!("{median:.1}");
