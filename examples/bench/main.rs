@@ -855,7 +855,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             half.p50,
             half.p99,
             half.errors,
-            busy_text(half.busy)
+            report::percent(half.busy)
         );
     }
     println!(
@@ -866,18 +866,13 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         row.p50,
         row.p99,
         row.errors,
-        busy_text(row.busy),
+        report::percent(row.busy),
         row.winners_per_second.map(|r| r.round()),
         row.losers_per_second.map(|r| r.round()),
         row.first_window.map(|r| r.round()),
         row.last_window.map(|r| r.round()),
         row.check
     );
-}
-
-/// The machine's CPU busy during a run, as a percentage for the probe's lines.
-fn busy_text(busy: Option<f64>) -> String {
-    busy.map_or_else(|| "unknown".into(), |b| format!("{:.0}%", b * 100.0))
 }
 
 /// What the server says of its own work during a probe, from its `/metrics`: how many
@@ -996,7 +991,7 @@ async fn probe_mixed(mode: &Mode) {
             measured.ms(90.0),
             measured.ms(99.0),
             measured.errors,
-            busy_text(measured.busy)
+            report::percent(measured.busy)
         );
     }
     println!("spray audit: {audit}");

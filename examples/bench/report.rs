@@ -646,12 +646,12 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
     out
 }
 
-/// `median`, and each round's figure in brackets when there are several.
-/// A share (0 to 1) as a whole percentage, or "-".
-fn percent(share: Option<f64>) -> String {
+/// A share (0 to 1) as a whole percentage, or "-": the report's and the probe's.
+pub fn percent(share: Option<f64>) -> String {
     share.map_or_else(|| "-".into(), |s| format!("{:.0}%", s * 100.0))
 }
 
+/// `median`, and each round's figure in brackets when there are several.
 fn with_rounds(median: f64, rounds: &[f64]) -> String {
     if rounds.len() < 2 {
         return format!("{median:.1}");

@@ -57,18 +57,19 @@ use crate::domain::Amount;
 const MAX_BATCH: usize = 128;
 /// Batch writers, each with a connection of its own, taking claims from one queue keyed by
 /// their spray (`store/queue.rs`): batches of different sprays are written at once, by
-/// whichever writers are free, and batches of one spray one after the other. Two batches of one spray written
-/// at once were measured slower than one after the other: both insert receivers into the
-/// same range of the unique key `shares_one_per_receiver`, whose duplicate checks take
-/// next-key locks even at READ COMMITTED, so they waited on and deadlocked with each other
-/// (with 4 writers taking from one queue, a 5,000-share spray: 2,700 winners/s and 8
-/// deadlocks, against 3,869 winners/s with one writer). Measured again once batches
-/// locked their shares by primary key (2026-12-04, one spray's claims spread over the 4
-/// writers by slot): no deadlock, but 12,282 winners/s against 14,000-16,000/s on one
-/// writer, in batches of 10.6 claims instead of 40: a batch costs its round trips
-/// whatever it holds, so smaller ones cost more per claim. For the same reason two writers
-/// rather than four (2026-12-06, the mixed workload of many sprays, BENCHMARKS.md): a
-/// fifth more at the peak, and at the same offered rate a lower median and the same p99.
+/// whichever writers are free, and batches of one spray one after the other. Two batches of
+/// one spray written at once were measured slower than one after the other: both insert
+/// receivers into the same range of the unique key `shares_one_per_receiver`, whose
+/// duplicate checks take next-key locks even at READ COMMITTED, so they waited on and
+/// deadlocked with each other (with 4 writers taking from one queue, a 5,000-share spray:
+/// 2,700 winners/s and 8 deadlocks, against 3,869 winners/s with one writer). Measured
+/// again once batches locked their shares by primary key (2026-12-04, one spray's claims
+/// spread over the 4 writers by slot): no deadlock, but 12,282 winners/s against
+/// 14,000-16,000/s on one writer, in batches of 10.6 claims instead of 40: a batch costs
+/// its round trips whatever it holds, so smaller ones cost more per claim. For the same
+/// reason two writers rather than four (2026-12-06, the mixed workload of many sprays,
+/// BENCHMARKS.md): a fifth more at the peak, and at the same offered rate a lower median
+/// and the same p99.
 const WRITERS: usize = 2;
 
 /// One claim of a slot the gate handed out: `Store::claim_slot`'s arguments.

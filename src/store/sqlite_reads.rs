@@ -27,7 +27,7 @@ const READERS: usize = 2;
 /// The most lookups one batch holds.
 const MAX_BATCH: usize = 64;
 
-/// The queues in front of the readers: [`SqliteLookups::find`] queues one lookup and waits
+/// The queue in front of the readers: [`SqliteLookups::find`] queues one lookup and waits
 /// for the batch that holds it.
 pub(super) struct SqliteLookups(BatchQueue<SprayLookup, Option<SprayRecord>>);
 
