@@ -21,9 +21,9 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::config::LogFormat;
 
 pub use self::metrics::{
-    record_claim, record_gate_fallback, record_gate_hit, record_gate_miss, record_gate_rebuild,
-    record_gate_remembered, record_gate_takeover, record_pool_use, record_refund, record_rejection,
-    record_remembered, record_spray_created, time_store,
+    record_claim, record_claim_remembered, record_gate_fallback, record_gate_hit, record_gate_miss,
+    record_gate_rebuild, record_gate_remembered, record_gate_takeover, record_pool_use, record_refund,
+    record_rejection, record_remembered, record_spray_created, time_store,
 };
 pub use self::trace::Traces;
 

@@ -135,6 +135,7 @@ impl ClaimPath for GatedClaim {
             .refusal(&claim.room, &claim.token, claim.user, claim.now)
         {
             telemetry::record_gate_remembered();
+            telemetry::record_claim_remembered();
             return Ok(ClaimOutcome::Refused(refusal));
         }
         let keys = self.gate.keys(&claim.room, &claim.token);

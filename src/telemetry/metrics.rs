@@ -185,6 +185,7 @@ fn register_at_zero() {
     for event in GATE_EVENTS {
         counter!("spray_gate_events_total", "event" => *event).increment(0);
     }
+    counter!("spray_claims_remembered_total").increment(0);
     gauge!("spray_gate_remembered_sprays").set(0.0);
     gauge!("spray_gate_remembered_receivers").set(0.0);
     gauge!("spray_store_calls_admitted").increment(0.0);
@@ -255,9 +256,13 @@ fn describe() {
         "spray_gate_events_total",
         "Redis gate events: hit, miss, rebuild (key reloaded from SQL), takeover (a hold past the claim lease handed to another claim), fallback (SQL-only claim), remembered (a claim on a spray taken for good, answered from the instance's memory without Redis)."
     );
+    describe_counter!(
+        "spray_claims_remembered_total",
+        "Claims on a spray taken for good, answered from the instance's memory of it: no store call, no Redis call."
+    );
     describe_gauge!(
         "spray_gate_remembered_sprays",
-        "Sprays taken for good this instance remembers, to answer their late claims without Redis (at most 10,000; entries being read or too large count too)."
+        "Sprays taken for good this instance remembers, to answer their late claims without the store or Redis, with or without the gate (at most 10,000; entries being read or too large count too)."
     );
     describe_gauge!(
         "spray_gate_remembered_receivers",
@@ -383,6 +388,12 @@ pub fn record_gate_hit() {
 /// A claim on a spray taken for good, answered from the instance's memory of it.
 pub fn record_gate_remembered() {
     counter!("spray_gate_events_total", "event" => "remembered").increment(1);
+}
+
+/// A claim on a spray taken for good, answered from the instance's memory of it, on
+/// either claim path (the gate's also counts it as a gate event).
+pub fn record_claim_remembered() {
+    counter!("spray_claims_remembered_total").increment(1);
 }
 
 /// What the instance's memory of sprays taken for good holds now (`claim/exhausted.rs`):

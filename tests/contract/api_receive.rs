@@ -1,5 +1,6 @@
 //! POST /api/v1/receive: the five rules, in the contract's order, moved by the clock.
 
+use crate::common::metrics::counter;
 use crate::common::{OWNER, ROOM, TestApp};
 use chrono::TimeDelta;
 use serde_json::json;
@@ -154,4 +155,77 @@ async fn a_refused_receive_changes_nothing() {
         .count("SELECT COUNT(*) FROM ledger WHERE kind = 'CREDIT'")
         .await;
     assert_eq!(credits, 1);
+}
+
+/// A spray of two shares received by users 2 and 3, then refused to user 4: the loser
+/// from whom the instance learns that it is taken for good.
+async fn taken_for_good(app: &TestApp) -> String {
+    let token = app.spray(100, 2).await;
+    app.receive(2, &token).await.assert_status(200);
+    app.receive(3, &token).await.assert_status(200);
+    app.receive(4, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    token
+}
+
+/// Once every share is received, nothing can change a newcomer's answer before the window
+/// closes (no share can be freed again), so the instance remembers the spray and answers
+/// its newcomers and its sprayer without the store, on every backend: a room of thousands
+/// racing for ten shares costs ten writes and one read. Proof: behind the service's back
+/// the store loses the spray, and they are still answered as before.
+#[tokio::test]
+async fn a_spray_taken_for_good_answers_newcomers_without_the_store() {
+    let app = TestApp::new().await;
+    let token = taken_for_good(&app).await;
+    let remembered = counter(&app, "spray_claims_remembered_total", &[]).await;
+
+    // From here a claim that reached the store would be answered "not found".
+    let renamed = app
+        .execute(&format!(
+            "UPDATE sprays SET token = 'zz9' WHERE token = '{token}'"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(renamed, 1);
+    for user in 5..=9 {
+        app.receive(user, &token)
+            .await
+            .assert_problem(409, "SPRAY_EXHAUSTED");
+    }
+    app.receive(OWNER, &token).await.assert_problem(403, "OWN_SPRAY");
+    assert!(
+        counter(&app, "spray_claims_remembered_total", &[]).await >= remembered + 6.0,
+        "answers from memory are counted"
+    );
+    app.execute(&format!(
+        "UPDATE sprays SET token = '{token}' WHERE token = 'zz9'"
+    ))
+    .await
+    .unwrap();
+    // A receiver is never answered from memory (it would say "exhausted"): only the store
+    // can say they received.
+    app.receive(3, &token)
+        .await
+        .assert_problem(409, "ALREADY_RECEIVED");
+    app.assert_audit_clean().await;
+}
+
+/// The remembered answer holds only while the window is open: then the store answers
+/// (`RECEIVE_EXPIRED`), and the spray is paid exactly as it was.
+#[tokio::test]
+async fn a_remembered_spray_is_answered_by_the_store_once_its_window_closes() {
+    let app = TestApp::new().await;
+    let token = taken_for_good(&app).await;
+    app.receive(5, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.advance(TimeDelta::minutes(10));
+    app.receive(6, &token)
+        .await
+        .assert_problem(410, "RECEIVE_EXPIRED");
+    app.receive(OWNER, &token).await.assert_problem(403, "OWN_SPRAY");
+    let details = app.lookup(OWNER, &token).await;
+    assert_eq!(details.body["recipients"].as_array().unwrap().len(), 2);
+    app.assert_audit_clean().await;
 }
