@@ -8,8 +8,8 @@
 #                           (with --quick, for one minute)
 #   bench/run.sh [--quick] --probe STORE WORKLOAD   one workload on one store (sqlite, mysql,
 #                           gated; healthz, create, lookup, hot, winners, or mixed: 3 instances on
-#                           MySQL + Redis at peak and half peak, or SPRAY_PROBE_RATE per second),
-#                           printed only: for profiling
+#                           MySQL + Redis) at its peak, then paced at half of it (or at
+#                           SPRAY_PROBE_RATE per second), printed only: for profiling
 #   bench/run.sh --probe limits all   the machine's limits alone, printed only
 # Needs MariaDB on 127.0.0.1:3306 (root, no password), Redis on 127.0.0.1:6379 and
 # mariadb-slap (the MariaDB client package).

@@ -839,8 +839,9 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         }
     };
     print_server_figures(&base, &ServerFigures::new()).await;
-    // Then paced at half of that peak, as the full run does.
-    let half = half_peak(mode, name, row.kind, &base, &ids, row.rate, 1).await;
+    // Then paced at half of that peak, as the full run does (or at `SPRAY_PROBE_RATE`).
+    let peak = probe_rate().map_or(row.rate, |rate| rate * 2.0);
+    let half = half_peak(mode, name, row.kind, &base, &ids, peak, 1).await;
     drop(server);
     if let Some(db) = database {
         drop_database(&db).await;
@@ -956,6 +957,14 @@ async fn server_figures(base: &str) -> ServerFigures {
     sums
 }
 
+/// `SPRAY_PROBE_RATE`: a probe paces its second run at this rate instead of half the
+/// peak, to compare two builds at the same offered load.
+fn probe_rate() -> Option<f64> {
+    std::env::var("SPRAY_PROBE_RATE")
+        .ok()
+        .and_then(|rate| rate.parse::<f64>().ok())
+}
+
 /// The mixed workload on three instances on MySQL + Redis (whatever the store argument),
 /// at its peak and then paced at half of it, printed only.
 async fn probe_mixed(mode: &Mode) {
@@ -964,12 +973,7 @@ async fn probe_mixed(mode: &Mode) {
     eprintln!("server PIDs {pids:?}");
     let ids = Arc::new(Ids::new());
     let peak = measure(mixed(&bases, &ids), closed(mode.mixed_duration)).await;
-    // `SPRAY_PROBE_RATE`: pace the second run at this rate instead of half the peak, to
-    // compare two builds at the same offered load.
-    let offered = std::env::var("SPRAY_PROBE_RATE")
-        .ok()
-        .and_then(|rate| rate.parse::<f64>().ok())
-        .unwrap_or(peak.per_second() / 2.0);
+    let offered = probe_rate().unwrap_or(peak.per_second() / 2.0);
     let mut before = Vec::new();
     for base in &bases {
         before.push(server_figures(base).await);
