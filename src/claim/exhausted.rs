@@ -1,5 +1,7 @@
 //! The sprays this instance has seen received to the last share, remembered until their
-//! receive window closes, so that a crowd of late members is answered without Redis.
+//! receive window closes, so that a crowd of late members is answered without Redis (on
+//! the gate's path, `gated.rs`) or without the store (without Redis, `sql.rs`, which says
+//! why its sprays are taken for good; what follows is the gate's case).
 //!
 //! Why the answer cannot change: the gate calls a spray taken for good only when no slot
 //! is free and none is held (every share recorded in SQL). From there no script puts a
@@ -14,7 +16,7 @@
 //! Bounded: at most [`MAX_SPRAYS`] sprays and [`MAX_RECEIVERS`] receivers in all. When
 //! full, the sprays whose window has closed are dropped (at most once a [`PURGE_EVERY`]);
 //! if that frees too little, the new spray is not remembered and its claims keep asking
-//! the gate, as before. A spray read but too large to fit is marked, so that its crowd
+//! the gate (or the store), as before. A spray read but too large to fit is marked, so that its crowd
 //! does not read it again and again.
 
 use std::collections::HashMap;
