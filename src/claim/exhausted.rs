@@ -16,8 +16,8 @@
 //! Bounded: at most [`MAX_SPRAYS`] sprays and [`MAX_RECEIVERS`] receivers in all. When
 //! full, the sprays whose window has closed are dropped (at most once a [`PURGE_EVERY`]);
 //! if that frees too little, the new spray is not remembered and its claims keep asking
-//! the gate (or the store), as before. A spray read but too large to fit is marked, so that its crowd
-//! does not read it again and again.
+//! the gate (or the store), as before. A spray read but too large to fit is marked, so
+//! that its crowd does not read it again and again.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
