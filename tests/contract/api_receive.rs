@@ -211,6 +211,21 @@ async fn a_spray_taken_for_good_answers_newcomers_without_the_store() {
     app.assert_audit_clean().await;
 }
 
+/// Rule 1 comes before what the memory knows: a spray remembered in its room is still
+/// "not found" to a member of another room, who would otherwise be told "exhausted" about
+/// a spray they cannot see.
+#[tokio::test]
+async fn a_remembered_spray_is_still_not_found_from_another_room() {
+    let app = TestApp::new().await;
+    let token = taken_for_good(&app).await;
+    app.receive(5, &token)
+        .await
+        .assert_problem(409, "SPRAY_EXHAUSTED");
+    app.post("/api/v1/receive", 6, Some("ELSEWHERE"), json!({"token": token}))
+        .await
+        .assert_problem(404, "SPRAY_NOT_FOUND");
+}
+
 /// The remembered answer holds only while the window is open: then the store answers
 /// (`RECEIVE_EXPIRED`), and the spray is paid exactly as it was.
 #[tokio::test]
