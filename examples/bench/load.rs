@@ -4,6 +4,7 @@
 //! at a given rate). Latencies go to an HDR histogram per task, merged at the end, so a
 //! request costs the generator little.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -164,6 +165,39 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
         latency: all.latency,
         busy,
     }
+}
+
+/// The CPU time (user and system) each thread of process `pid` has used so far, summed
+/// by thread name (the runtime's threads share one), in clock ticks, from
+/// `/proc/PID/task/TID/stat`. Empty where it cannot be read.
+pub fn thread_cpu_ticks(pid: u32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // `TID (name) state ...`: the name, in brackets, may hold spaces; utime and stime
+        // are fields 14 and 15 of the line, so the 12th and 13th after the name.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("?", |(_, name)| name);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+            .sum::<u64>();
+        *by_name.entry(name.to_owned()).or_insert(0) += ticks;
+    }
+    by_name
+}
+
+/// Clock ticks as microseconds (Linux's `USER_HZ`: 100 on x86-64 and arm64).
+pub fn ticks_to_micros(ticks: u64) -> f64 {
+    count_f64(ticks) * 10_000.0
 }
 
 /// The machine's CPU time so far, from the first line of `/proc/stat`, in clock ticks.

@@ -793,6 +793,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     let (server, base) = start(&url, &flags).await;
     eprintln!("server PID {}", server.pid());
     let ids = Arc::new(Ids::new());
+    let cpu_before = load::thread_cpu_ticks(server.pid());
     let row = match workload {
         "healthz" => Row::new(
             name,
@@ -838,6 +839,30 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             std::process::exit(2);
         }
     };
+    // The server's own CPU time per answer at the peak, by thread: on this shared machine
+    // a steadier figure than the rate for comparing two builds (the rate moves with
+    // whatever else runs; the work per request much less).
+    let cpu_after = load::thread_cpu_ticks(server.pid());
+    let per_answer = |ticks: u64| load::ticks_to_micros(ticks) / load::count_f64(row.answers.max(1));
+    let threads: Vec<String> = cpu_after
+        .iter()
+        .map(|(name, after)| {
+            (
+                name,
+                after - cpu_before.get(name).copied().unwrap_or(0).min(*after),
+            )
+        })
+        .filter(|(_, ticks)| *ticks > 0)
+        .map(|(name, ticks)| format!("{name} {:.1}", per_answer(ticks)))
+        .collect();
+    let before_all: u64 = cpu_before.values().sum();
+    let after_all: u64 = cpu_after.values().sum();
+    println!(
+        "server CPU at the peak: {:.1} µs per answer ({}; {} answers)",
+        per_answer(after_all.saturating_sub(before_all)),
+        threads.join(", "),
+        row.answers
+    );
     print_server_figures(&base, &ServerFigures::new()).await;
     // Then paced at half of that peak, as the full run does (or at `SPRAY_PROBE_RATE`).
     let peak = probe_rate().map_or(row.rate, |rate| rate * 2.0);
