@@ -343,8 +343,14 @@ fn serve_flags(extra: &[String]) -> Vec<String> {
 async fn start(url: &str, extra: &[String]) -> (server::Server, String) {
     let flags = serve_flags(extra);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    // Errors only: sqlx's slow-statement warnings would flood the terminal at the peak.
-    server::start(url, &flags, "error").await
+    server::start(url, &flags, &log_filter()).await
+}
+
+/// The servers' `RUST_LOG`: errors only, unless `SPRAY_BENCH_LOG` says otherwise (to
+/// measure with the service's own default, `info`, a line for every API request). At
+/// `info` sqlx's slow-statement warnings would flood the terminal at the peak too.
+pub fn log_filter() -> String {
+    std::env::var("SPRAY_BENCH_LOG").unwrap_or_else(|_| "error".to_owned())
 }
 
 /// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
@@ -704,42 +710,51 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
 
     if let Some(length) = mode.soak {
         let offered = if offered > 0.0 { offered } else { 500.0 };
-        eprintln!("soak: {:.0} s at {offered:.0} operations/s", length.as_secs_f64());
-        let (servers, bases, url, db) = instances().await;
-        let pids: Vec<u32> = servers.iter().map(server::Server::pid).collect();
-        let workload = mixed(&bases, &ids);
-        let load = paced(offered, length);
-        let started = Instant::now();
-        let running = tokio::spawn(load::run(workload, load));
-        let (mut samples, mut remembered) = (Vec::new(), Vec::new());
-        while !running.is_finished() {
-            samples.push((
-                started.elapsed().as_secs_f64(),
-                pids.iter().map(|pid| rss_mib(*pid).0).collect(),
-            ));
-            remembered.push(remembered_sprays(&bases).await);
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        }
-        let measured = running.await.expect("the soak run");
+        let (soak, soak_audit) = soak(&ids, offered, length).await;
+        results.soak = Some(soak);
+        results.mixed_audit = format!("{}; after the soak: {soak_audit}", results.mixed_audit);
+    }
+}
+
+/// The mixed workload on three fresh instances, paced at `offered` for `length`, with
+/// each instance's RSS (and its memory of sprays) sampled every 10 s; and `spray audit`'s
+/// verdict after it.
+async fn soak(ids: &Arc<Ids>, offered: f64, length: Duration) -> (Soak, String) {
+    eprintln!("soak: {:.0} s at {offered:.0} operations/s", length.as_secs_f64());
+    let (servers, bases, url, db) = instances().await;
+    let pids: Vec<u32> = servers.iter().map(server::Server::pid).collect();
+    let workload = mixed(&bases, ids);
+    let load = paced(offered, length);
+    let started = Instant::now();
+    let running = tokio::spawn(load::run(workload, load));
+    let (mut samples, mut remembered) = (Vec::new(), Vec::new());
+    while !running.is_finished() {
         samples.push((
             started.elapsed().as_secs_f64(),
             pids.iter().map(|pid| rss_mib(*pid).0).collect(),
         ));
         remembered.push(remembered_sprays(&bases).await);
-        drop(servers);
-        let soak_audit = audit(&url);
-        drop_database(&db).await;
-        results.soak = Some(Soak {
-            offered,
-            achieved: measured.per_second(),
-            p50: measured.ms(50.0),
-            p99: measured.ms(99.0),
-            errors: measured.errors,
-            samples,
-            remembered,
-        });
-        results.mixed_audit = format!("{}; after the soak: {soak_audit}", results.mixed_audit);
+        tokio::time::sleep(Duration::from_secs(10)).await;
     }
+    let measured = running.await.expect("the soak run");
+    samples.push((
+        started.elapsed().as_secs_f64(),
+        pids.iter().map(|pid| rss_mib(*pid).0).collect(),
+    ));
+    remembered.push(remembered_sprays(&bases).await);
+    drop(servers);
+    let soak_audit = audit(&url);
+    drop_database(&db).await;
+    let soak = Soak {
+        offered,
+        achieved: measured.per_second(),
+        p50: measured.ms(50.0),
+        p99: measured.ms(99.0),
+        errors: measured.errors,
+        samples,
+        remembered,
+    };
+    (soak, soak_audit)
 }
 
 /// One workload on one store, once, printed and not written to BENCHMARKS.md: for
@@ -748,6 +763,9 @@ async fn bench_mixed(mode: &Mode, results: &mut Results) {
 async fn probe(mode: &Mode, store: &str, workload: &str) {
     if workload == "mixed" {
         return probe_mixed(mode).await;
+    }
+    if workload == "soak" {
+        return probe_soak().await;
     }
     if store == "limits" {
         let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
@@ -1026,6 +1044,45 @@ async fn probe_mixed(mode: &Mode) {
     println!("spray audit: {audit}");
 }
 
+/// The soak alone, longer than the full run's if asked: the mixed workload paced at
+/// `SPRAY_PROBE_RATE` (default 2,000/s) for `SPRAY_SOAK_MINUTES` (default 10), each
+/// instance's RSS and memory of sprays printed once a minute. For telling a leak, which
+/// keeps growing, from an allocator's swings, which do not.
+async fn probe_soak() {
+    let rate = probe_rate().unwrap_or(2_000.0);
+    let minutes: u64 = std::env::var("SPRAY_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(10);
+    let ids = Arc::new(Ids::new());
+    let (soak, audit) = soak(&ids, rate, Duration::from_secs(60 * minutes)).await;
+    let mut next_minute = 0.0;
+    for ((t, rss), remembered) in soak.samples.iter().zip(&soak.remembered) {
+        if *t >= next_minute {
+            let rss: Vec<String> = rss.iter().map(|r| format!("{r:.1}")).collect();
+            let remembered: Vec<String> = remembered
+                .iter()
+                .map(|g| g.map_or("-".to_owned(), |g| format!("{g:.0}")))
+                .collect();
+            println!(
+                "{t:5.0} s: RSS MiB {}; sprays remembered {}",
+                rss.join(", "),
+                remembered.join(", ")
+            );
+            next_minute += 60.0;
+        }
+    }
+    println!(
+        "soak: offered {:.0}/s, answered {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}; {}; spray audit: {audit}",
+        soak.offered,
+        soak.achieved,
+        soak.p50,
+        soak.p99,
+        soak.errors,
+        report::rss_summary(&soak)
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1046,7 +1103,7 @@ async fn main() {
     if let Some(at) = args.iter().position(|a| a == "--probe") {
         let (Some(store), Some(workload)) = (args.get(at + 1), args.get(at + 2)) else {
             eprintln!(
-                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners|mixed, or --probe limits all"
+                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners|mixed, --probe gated soak, or --probe limits all"
             );
             std::process::exit(2);
         };

@@ -606,7 +606,10 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
            same disk as the raw SQLite limit), MySQL (MariaDB), MySQL + Redis (the gate). It runs \
            with `--store-concurrency 4096 --max-concurrent-requests 4096` (every request let in: \
            the default admission bound would refuse part of {CONNECTIONS} connections, see the \
-           overload section), 32 MySQL connections and `--max-recipients 100000`.\n\
+           overload section), 32 MySQL connections and `--max-recipients 100000`, logging at \
+           `RUST_LOG={}` (the service's default, `info`, writes a line for every API request, \
+           which costs CPU: see the section of 2026-12-06, 09:25-11:35 UTC; `SPRAY_BENCH_LOG` \
+           sets it).\n\
          - The load generator (`examples/bench/`) holds {CONNECTIONS} connection tasks, each with \
            its own keep-alive HTTP/1.1 connection to each server (hyper, driven in the task \
            itself: `examples/bench/http.rs`), opened before the clock starts (one unmeasured \
@@ -639,6 +642,7 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
          - *checked*: the hot spray and winners runs count winners and add up what was paid \
            (exact: every share taken once, the amount paid to the unit); `spray audit` runs over \
            every store after its runs.",
+        crate::log_filter(),
         mode.duration.as_secs_f64(),
         mode.winners_cap.as_secs_f64(),
         n0(crate::load::count_f64(mode.half_hot_users)),
@@ -695,6 +699,16 @@ fn rss_verdict(soak: &crate::Soak) -> (f64, bool, f64) {
         _ => false,
     };
     (max, flat, warm.map_or(60.0, |(t, _)| *t))
+}
+
+/// The soak's verdict in a line: the highest RSS, and whether it was flat by
+/// [`rss_verdict`]'s rule.
+pub fn rss_summary(soak: &crate::Soak) -> String {
+    let (max, flat, from) = rss_verdict(soak);
+    format!(
+        "RSS at most {max:.1} MiB, {} (each instance's last sample against its sample at {from:.0} s)",
+        if flat { "flat" } else { "not flat" }
+    )
 }
 
 /// The first sample from which every instance's memory of sprays stays at its highest
