@@ -764,7 +764,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     if workload == "mixed" {
         return probe_mixed(mode).await;
     }
-    if workload == "soak" {
+    if (store, workload) == ("gated", "soak") {
         return probe_soak().await;
     }
     if store == "limits" {
@@ -853,7 +853,9 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             race(name, Kind::Winners, &base, &ids, shares, shares, mode).await
         }
         other => {
-            eprintln!("unknown workload {other}: healthz, create, lookup, hot or winners");
+            eprintln!(
+                "unknown workload {other}: healthz, create, lookup, hot or winners (or mixed, and soak with gated)"
+            );
             std::process::exit(2);
         }
     };
