@@ -726,21 +726,19 @@ async fn soak(ids: &Arc<Ids>, offered: f64, length: Duration) -> (Soak, String) 
     let workload = mixed(&bases, ids);
     let load = paced(offered, length);
     let started = Instant::now();
+    let rss_now = || {
+        let rss: Vec<f64> = pids.iter().map(|pid| rss_mib(*pid).0).collect();
+        (started.elapsed().as_secs_f64(), rss)
+    };
     let running = tokio::spawn(load::run(workload, load));
     let (mut samples, mut remembered) = (Vec::new(), Vec::new());
     while !running.is_finished() {
-        samples.push((
-            started.elapsed().as_secs_f64(),
-            pids.iter().map(|pid| rss_mib(*pid).0).collect(),
-        ));
+        samples.push(rss_now());
         remembered.push(remembered_sprays(&bases).await);
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
     let measured = running.await.expect("the soak run");
-    samples.push((
-        started.elapsed().as_secs_f64(),
-        pids.iter().map(|pid| rss_mib(*pid).0).collect(),
-    ));
+    samples.push(rss_now());
     remembered.push(remembered_sprays(&bases).await);
     drop(servers);
     let soak_audit = audit(&url);
@@ -869,7 +867,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         .map(|(name, after)| {
             (
                 name,
-                after - cpu_before.get(name).copied().unwrap_or(0).min(*after),
+                after.saturating_sub(cpu_before.get(name).copied().unwrap_or(0)),
             )
         })
         .filter(|(_, ticks)| *ticks > 0)
