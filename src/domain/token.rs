@@ -53,22 +53,38 @@ pub trait TokenSource: Send + Sync + 'static {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OsTokens;
 
+/// Random bytes asked of the OS at once for one token: one system call, where a byte at a
+/// time was three or more (a create's `getrandom` calls were about 3% of its CPU on
+/// SQLite, by `perf`: BENCHMARKS.md). A byte is thrown away with a chance of 8 in 256, so
+/// eight bytes leave fewer than three only about once in 10^8 draws; then another eight
+/// are asked for.
+const BYTES_PER_DRAW: usize = 8;
+
 impl TokenSource for OsTokens {
     fn draw(&self) -> Result<Token, RandomnessUnavailable> {
-        let mut token = String::with_capacity(Token::LEN);
-        while token.len() < Token::LEN {
-            let mut byte = [0u8; 1];
+        loop {
+            let mut bytes = [0u8; BYTES_PER_DRAW];
             SysRng
-                .try_fill_bytes(&mut byte)
+                .try_fill_bytes(&mut bytes)
                 .map_err(|e| RandomnessUnavailable(e.to_string()))?;
-            // Rejection sampling: 248 = 4 * 62, so the bytes 0..248 map evenly
-            // onto the alphabet and the 8 values above are thrown away.
-            if byte[0] < 248 {
-                token.push(char::from(ALPHABET[usize::from(byte[0] % 62)]));
+            if let Some(token) = token_from_bytes(&bytes) {
+                return Ok(token);
             }
         }
-        Ok(Token(token))
     }
+}
+
+/// The token the first accepted bytes spell, by rejection sampling: 248 = 4 * 62, so the
+/// bytes 0..248 map evenly onto the alphabet and the 8 values above are thrown away. None
+/// when fewer than three bytes are accepted.
+fn token_from_bytes(bytes: &[u8]) -> Option<Token> {
+    let token: String = bytes
+        .iter()
+        .filter(|&&byte| byte < 248)
+        .take(Token::LEN)
+        .map(|&byte| char::from(ALPHABET[usize::from(byte % 62)]))
+        .collect();
+    (token.len() == Token::LEN).then_some(Token(token))
 }
 
 /// Hands out a fixed list of tokens, then falls back to the OS source. For tests that
@@ -136,6 +152,33 @@ mod tests {
         assert_eq!(chars.len(), 62, "every character of the alphabet appears");
         let sorted = drawn.windows(2).all(|w| w[0].as_str() <= w[1].as_str());
         assert!(!sorted, "tokens must not come in order");
+    }
+
+    #[test]
+    fn a_token_is_spelled_by_the_first_accepted_bytes_and_the_top_eight_are_thrown_away() {
+        // 0 -> 'A', 61 -> '9', 62 -> 'A' again (62 % 62), 247 -> 247 % 62 = 61 -> '9'.
+        assert_eq!(token_from_bytes(&[0, 61, 62, 5]).unwrap().as_str(), "A9A");
+        assert_eq!(
+            token_from_bytes(&[248, 255, 0, 250, 247, 1]).unwrap().as_str(),
+            "A9B"
+        );
+        assert!(
+            token_from_bytes(&[1, 248, 2, 255]).is_none(),
+            "two accepted bytes are not a token"
+        );
+        assert!(token_from_bytes(&[]).is_none());
+    }
+
+    #[test]
+    fn every_accepted_byte_value_maps_onto_the_alphabet_evenly() {
+        let mut hits = [0u32; 62];
+        for byte in 0u8..248 {
+            let token = token_from_bytes(&[byte, byte, byte]).unwrap();
+            let c = token.as_str().as_bytes()[0];
+            let index = ALPHABET.iter().position(|&a| a == c).unwrap();
+            hits[index] += 1;
+        }
+        assert!(hits.iter().all(|&n| n == 4), "{hits:?}");
     }
 
     #[test]
