@@ -118,9 +118,14 @@ fn is_sane_request_id(id: &HeaderValue) -> bool {
     (1..=MAX_REQUEST_ID_LEN).contains(&bytes.len()) && bytes.iter().all(|b| (0x21..=0x7E).contains(b))
 }
 
+/// A random (version 4) UUID. Its bytes come from the thread's CSPRNG (`rand::random`),
+/// not from a system call each: an id only tells requests apart in the logs, and asking
+/// the OS for each (`Uuid::new_v4`) was one `getrandom` call on every request, whatever
+/// its route.
 fn new_request_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
     // A hyphenated UUID is 36 ASCII characters: always a valid header value.
-    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("-"))
+    HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// The protection settings.
@@ -267,5 +272,18 @@ mod tests {
         let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
         assert!(!is_sane_request_id(&HeaderValue::from_str(&long).unwrap()));
         assert_eq!(new_request_id().len(), 36);
+    }
+
+    #[test]
+    fn fresh_request_ids_are_distinct_version_4_uuids() {
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|_| new_request_id().to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let id = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(id.get_version_num(), 4, "{id}");
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
     }
 }
