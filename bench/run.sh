@@ -7,9 +7,9 @@
 #   bench/run.sh --soak     full, then the mixed workload for 10 minutes, sampling RSS
 #                           (with --quick, for one minute)
 #   bench/run.sh [--quick] --probe STORE WORKLOAD   one workload on one store (sqlite, mysql,
-#                           gated; healthz, create, lookup, hot, winners, or mixed: 3 instances on
-#                           MySQL + Redis) at its peak, then paced at half of it (or at
-#                           SPRAY_PROBE_RATE per second), printed only: for profiling
+#                           gated; healthz, create, lookup, hot, winners; and gated mixed: 3
+#                           instances on MySQL + Redis) at its peak, then paced at half of it (or
+#                           at SPRAY_PROBE_RATE per second), printed only: for profiling
 #   bench/run.sh --probe limits all   the machine's limits alone, printed only
 # Needs MariaDB on 127.0.0.1:3306 (root, no password), Redis on 127.0.0.1:6379 and
 # mariadb-slap (the MariaDB client package).

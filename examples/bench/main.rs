@@ -759,11 +759,12 @@ async fn soak(ids: &Arc<Ids>, offered: f64, length: Duration) -> (Soak, String) 
 /// profiling the server (its PID is printed, for `perf record -p`) and for trying a change
 /// quickly.
 async fn probe(mode: &Mode, store: &str, workload: &str) {
-    if workload == "mixed" {
-        return probe_mixed(mode).await;
-    }
-    if (store, workload) == ("gated", "soak") {
-        return probe_soak().await;
+    // The mixed workload and the soak run three instances on MySQL + Redis, so only
+    // under that store's name.
+    match (store, workload) {
+        ("gated", "mixed") => return probe_mixed(mode).await,
+        ("gated", "soak") => return probe_soak().await,
+        _ => {}
     }
     if store == "limits" {
         let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
@@ -776,6 +777,18 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             round.notes
         );
         return;
+    }
+    // Refused before a server, a database or a directory is made: `exit` would leave them
+    // behind.
+    if !["sqlite", "mysql", "gated"].contains(&store) {
+        eprintln!("unknown store {store}: sqlite, mysql or gated (or limits all)");
+        std::process::exit(2);
+    }
+    if !["healthz", "create", "lookup", "hot", "winners"].contains(&workload) {
+        eprintln!(
+            "unknown workload {workload}: healthz, create, lookup, hot or winners (and, with gated only, mixed or soak)"
+        );
+        std::process::exit(2);
     }
     let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
     let mut database = None;
@@ -801,10 +814,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
                 )
             }
         }
-        other => {
-            eprintln!("unknown store {other}: sqlite, mysql or gated");
-            std::process::exit(2);
-        }
+        other => unreachable!("store {other} was checked above"),
     };
     let (server, base) = start(&url, &flags).await;
     eprintln!("server PID {}", server.pid());
@@ -850,12 +860,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
             }
             race(name, Kind::Winners, &base, &ids, shares, shares, mode).await
         }
-        other => {
-            eprintln!(
-                "unknown workload {other}: healthz, create, lookup, hot or winners (or mixed, and soak with gated)"
-            );
-            std::process::exit(2);
-        }
+        other => unreachable!("workload {other} was checked above"),
     };
     // The server's own CPU time per answer at the peak, by thread: on this shared machine
     // a steadier figure than the rate for comparing two builds (the rate moves with
@@ -1008,7 +1013,7 @@ fn probe_rate() -> Option<f64> {
         .and_then(|rate| rate.parse::<f64>().ok())
 }
 
-/// The mixed workload on three instances on MySQL + Redis (whatever the store argument),
+/// The mixed workload on three instances on MySQL + Redis (`--probe gated mixed`),
 /// at its peak and then paced at half of it, printed only.
 async fn probe_mixed(mode: &Mode) {
     let (servers, bases, url, db) = instances().await;
@@ -1103,7 +1108,7 @@ async fn main() {
     if let Some(at) = args.iter().position(|a| a == "--probe") {
         let (Some(store), Some(workload)) = (args.get(at + 1), args.get(at + 2)) else {
             eprintln!(
-                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners|mixed, --probe gated soak, or --probe limits all"
+                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners, --probe gated mixed|soak, or --probe limits all"
             );
             std::process::exit(2);
         };
