@@ -15,6 +15,11 @@ mod workloads;
 #[path = "../common/server.rs"]
 mod server;
 
+/// The same allocator as the server (`src/main.rs`): the load generator shares the
+/// machine's two cores with what it measures, so its own cost is part of every figure.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
