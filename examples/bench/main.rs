@@ -760,6 +760,20 @@ async fn soak(ids: &Arc<Ids>, offered: f64, length: Duration) -> (Soak, String) 
     (soak, soak_audit)
 }
 
+/// The stores and workloads `--probe` runs one server for (besides `gated mixed`,
+/// `gated soak` and `limits all`).
+const PROBE_STORES: [&str; 3] = ["sqlite", "mysql", "gated"];
+const PROBE_WORKLOADS: [&str; 5] = ["healthz", "create", "lookup", "hot", "winners"];
+
+/// How `--probe` is called.
+fn probe_usage() -> String {
+    format!(
+        "usage: bench/run.sh [--quick] --probe {} {}, --probe gated mixed|soak, or --probe limits all",
+        PROBE_STORES.join("|"),
+        PROBE_WORKLOADS.join("|")
+    )
+}
+
 /// One workload on one store, once, printed and not written to BENCHMARKS.md: for
 /// profiling the server (its PID is printed, for `perf record -p`) and for trying a change
 /// quickly.
@@ -785,14 +799,8 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     }
     // Refused before a server, a database or a directory is made: `exit` would leave them
     // behind.
-    if !["sqlite", "mysql", "gated"].contains(&store) {
-        eprintln!("unknown store {store}: sqlite, mysql or gated (or limits all)");
-        std::process::exit(2);
-    }
-    if !["healthz", "create", "lookup", "hot", "winners"].contains(&workload) {
-        eprintln!(
-            "unknown workload {workload}: healthz, create, lookup, hot or winners (and, with gated only, mixed or soak)"
-        );
+    if !PROBE_STORES.contains(&store) || !PROBE_WORKLOADS.contains(&workload) {
+        eprintln!("unknown store or workload: {store} {workload}\n{}", probe_usage());
         std::process::exit(2);
     }
     let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
@@ -1112,9 +1120,7 @@ async fn main() {
     }
     if let Some(at) = args.iter().position(|a| a == "--probe") {
         let (Some(store), Some(workload)) = (args.get(at + 1), args.get(at + 2)) else {
-            eprintln!(
-                "usage: bench/run.sh [--quick] --probe sqlite|mysql|gated healthz|create|lookup|hot|winners, --probe gated mixed|soak, or --probe limits all"
-            );
+            eprintln!("{}", probe_usage());
             std::process::exit(2);
         };
         probe(&mode, store, workload).await;
