@@ -61,7 +61,11 @@ pub async fn sqlite_commits(dir: &Path, duration: Duration) -> f64 {
 /// in autocommit calling a procedure that updates one row picked at random among
 /// `MARIADB_ROWS` (a procedure, because `WHERE id = FLOOR(RAND() * n)` would scan the table:
 /// `RAND()` is evaluated per row). The count is read back from the table.
-pub async fn mariadb_point_updates(queries: u64) -> Result<f64, String> {
+///
+/// Also what one update cost the whole machine, in microseconds of CPU over all its cores
+/// (MariaDB and `mariadb-slap` together, and whatever else ran): the figure to set beside
+/// what a winner costs, when both are bounded by the same cores.
+pub async fn mariadb_point_updates(queries: u64) -> Result<MariadbLimit, String> {
     let name = format!("spray_bench_limit_{:08x}", rand::random::<u32>());
     let mut admin = sqlx::MySqlConnection::connect(MYSQL_ADMIN)
         .await
@@ -93,6 +97,7 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<f64, String> {
         format!("--number-of-queries={queries}"),
         "--query=CALL bump()".to_owned(),
     ];
+    let cpu_before = crate::load::cpu_times();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("mariadb-slap")
             .args(args)
@@ -102,6 +107,10 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<f64, String> {
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("mariadb-slap: {e}"))?;
+    let busy_micros = match (cpu_before, crate::load::cpu_times()) {
+        (Some(before), Some(after)) => before.busy_micros_until(&after),
+        _ => None,
+    };
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let seconds = text
         .lines()
@@ -129,7 +138,18 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<f64, String> {
     if seconds <= 0.0 {
         return Err("mariadb-slap reported no time".into());
     }
-    Ok(count_f64(u64::try_from(sum).unwrap_or(0)) / seconds)
+    let updates = count_f64(u64::try_from(sum).unwrap_or(0));
+    Ok(MariadbLimit {
+        per_second: updates / seconds,
+        cpu_micros: busy_micros.filter(|_| updates > 0.0).map(|busy| busy / updates),
+    })
+}
+
+/// What [`mariadb_point_updates`] measured.
+pub struct MariadbLimit {
+    pub per_second: f64,
+    /// The machine's CPU time per update, in microseconds over all cores.
+    pub cpu_micros: Option<f64>,
 }
 
 /// Redis script calls per second: `EVALSHA` of a small script (one `HINCRBY`) on keys of

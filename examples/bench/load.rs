@@ -201,7 +201,7 @@ pub fn ticks_to_micros(ticks: u64) -> f64 {
 }
 
 /// The machine's CPU time so far, from the first line of `/proc/stat`, in clock ticks.
-struct CpuTimes {
+pub struct CpuTimes {
     busy: u64,
     total: u64,
 }
@@ -213,11 +213,17 @@ impl CpuTimes {
         let busy = later.busy.checked_sub(self.busy)?;
         (total > 0).then(|| count_f64(busy) / count_f64(total))
     }
+
+    /// The CPU time, in microseconds over all cores, the machine was busy between `self`
+    /// and `later`.
+    pub fn busy_micros_until(&self, later: &CpuTimes) -> Option<f64> {
+        later.busy.checked_sub(self.busy).map(ticks_to_micros)
+    }
 }
 
 /// `cpu  user nice system idle iowait irq softirq steal ...`: idle and iowait are the
 /// time no CPU was busy; guest time is already counted in user.
-fn cpu_times() -> Option<CpuTimes> {
+pub fn cpu_times() -> Option<CpuTimes> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let ticks: Vec<u64> = stat
         .lines()

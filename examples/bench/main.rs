@@ -256,6 +256,8 @@ pub struct Sweep {
 pub struct LimitRound {
     pub sqlite: f64,
     pub mariadb: Option<f64>,
+    /// The machine's CPU time per raw MariaDB update, µs over all cores.
+    pub mariadb_cpu_micros: Option<f64>,
     pub redis: Option<f64>,
     pub notes: Vec<String>,
 }
@@ -641,7 +643,10 @@ async fn bench_limits(mode: &Mode, dir: &Path) -> LimitRound {
         ..LimitRound::default()
     };
     match limits::mariadb_point_updates(mode.slap_queries).await {
-        Ok(rate) => round.mariadb = Some(rate),
+        Ok(limit) => {
+            round.mariadb = Some(limit.per_second);
+            round.mariadb_cpu_micros = limit.cpu_micros;
+        }
         Err(e) => round.notes.push(format!("MariaDB limit failed: {e}")),
     }
     match limits::redis_script_calls(REDIS, mode.redis_calls).await {
@@ -789,9 +794,10 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
         let round = bench_limits(mode, dir.path()).await;
         println!(
-            "limits: SQLite commits {:.0}/s, MariaDB point updates {:?}/s, Redis script calls {:?}/s {:?}",
+            "limits: SQLite commits {:.0}/s, MariaDB point updates {:?}/s ({:?} µs of machine CPU each), Redis script calls {:?}/s {:?}",
             round.sqlite,
             round.mariadb.map(f64::round),
+            round.mariadb_cpu_micros.map(|m| m.round()),
             round.redis.map(f64::round),
             round.notes
         );
@@ -921,7 +927,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         );
     }
     println!(
-        "{} on {}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, CPU busy {}, winners/s {:?}, losers/s {:?}, first/last window {:?}/{:?}; {}",
+        "{} on {}: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, errors {}, CPU busy {} ({:?} µs of machine CPU an answer), winners/s {:?}, losers/s {:?}, first/last window {:?}/{:?}; {}",
         row.kind.name(),
         row.store,
         row.rate,
@@ -929,6 +935,13 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         row.p99,
         row.errors,
         report::percent(row.busy),
+        row.busy
+            .and_then(|busy| report::cpu_micros(
+                busy,
+                std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+                row.rate
+            ))
+            .map(f64::round),
         row.winners_per_second.map(|r| r.round()),
         row.losers_per_second.map(|r| r.round()),
         row.first_window.map(|r| r.round()),

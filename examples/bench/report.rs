@@ -230,6 +230,53 @@ fn targets(results: &Results, mode: &Mode) -> Vec<Target> {
     all
 }
 
+/// What one operation cost the whole machine, in microseconds of CPU over all its cores:
+/// `busy` (the share of the machine's CPU time busy during the run) of `cores` cores,
+/// spread over `per_second` operations.
+pub fn cpu_micros(busy: f64, cores: usize, per_second: f64) -> Option<f64> {
+    let cores = f64::from(u32::try_from(cores).ok()?);
+    (per_second > 0.0).then(|| busy * cores * 1e6 / per_second)
+}
+
+/// The MySQL ratio targets again, in the machine's CPU per operation: when the raw update
+/// and the winner are both bounded by the same cores, their rates are in the inverse ratio
+/// of what each costs the machine, so this says how far a winner's cost is from the raw
+/// update's, whatever the cores' speed.
+fn cpu_per_operation(w: &mut String, results: &Results) {
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let raw: Vec<f64> = results
+        .limits
+        .iter()
+        .filter_map(|l| l.mariadb_cpu_micros)
+        .collect();
+    if raw.is_empty() {
+        return;
+    }
+    let raw = median(&raw);
+    let _ = writeln!(
+        w,
+        "\nThe MySQL targets in the machine's CPU: what one operation costs all {cores} cores \
+         together (the busy share of the machine during the run, times its cores, over the \
+         rate), medians. A raw update pays MariaDB and `mariadb-slap`; a winner pays MariaDB, \
+         `spray serve`, Redis and the load generator. Both are bounded by the same cores, so \
+         a winners/s ratio of 1× needs a winner to cost the machine no more than a raw update.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| operation | machine CPU µs per operation | raw update's ÷ this |\n|---|---|---|\n| raw MariaDB point update | {raw:.1} | 1.00 |"
+    );
+    for store in ["MySQL + Redis", "MySQL"] {
+        let each: Vec<f64> = rows(results, store, Kind::Winners)
+            .filter_map(|r| cpu_micros(r.busy?, cores, r.rate))
+            .collect();
+        if each.is_empty() {
+            continue;
+        }
+        let cost = median(&each);
+        let _ = writeln!(w, "| winner on {store} | {cost:.1} | {:.2} |", raw / cost);
+    }
+}
+
 /// When the MySQL winners rounds were cut at their time limit, how far they got: the last
 /// window is then not the spray's last shares.
 fn cut_note(results: &Results, mode: &Mode) -> String {
@@ -398,6 +445,8 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
             "| RSS < {RSS_BOUND_MIB} MiB and flat through a 10-minute mixed run | not run (`--soak`) | | | | not measured |"
         );
     }
+
+    cpu_per_operation(w, results);
 
     let _ = writeln!(
         w,
@@ -748,6 +797,14 @@ pub fn write_between_markers(path: &Path, generated: &str) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operations_cpu_is_the_busy_cores_over_the_rate() {
+        // Half of 2 cores busy for 10,000 operations a second: 100 µs each.
+        assert_eq!(cpu_micros(0.5, 2, 10_000.0), Some(100.0));
+        assert_eq!(cpu_micros(1.0, 4, 20_000.0), Some(200.0));
+        assert_eq!(cpu_micros(0.5, 2, 0.0), None);
+    }
 
     /// A soak of `rss` samples 10 s apart, and the gauges of memory beside them.
     fn soak(rss: &[[f64; 2]], remembered: &[[f64; 2]]) -> crate::Soak {
