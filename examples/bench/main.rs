@@ -936,11 +936,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         row.errors,
         report::percent(row.busy),
         row.busy
-            .and_then(|busy| report::cpu_micros(
-                busy,
-                std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-                row.rate
-            ))
+            .and_then(|busy| report::cpu_micros(busy, report::cores(), row.rate))
             .map(f64::round),
         row.winners_per_second.map(|r| r.round()),
         row.losers_per_second.map(|r| r.round()),

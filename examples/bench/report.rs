@@ -85,7 +85,7 @@ fn machine() -> Vec<(&'static str, String)> {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
         .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cores = cores();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory = meminfo
         .lines()
@@ -230,6 +230,11 @@ fn targets(results: &Results, mode: &Mode) -> Vec<Target> {
     all
 }
 
+/// The machine's cores (0 when they cannot be read).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+}
+
 /// What one operation cost the whole machine, in microseconds of CPU over all its cores:
 /// `busy` (the share of the machine's CPU time busy during the run) of `cores` cores,
 /// spread over `per_second` operations.
@@ -243,7 +248,7 @@ pub fn cpu_micros(busy: f64, cores: usize, per_second: f64) -> Option<f64> {
 /// of what each costs the machine, so this says how far a winner's cost is from the raw
 /// update's, whatever the cores' speed.
 fn cpu_per_operation(w: &mut String, results: &Results) {
-    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cores = cores();
     let raw: Vec<f64> = results
         .limits
         .iter()
