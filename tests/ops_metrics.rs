@@ -330,3 +330,51 @@ async fn a_spray_taken_for_good_shows_in_the_remembered_gauges() {
     assert_eq!(gauges(&scrape(&app).await), after);
     app.assert_audit_clean().await;
 }
+
+/// A split source that panics: a bug inside a handler, for the panic catcher to answer.
+struct PanickingRandomness;
+
+impl spray::domain::SplitRandomness for PanickingRandomness {
+    fn generator(&self) -> Result<rand::rngs::StdRng, String> {
+        panic!("a bug in a handler")
+    }
+}
+
+/// A handler that panics is answered with a problem+json 500 that says nothing of the bug,
+/// with a request id, and counted under its route: the panic catcher sits inside the layer
+/// that names, counts and logs every request (`src/http/mod.rs`).
+#[tokio::test]
+async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
+    let _turn = SERIAL.lock().await;
+    let mut app = TestApp::new().await;
+    let sources = spray::service::Sources {
+        clock: app.clock.clone(),
+        tokens: app.tokens.clone(),
+        randomness: std::sync::Arc::new(PanickingRandomness),
+    };
+    app.router = spray::startup::build_router(&app.settings, app.store.clone(), sources).unwrap();
+    let before = scrape(&app).await;
+    let answer = app
+        .post(
+            "/api/v1/spray",
+            OWNER,
+            Some(ROOM),
+            json!({"amount": 10, "recipient_count": 2}),
+        )
+        .await;
+    answer.assert_problem(500, "INTERNAL");
+    let text = String::from_utf8_lossy(&answer.raw);
+    assert!(!text.contains("a bug in a handler"), "{text}");
+    assert_eq!(answer.headers["x-request-id"].len(), 36);
+    let after = scrape(&app).await;
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
+    assert_eq!(
+        delta(
+            "http_requests_total",
+            &[("route", "/api/v1/spray"), ("status", "500")]
+        ),
+        1.0
+    );
+    assert_eq!(delta("spray_rejections_total", &[("code", "INTERNAL")]), 1.0);
+}
