@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::metrics::{scrape, value};
+use common::metrics::{self, scrape, value};
 use common::{OWNER, ROOM, RawRedis, TestApp, window_closes};
 use serde_json::json;
 use spray::clock::Clock;
@@ -57,8 +57,7 @@ async fn a_claim_counts_and_a_refusal_counts_under_its_code() {
         .assert_problem(409, "SPRAY_EXHAUSTED");
     app.receive(OWNER, &token).await.assert_problem(403, "OWN_SPRAY");
     let after = scrape(&app).await;
-    let delta =
-        |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
+    let delta = |name: &str, labels: &[(&str, &str)]| metrics::delta(&before, &after, name, labels);
     assert_eq!(delta("spray_claims_total", &[]), 1.0);
     assert_eq!(
         delta("spray_rejections_total", &[("code", "SPRAY_EXHAUSTED")]),
@@ -110,8 +109,7 @@ async fn routes_are_labelled_by_their_template_never_by_the_raw_path() {
         .await
         .assert_problem(404, "NOT_FOUND");
     let after = scrape(&app).await;
-    let delta =
-        |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
+    let delta = |name: &str, labels: &[(&str, &str)]| metrics::delta(&before, &after, name, labels);
     assert_eq!(
         delta(
             "http_requests_total",
@@ -152,8 +150,7 @@ async fn a_settlement_moves_the_refund_counters_by_its_refund() {
         .unwrap();
     assert_eq!(settled, 3);
     let after = scrape(&app).await;
-    let delta =
-        |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
+    let delta = |name: &str, labels: &[(&str, &str)]| metrics::delta(&before, &after, name, labels);
     assert_eq!(delta("spray_refunds_total", &[]), 2.0);
     assert_eq!(delta("spray_refunded_amount_total", &[]), 1384.0);
     // A second pass finds nothing more to settle, and moves nothing.
@@ -367,8 +364,7 @@ async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
     assert!(!text.contains("a bug in a handler"), "{text}");
     assert_eq!(answer.headers["x-request-id"].len(), 36);
     let after = scrape(&app).await;
-    let delta =
-        |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
+    let delta = |name: &str, labels: &[(&str, &str)]| metrics::delta(&before, &after, name, labels);
     assert_eq!(
         delta(
             "http_requests_total",

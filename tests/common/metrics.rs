@@ -62,6 +62,11 @@ pub async fn scrape(app: &TestApp) -> Vec<Sample> {
     parse(&String::from_utf8(answer.raw).unwrap())
 }
 
+/// How far `name` with `labels` moved from the scrape `before` to the scrape `after`.
+pub fn delta(before: &[Sample], after: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    value(after, name, labels) - value(before, name, labels)
+}
+
 /// The value of `name` with `labels` that `/metrics` shows now (0 if none).
 pub async fn counter(app: &TestApp, name: &str, labels: &[(&str, &str)]) -> f64 {
     value(&scrape(app).await, name, labels)
