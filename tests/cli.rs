@@ -453,6 +453,29 @@ async fn settings_come_from_flags_over_environment() {
     .expect("the test finished in time");
 }
 
+/// The allocator's memory is kept in ordinary 4 KiB pages: with transparent huge pages,
+/// each instance held about 10 MiB more and its RSS rose in steps of 2 MiB pages through
+/// a long run (BENCHMARKS.md), whatever the host's THP setting is.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_keeps_its_memory_out_of_transparent_huge_pages() {
+    timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let server = Server::start(dir.path(), &database_url(dir.path()), &[], &[]).await;
+        let pid = server.child.0.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its /proc status");
+        // `THP_enabled` is in /proc/PID/status since Linux 5.0: 0 when the process has
+        // turned transparent huge pages off for itself (prctl PR_SET_THP_DISABLE).
+        let enabled = status
+            .lines()
+            .find_map(|line| line.strip_prefix("THP_enabled:"))
+            .map(str::trim);
+        assert_eq!(enabled, Some("0"), "spray serve's /proc status:\n{status}");
+    })
+    .await
+    .expect("the test finished in time");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_server_gracefully() {
     timeout(TEST_LIMIT, async {
