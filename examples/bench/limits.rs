@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::MYSQL_ADMIN;
-use crate::load::{count_f64, rate};
+use crate::load::{CpuSpent, count_f64, rate, ticks_to_micros};
 
 /// Rows of the MariaDB table: large enough that 64 clients rarely hit the same row.
 const MARIADB_ROWS: u64 = 100_000;
@@ -98,6 +98,7 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<MariadbLimit, String>
         "--query=CALL bump()".to_owned(),
     ];
     let cpu_before = crate::load::cpu_times();
+    let spent_before = CpuSpent::so_far();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("mariadb-slap")
             .args(args)
@@ -111,6 +112,9 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<MariadbLimit, String>
         (Some(before), Some(after)) => before.busy_micros_until(&after),
         _ => None,
     };
+    let server_micros = spent_before
+        .zip(CpuSpent::so_far())
+        .map(|(before, after)| ticks_to_micros(before.until(&after).mariadb));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let seconds = text
         .lines()
@@ -142,6 +146,7 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<MariadbLimit, String>
     Ok(MariadbLimit {
         per_second: updates / seconds,
         cpu_micros: busy_micros.filter(|_| updates > 0.0).map(|busy| busy / updates),
+        server_cpu_micros: server_micros.filter(|_| updates > 0.0).map(|busy| busy / updates),
     })
 }
 
@@ -150,6 +155,9 @@ pub struct MariadbLimit {
     pub per_second: f64,
     /// The machine's CPU time per update, in microseconds over all cores.
     pub cpu_micros: Option<f64>,
+    /// The part of it MariaDB's own process was charged with (the rest is `mariadb-slap`'s,
+    /// the kernel's and whatever else ran).
+    pub server_cpu_micros: Option<f64>,
 }
 
 /// Redis script calls per second: `EVALSHA` of a small script (one `HINCRBY`) on keys of

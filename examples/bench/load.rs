@@ -70,6 +70,8 @@ pub struct Measured {
     /// whoever used it: the server, MariaDB, Redis and this load generator share the same
     /// cores. `None` where `/proc/stat` cannot be read.
     pub busy: Option<f64>,
+    /// The CPU time the machine and each process spent during the run.
+    pub cpu: Option<CpuSpent>,
 }
 
 impl Measured {
@@ -121,6 +123,7 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
     let connections = open_connections(&workload.servers(), load.connections).await;
     let next = Arc::new(AtomicU64::new(0));
     let cpu_before = cpu_times();
+    let spent_before = CpuSpent::so_far();
     let started = Instant::now();
     let deadline = started + load.limit;
     let mut tasks = JoinSet::new();
@@ -156,6 +159,10 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
         (Some(before), Some(after)) => before.busy_until(&after),
         _ => None,
     };
+    let cpu = match (spent_before, CpuSpent::so_far()) {
+        (Some(before), Some(after)) => Some(before.until(&after)),
+        _ => None,
+    };
     Measured {
         ok: all.ok,
         expected: all.expected,
@@ -164,6 +171,7 @@ pub async fn run(workload: Arc<dyn Workload>, load: Load) -> Measured {
         elapsed: all.last.max(started) - started,
         latency: all.latency,
         busy,
+        cpu,
     }
 }
 
@@ -193,6 +201,88 @@ pub fn thread_cpu_ticks(pid: u32) -> BTreeMap<String, u64> {
         *by_name.entry(name.to_owned()).or_insert(0) += ticks;
     }
     by_name
+}
+
+/// The CPU time (user and system) process `pid` has used so far, in clock ticks, from
+/// `/proc/PID/stat`; `None` where it cannot be read.
+fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // As in `thread_cpu_ticks`: utime and stime are the 12th and 13th fields after the name.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    [11, 12].iter().map(|&i| fields.get(i)?.parse::<u64>().ok()).sum()
+}
+
+/// The CPU time so far of every process whose command name is `name` (`/proc/PID/comm`).
+fn cpu_ticks_of_processes_named(name: &str) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .filter_map(process_cpu_ticks)
+        .sum()
+}
+
+/// CPU time in clock ticks: the whole machine's busy time (all cores), and the part of it
+/// each process that answers cost was charged with: every `spray` process, MariaDB, Redis
+/// and this one, the load generator. Read at two moments, then [`CpuSpent::until`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuSpent {
+    pub machine: u64,
+    pub spray: u64,
+    pub mariadb: u64,
+    pub redis: u64,
+    pub load_generator: u64,
+}
+
+impl CpuSpent {
+    /// Since boot (the machine) or each process's start; `None` where `/proc` cannot be read.
+    pub fn so_far() -> Option<CpuSpent> {
+        Some(CpuSpent {
+            machine: cpu_times()?.busy,
+            spray: cpu_ticks_of_processes_named("spray"),
+            mariadb: cpu_ticks_of_processes_named("mariadbd"),
+            redis: cpu_ticks_of_processes_named("redis-server"),
+            load_generator: process_cpu_ticks(std::process::id())?,
+        })
+    }
+
+    /// What was spent between `self` and `later`.
+    pub fn until(&self, later: &CpuSpent) -> CpuSpent {
+        CpuSpent {
+            machine: later.machine.saturating_sub(self.machine),
+            spray: later.spray.saturating_sub(self.spray),
+            mariadb: later.mariadb.saturating_sub(self.mariadb),
+            redis: later.redis.saturating_sub(self.redis),
+            load_generator: later.load_generator.saturating_sub(self.load_generator),
+        }
+    }
+
+    /// The machine's busy time none of the processes above was charged with: other work
+    /// on the shared machine, and kernel work charged to no process.
+    pub fn rest(&self) -> u64 {
+        self.machine
+            .saturating_sub(self.spray + self.mariadb + self.redis + self.load_generator)
+    }
+
+    /// Microseconds of CPU per operation, for `operations` operations: the machine, then
+    /// spray, MariaDB, Redis, the load generator and the rest.
+    pub fn micros_per(&self, operations: u64) -> [f64; 6] {
+        let each = |ticks: u64| ticks_to_micros(ticks) / count_f64(operations.max(1));
+        [
+            each(self.machine),
+            each(self.spray),
+            each(self.mariadb),
+            each(self.redis),
+            each(self.load_generator),
+            each(self.rest()),
+        ]
+    }
 }
 
 /// Clock ticks as microseconds (Linux's `USER_HZ`: 100 on x86-64 and arm64).

@@ -161,6 +161,8 @@ pub struct Row {
     pub exact: bool,
     /// The machine's CPU busy during the run (see `load::Measured::busy`).
     pub busy: Option<f64>,
+    /// The CPU the machine and each process spent during the run.
+    pub cpu: Option<load::CpuSpent>,
 }
 
 impl Row {
@@ -182,6 +184,7 @@ impl Row {
             check: check.to_owned(),
             exact: false,
             busy: None,
+            cpu: None,
         }
     }
 
@@ -201,6 +204,7 @@ impl Row {
             first_window: None,
             last_window: None,
             busy: measured.busy,
+            cpu: measured.cpu,
             check: String::new(),
             exact: true,
         }
@@ -258,6 +262,8 @@ pub struct LimitRound {
     pub mariadb: Option<f64>,
     /// The machine's CPU time per raw MariaDB update, µs over all cores.
     pub mariadb_cpu_micros: Option<f64>,
+    /// The part of it MariaDB's own process was charged with.
+    pub mariadb_server_cpu_micros: Option<f64>,
     pub redis: Option<f64>,
     pub notes: Vec<String>,
 }
@@ -646,6 +652,7 @@ async fn bench_limits(mode: &Mode, dir: &Path) -> LimitRound {
         Ok(limit) => {
             round.mariadb = Some(limit.per_second);
             round.mariadb_cpu_micros = limit.cpu_micros;
+            round.mariadb_server_cpu_micros = limit.server_cpu_micros;
         }
         Err(e) => round.notes.push(format!("MariaDB limit failed: {e}")),
     }
@@ -794,10 +801,11 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
         let round = bench_limits(mode, dir.path()).await;
         println!(
-            "limits: SQLite commits {:.0}/s, MariaDB point updates {:?}/s ({:?} µs of machine CPU each), Redis script calls {:?}/s {:?}",
+            "limits: SQLite commits {:.0}/s, MariaDB point updates {:?}/s ({:?} µs of machine CPU each, {:?} of it MariaDB's), Redis script calls {:?}/s {:?}",
             round.sqlite,
             round.mariadb.map(f64::round),
             round.mariadb_cpu_micros.map(|m| m.round()),
+            round.mariadb_server_cpu_micros.map(|m| m.round()),
             round.redis.map(f64::round),
             round.notes
         );
@@ -905,6 +913,13 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         threads.join(", "),
         row.answers
     );
+    if let Some(spent) = row.cpu {
+        let [machine, spray, mariadb, redis, load_generator, rest] = spent.micros_per(row.answers);
+        println!(
+            "machine CPU at the peak: {machine:.1} µs per answer: spray {spray:.1}, MariaDB {mariadb:.1}, \
+             Redis {redis:.1}, load generator {load_generator:.1}, rest {rest:.1}"
+        );
+    }
     print_server_figures(&base, &ServerFigures::new()).await;
     // Then paced at half of that peak, as the full run does (or at `SPRAY_PROBE_RATE`).
     let peak = probe_rate().map_or(row.rate, |rate| rate * 2.0);

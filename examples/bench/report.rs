@@ -43,12 +43,16 @@ fn last_over_first(row: &Row) -> Option<f64> {
 /// windows taken separately would mix rounds, and a machine that slows between rounds
 /// would look like a spray that slows as its shares are taken.
 fn median_flatness_round<'a>(results: &'a Results, store: &'a str) -> Option<&'a Row> {
-    let mut judged: Vec<(f64, &Row)> = rows(results, store, Kind::Winners)
-        .filter_map(|r| Some((last_over_first(r)?, r)))
-        .collect();
-    judged.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let middle = judged.len().checked_sub(1)? / 2;
-    judged.get(middle).map(|(_, r)| *r)
+    median_item(rows(results, store, Kind::Winners).filter_map(|r| Some((last_over_first(r)?, r))))
+}
+
+/// The item whose key is the median of the keys (as [`median`] picks it): a whole round,
+/// so that figures read from it belong together.
+fn median_item<T>(keyed: impl Iterator<Item = (f64, T)>) -> Option<T> {
+    let mut keyed: Vec<(f64, T)> = keyed.collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let middle = keyed.len().checked_sub(1)? / 2;
+    keyed.into_iter().nth(middle).map(|(_, item)| item)
 }
 
 /// The median of one field over the rounds of a workload on a store.
@@ -270,39 +274,53 @@ pub fn cpu_micros(busy: f64, cores: usize, per_second: f64) -> Option<f64> {
 /// The MySQL ratio targets again, in the machine's CPU per operation: when the raw update
 /// and the winner are both bounded by the same cores, their rates are in the inverse ratio
 /// of what each costs the machine, so this says how far a winner's cost is from the raw
-/// update's, whatever the cores' speed.
+/// update's, whatever the cores' speed. Beside it, who spent that CPU, from the round whose
+/// machine figure is the median.
 fn cpu_per_operation(w: &mut String, results: &Results) {
     let cores = cores();
-    let raw: Vec<f64> = results
-        .limits
-        .iter()
-        .filter_map(|l| l.mariadb_cpu_micros)
-        .collect();
-    if raw.is_empty() {
+    let raw = median_item(results.limits.iter().filter_map(|l| {
+        Some((
+            l.mariadb_cpu_micros?,
+            (l.mariadb_cpu_micros?, l.mariadb_server_cpu_micros),
+        ))
+    }));
+    let Some((raw, raw_mariadb)) = raw else {
         return;
-    }
-    let raw = median(&raw);
+    };
     let _ = writeln!(
         w,
         "\nThe MySQL targets in the machine's CPU: what one operation costs all {cores} cores \
-         together (the busy share of the machine during the run, times its cores, over the \
-         rate), medians. A raw update pays MariaDB and `mariadb-slap`; a winner pays MariaDB, \
-         `spray serve`, Redis and the load generator. Both are bounded by the same cores, so \
-         a winners/s ratio of 1× needs a winner to cost the machine no more than a raw update.\n"
+         together (the machine's busy time during the run over the operations), and who was \
+         charged with it (`/proc/PID/stat`), from the round whose machine figure is the median. \
+         A raw update pays MariaDB and `mariadb-slap` (in *the rest*: it has exited when its \
+         time would be read); a winner pays MariaDB, `spray serve`, Redis and the load \
+         generator. *The rest* is kernel work charged to no process and whatever else ran. \
+         Both are bounded by the same cores, so a winners/s ratio of 1× needs a winner to cost \
+         the machine no more than a raw update.\n"
     );
+    let cell = |micros: Option<f64>| micros.map_or_else(|| "-".to_owned(), |m| format!("{m:.1}"));
     let _ = writeln!(
         w,
-        "| operation | machine CPU µs per operation | raw update's ÷ this |\n|---|---|---|\n| raw MariaDB point update | {raw:.1} | 1.00 |"
+        "| operation | machine CPU µs per operation | raw update's ÷ this | spray serve | MariaDB | Redis | load generator | the rest |\n\
+         |---|---|---|---|---|---|---|---|\n\
+         | raw MariaDB point update | {raw:.1} | 1.00 | - | {} | - | - | {} |",
+        cell(raw_mariadb),
+        cell(raw_mariadb.map(|m| (raw - m).max(0.0)))
     );
     for store in ["MySQL + Redis", "MySQL"] {
-        let each: Vec<f64> = rows(results, store, Kind::Winners)
-            .filter_map(|r| cpu_micros(r.busy?, cores, r.rate))
-            .collect();
-        if each.is_empty() {
+        let round = median_item(
+            rows(results, store, Kind::Winners)
+                .filter_map(|r| r.cpu.map(|cpu| cpu.micros_per(r.answers)))
+                .map(|each| (each[0], each)),
+        );
+        let Some([machine, spray, mariadb, redis, load_generator, rest]) = round else {
             continue;
-        }
-        let cost = median(&each);
-        let _ = writeln!(w, "| winner on {store} | {cost:.1} | {:.2} |", raw / cost);
+        };
+        let _ = writeln!(
+            w,
+            "| winner on {store} | {machine:.1} | {:.2} | {spray:.1} | {mariadb:.1} | {redis:.1} | {load_generator:.1} | {rest:.1} |",
+            raw / machine
+        );
     }
 }
 
@@ -880,6 +898,52 @@ mod tests {
         let results = winners_rounds(&[(12_000.0, 10_000.0), (13_000.0, 10_400.0), (11_000.0, 9_500.0)]);
         assert!(flatness(&results).unwrap() < FLAT);
         assert_eq!(flatness(&winners_rounds(&[])), None);
+    }
+
+    #[test]
+    fn who_spent_the_cpu_is_read_from_the_median_round_whole() {
+        // Each column's own median would mix rounds (spray 40, MariaDB 40 for the winner;
+        // MariaDB 60 for the raw update): the table shows the median round's figures, which
+        // add up to its machine figure.
+        let mut results = winners_rounds(&[]);
+        for (machine, spray, mariadb, redis, load_generator) in [
+            (100, 50, 20, 10, 15),
+            (120, 30, 60, 10, 15),
+            (140, 40, 40, 30, 25),
+        ] {
+            let mut row = Row::failed("MySQL + Redis", Kind::Winners, "");
+            row.answers = 10_000;
+            row.cpu = Some(crate::load::CpuSpent {
+                machine,
+                spray,
+                mariadb,
+                redis,
+                load_generator,
+            });
+            results.rows.push(row);
+        }
+        for (machine, server) in [(90.0, 60.0), (100.0, 40.0), (110.0, 80.0)] {
+            results.limits.push(crate::LimitRound {
+                mariadb_cpu_micros: Some(machine),
+                mariadb_server_cpu_micros: Some(server),
+                ..crate::LimitRound::default()
+            });
+        }
+        let mut table = String::new();
+        cpu_per_operation(&mut table, &results);
+        // 1 tick is 10,000 µs; over 10,000 winners, 1 µs each.
+        assert!(
+            table.contains("| raw MariaDB point update | 100.0 | 1.00 | - | 40.0 | - | - | 60.0 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| winner on MySQL + Redis | 120.0 | 0.83 | 30.0 | 60.0 | 10.0 | 15.0 | 5.0 |"),
+            "{table}"
+        );
+        assert!(
+            !table.contains("winner on MySQL |"),
+            "no MySQL rounds, no row: {table}"
+        );
     }
 
     #[test]
