@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-/// mimalloc rather than glibc's malloc: 10-16% less of the server's CPU per answer, for
-/// about 10 MiB more RSS per instance that it keeps for reuse (measured side by side in
-/// BENCHMARKS.md), the same as glibc's once huge pages are off (below).
+/// mimalloc rather than glibc's malloc: 10-16% less of the server's CPU per answer
+/// (measured side by side in BENCHMARKS.md). With transparent huge pages off (below), its
+/// RSS stays flat through a long run, a few MiB above glibc's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
