@@ -187,30 +187,33 @@ pub fn thread_cpu_ticks(pid: u32) -> BTreeMap<String, u64> {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
-        // `TID (name) state ...`: the name, in brackets, may hold spaces; utime and stime
-        // are fields 14 and 15 of the line, so the 12th and 13th after the name.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
+        let Some((name, ticks)) = name_and_cpu_ticks(&stat) else {
             continue;
         };
-        let name = head.split_once('(').map_or("?", |(_, name)| name);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-            .sum::<u64>();
         *by_name.entry(name.to_owned()).or_insert(0) += ticks;
     }
     by_name
+}
+
+/// A process's or thread's name and CPU time (user and system, in clock ticks) from its
+/// `stat` line, `ID (name) state ...`: the name, in brackets, may hold spaces; utime and
+/// stime are fields 14 and 15 of the line, so the 12th and 13th after the name.
+fn name_and_cpu_ticks(stat: &str) -> Option<(&str, u64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(').map_or("?", |(_, name)| name);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = [11, 12]
+        .iter()
+        .map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some((name, ticks))
 }
 
 /// The CPU time (user and system) process `pid` has used so far, in clock ticks, from
 /// `/proc/PID/stat`; `None` where it cannot be read.
 fn process_cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // As in `thread_cpu_ticks`: utime and stime are the 12th and 13th fields after the name.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    [11, 12].iter().map(|&i| fields.get(i)?.parse::<u64>().ok()).sum()
+    name_and_cpu_ticks(&stat).map(|(_, ticks)| ticks)
 }
 
 /// The CPU time so far of every process whose command name is `name` (`/proc/PID/comm`).
@@ -390,5 +393,19 @@ impl Tally {
             .add(&other.latency)
             .expect("histograms of the same bounds");
         self.last = self.last.max(other.last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_its_name_and_user_plus_system_ticks() {
+        // A name may hold spaces and brackets: the last `)` ends it. utime 700, stime 42.
+        let stat = "4242 (spray (x) y) S 1 4242 4242 0 -1 4194560 2837 0 0 0 700 42 0 0 20 0 3 0";
+        assert_eq!(name_and_cpu_ticks(stat), Some(("spray (x) y", 742)));
+        assert_eq!(name_and_cpu_ticks("4242 (short) S 1 2"), None);
+        assert_eq!(name_and_cpu_ticks("no brackets"), None);
     }
 }
