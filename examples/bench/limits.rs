@@ -97,7 +97,6 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<MariadbLimit, String>
         format!("--number-of-queries={queries}"),
         "--query=CALL bump()".to_owned(),
     ];
-    let cpu_before = crate::load::cpu_times();
     let spent_before = CpuSpent::so_far();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("mariadb-slap")
@@ -108,13 +107,9 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<MariadbLimit, String>
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("mariadb-slap: {e}"))?;
-    let busy_micros = match (cpu_before, crate::load::cpu_times()) {
-        (Some(before), Some(after)) => before.busy_micros_until(&after),
-        _ => None,
-    };
-    let server_micros = spent_before
+    let spent = spent_before
         .zip(CpuSpent::so_far())
-        .map(|(before, after)| ticks_to_micros(before.until(&after).mariadb));
+        .map(|(before, after)| before.until(&after));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let seconds = text
         .lines()
@@ -145,8 +140,12 @@ pub async fn mariadb_point_updates(queries: u64) -> Result<MariadbLimit, String>
     let updates = count_f64(u64::try_from(sum).unwrap_or(0));
     Ok(MariadbLimit {
         per_second: updates / seconds,
-        cpu_micros: busy_micros.filter(|_| updates > 0.0).map(|busy| busy / updates),
-        server_cpu_micros: server_micros.filter(|_| updates > 0.0).map(|busy| busy / updates),
+        cpu_micros: spent
+            .filter(|_| updates > 0.0)
+            .map(|spent| ticks_to_micros(spent.machine) / updates),
+        server_cpu_micros: spent
+            .filter(|_| updates > 0.0)
+            .map(|spent| ticks_to_micros(spent.mariadb) / updates),
     })
 }
 

@@ -306,12 +306,6 @@ impl CpuTimes {
         let busy = later.busy.checked_sub(self.busy)?;
         (total > 0).then(|| count_f64(busy) / count_f64(total))
     }
-
-    /// The CPU time, in microseconds over all cores, the machine was busy between `self`
-    /// and `later`.
-    pub fn busy_micros_until(&self, later: &CpuTimes) -> Option<f64> {
-        later.busy.checked_sub(self.busy).map(ticks_to_micros)
-    }
 }
 
 /// `cpu  user nice system idle iowait irq softirq steal ...`: idle and iowait are the
@@ -407,5 +401,26 @@ mod tests {
         assert_eq!(name_and_cpu_ticks(stat), Some(("spray (x) y", 742)));
         assert_eq!(name_and_cpu_ticks("4242 (short) S 1 2"), None);
         assert_eq!(name_and_cpu_ticks("no brackets"), None);
+    }
+
+    #[test]
+    fn an_operations_cpu_is_the_busy_ticks_over_the_operations() {
+        // Half of 2 cores busy for a second (100 ticks) over 10,000 operations: 100 µs
+        // each; a whole 4 cores over 20,000 a second: 200 µs.
+        let half_of_two = CpuSpent {
+            machine: 100,
+            spray: 60,
+            load_generator: 30,
+            ..CpuSpent::default()
+        };
+        assert_eq!(
+            half_of_two.micros_per(10_000),
+            [100.0, 60.0, 0.0, 0.0, 30.0, 10.0]
+        );
+        let all_of_four = CpuSpent {
+            machine: 400,
+            ..CpuSpent::default()
+        };
+        assert_eq!(all_of_four.micros_per(20_000)[0], 200.0);
     }
 }

@@ -950,9 +950,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
         row.p99,
         row.errors,
         report::percent(row.busy),
-        row.busy
-            .and_then(|busy| report::cpu_micros(busy, report::cores(), row.rate))
-            .map(f64::round),
+        row.cpu.map(|cpu| cpu.micros_per(row.answers)[0].round()),
         row.winners_per_second.map(|r| r.round()),
         row.losers_per_second.map(|r| r.round()),
         row.first_window.map(|r| r.round()),

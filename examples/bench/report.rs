@@ -263,14 +263,6 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
 }
 
-/// What one operation cost the whole machine, in microseconds of CPU over all its cores:
-/// `busy` (the share of the machine's CPU time busy during the run) of `cores` cores,
-/// spread over `per_second` operations.
-pub fn cpu_micros(busy: f64, cores: usize, per_second: f64) -> Option<f64> {
-    let cores = f64::from(u32::try_from(cores).ok()?);
-    (per_second > 0.0).then(|| busy * cores * 1e6 / per_second)
-}
-
 /// The MySQL ratio targets again, in the machine's CPU per operation: when the raw update
 /// and the winner are both bounded by the same cores, their rates are in the inverse ratio
 /// of what each costs the machine, so this says how far a winner's cost is from the raw
@@ -944,14 +936,6 @@ mod tests {
             !table.contains("winner on MySQL |"),
             "no MySQL rounds, no row: {table}"
         );
-    }
-
-    #[test]
-    fn an_operations_cpu_is_the_busy_cores_over_the_rate() {
-        // Half of 2 cores busy for 10,000 operations a second: 100 µs each.
-        assert_eq!(cpu_micros(0.5, 2, 10_000.0), Some(100.0));
-        assert_eq!(cpu_micros(1.0, 4, 20_000.0), Some(200.0));
-        assert_eq!(cpu_micros(0.5, 2, 0.0), None);
     }
 
     /// A soak of `rss` samples 10 s apart, and the gauges of memory beside them.
