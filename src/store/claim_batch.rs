@@ -42,7 +42,7 @@ use super::convert::{amount_from, time_from, user_from};
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, hex, write_and_answer};
 use super::mysql::{OneByOne, committed_free_shares_in, free_shares_in, landed_on};
-use super::queue::{KeyedBatchQueue, Reply};
+use super::queue::{KeyedBatchQueue, Linger, Reply};
 use super::slot_batch::{SlotRequest, give_and_commit};
 use super::{Claim, ClaimOutcome, Effect, PendingKey, StoreError};
 use crate::domain::{Amount, ReceiveFacts, ReceiveRefusal, rules};
@@ -68,10 +68,15 @@ impl ClaimBatches {
     /// `ClaimBatches` is dropped.
     pub(super) fn start(writer: OneByOne) -> ClaimBatches {
         let writer = Arc::new(writer);
-        ClaimBatches(KeyedBatchQueue::start(WRITERS, MAX_BATCH, move |batch| {
-            let writer = writer.clone();
-            async move { write_batch(writer.as_ref(), batch).await }
-        }))
+        ClaimBatches(KeyedBatchQueue::start(
+            WRITERS,
+            MAX_BATCH,
+            Linger::WhileBusy,
+            move |batch| {
+                let writer = writer.clone();
+                async move { write_batch(writer.as_ref(), batch).await }
+            },
+        ))
     }
 
     /// Queues the claim behind the other claims of its spray and waits for its answer,

@@ -20,7 +20,7 @@ use sqlx::MySqlPool;
 use super::convert::{SPRAY_COLUMNS, SprayWithReceipt, spray_with_receipts};
 use super::multi_row::{fetch_text, hex};
 use super::mysql::portable::find_in;
-use super::queue::{BatchQueue, Reply};
+use super::queue::{BatchQueue, Linger, Reply};
 use super::{SprayLookup, StoreError};
 use crate::domain::SprayRecord;
 
@@ -37,10 +37,15 @@ impl LookupBatches {
     /// Starts [`READERS`] tasks reading from `pool`. They end when the `LookupBatches` is
     /// dropped.
     pub(super) fn start(pool: MySqlPool) -> LookupBatches {
-        LookupBatches(BatchQueue::start(READERS, MAX_BATCH, move |batch| {
-            let pool = pool.clone();
-            async move { read_batch(&pool, batch).await }
-        }))
+        LookupBatches(BatchQueue::start(
+            READERS,
+            MAX_BATCH,
+            Linger::Never,
+            move |batch| {
+                let pool = pool.clone();
+                async move { read_batch(&pool, batch).await }
+            },
+        ))
     }
 
     /// Queues the lookup and waits for its answer.

@@ -48,7 +48,7 @@ use super::convert::{amount_from, millis, stored};
 use super::error::{Unique, unique_violation};
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, write_and_answer};
-use super::queue::{KeyedBatchQueue, Reply};
+use super::queue::{KeyedBatchQueue, Linger, Reply};
 use super::{Claim, Effect, PendingKey, SlotClaim, StoreError};
 use crate::domain::Amount;
 
@@ -103,10 +103,15 @@ impl SlotBatches {
     /// `SlotBatches` is dropped.
     pub(super) fn start<W: SlotWriter>(writer: W) -> SlotBatches {
         let writer = Arc::new(writer);
-        SlotBatches(KeyedBatchQueue::start(WRITERS, MAX_BATCH, move |batch| {
-            let writer = writer.clone();
-            async move { write_batch(writer.as_ref(), batch).await }
-        }))
+        SlotBatches(KeyedBatchQueue::start(
+            WRITERS,
+            MAX_BATCH,
+            Linger::WhileBusy,
+            move |batch| {
+                let writer = writer.clone();
+                async move { write_batch(writer.as_ref(), batch).await }
+            },
+        ))
     }
 
     /// Queues the claim behind the other claims of its spray and waits for its answer,

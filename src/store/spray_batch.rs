@@ -37,7 +37,7 @@ use super::convert::{millis, share_rows, stored};
 use super::error::unique_violation;
 use super::idempotency::lease_lost;
 use super::multi_row::{Fallback, hex, write_and_answer};
-use super::queue::{BatchQueue, Reply};
+use super::queue::{BatchQueue, Linger, Reply};
 use super::{Effect, NewSpray, PendingKey, StoreError};
 
 /// The most sprays one batch holds: its statements stay a few tens of kilobytes.
@@ -86,10 +86,15 @@ impl SprayBatches {
     /// `SprayBatches` is dropped.
     pub(super) fn start<W: SprayWriter>(writer: W) -> SprayBatches {
         let writer = Arc::new(writer);
-        SprayBatches(BatchQueue::start(WRITERS, MAX_BATCH, move |batch| {
-            let writer = writer.clone();
-            async move { write_batch(writer.as_ref(), batch).await }
-        }))
+        SprayBatches(BatchQueue::start(
+            WRITERS,
+            MAX_BATCH,
+            Linger::WhileBusy,
+            move |batch| {
+                let writer = writer.clone();
+                async move { write_batch(writer.as_ref(), batch).await }
+            },
+        ))
     }
 
     /// Queues the spray and waits for its id, given once the batch holding it is durable.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 use super::convert::{SprayRow, SprayWithReceipt, spray_with_receipts};
-use super::queue::BatchQueue;
+use super::queue::{BatchQueue, Linger};
 use super::{SprayLookup, StoreError};
 use crate::domain::SprayRecord;
 
@@ -47,25 +47,30 @@ impl SqliteLookups {
             busy_timeout,
             idle: Mutex::new(Vec::new()),
         });
-        SqliteLookups(BatchQueue::start(READERS, MAX_BATCH, move |batch| {
-            let readers = readers.clone();
-            async move {
-                let (keys, replies): (Vec<SprayLookup>, Vec<_>) = batch.into_iter().unzip();
-                let answers = match tokio::task::spawn_blocking(move || readers.find_all(&keys)).await {
-                    Ok(answers) => answers,
-                    Err(e) => {
-                        let message = format!("a batch of lookups failed: {e}");
-                        replies
-                            .iter()
-                            .map(|_| Err(StoreError::Other(message.clone())))
-                            .collect()
+        SqliteLookups(BatchQueue::start(
+            READERS,
+            MAX_BATCH,
+            Linger::Never,
+            move |batch| {
+                let readers = readers.clone();
+                async move {
+                    let (keys, replies): (Vec<SprayLookup>, Vec<_>) = batch.into_iter().unzip();
+                    let answers = match tokio::task::spawn_blocking(move || readers.find_all(&keys)).await {
+                        Ok(answers) => answers,
+                        Err(e) => {
+                            let message = format!("a batch of lookups failed: {e}");
+                            replies
+                                .iter()
+                                .map(|_| Err(StoreError::Other(message.clone())))
+                                .collect()
+                        }
+                    };
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
                     }
-                };
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
                 }
-            }
-        }))
+            },
+        ))
     }
 
     /// The newest spray under `key` with its receipts, or `None`.
