@@ -39,8 +39,8 @@ pub(super) const QUEUE: usize = 4096;
 /// How long a writer of a lingering queue waits for more, and the longest it may have
 /// waited for work for that to be worth it. Tokio's timer fires on whole milliseconds, so
 /// the wait is half a millisecond to one and a half. Measured against no wait (2026-12-06,
-/// BENCHMARKS.md): the mixed workload's peak a quarter higher, and a third less of the
-/// machine's CPU for MySQL creates at half their peak, for about 0.5 ms more at the median
+/// BENCHMARKS.md): the mixed workload's peak a fifth higher, and a quarter less of the
+/// machine's CPU for MySQL creates at half their peak, for about 1 ms more at the median
 /// there.
 pub(super) const LINGER: Duration = Duration::from_micros(500);
 
