@@ -12,7 +12,7 @@
 //! linger: a batch of reads costs one round trip and no commit.
 //!
 //! Whichever writer is free takes what waits, so a request waits for a batch ahead of it
-//! only when every writer is busy. (With a queue per writer, taken in turn, a request
+//! only when every writer is busy (besides a lingering writer's moment). (With a queue per writer, taken in turn, a request
 //! waited behind its own writer's batch while the others were idle: at half of the peak
 //! load, two commits instead of one for a good share of the requests.) Two shapes:
 //!
@@ -39,9 +39,11 @@ pub(super) const QUEUE: usize = 4096;
 /// How long a writer of a lingering queue waits for more, and the longest it may have
 /// waited for work for that to be worth it. Tokio's timer fires on whole milliseconds, so
 /// the wait is half a millisecond to one and a half. Measured against no wait (2026-12-06,
-/// BENCHMARKS.md): the mixed workload's peak a fifth higher, and a quarter less of the
-/// machine's CPU for MySQL creates at half their peak, for about 1 ms more at the median
-/// there.
+/// BENCHMARKS.md): a quarter less of the machine's CPU for MySQL creates at half their
+/// peak, for about 1 ms more at the median there; the mixed workload's peak a fifth higher
+/// in one sitting, even in two later ones. A writer that finds work already waiting (a hot
+/// spray's claims, gathered while the batch before was written) lingers too: lingering
+/// only when the queue was empty saved half as much CPU and nothing measurable besides.
 pub(super) const LINGER: Duration = Duration::from_micros(500);
 
 /// Whether a queue's writers wait a moment for a fuller batch (see the module doc).
