@@ -5,6 +5,8 @@
 //!   answer reaches the service ("acknowledgement lost");
 //! - [`Fault::DropCommit`]: the next `COMMIT` never reaches the server (nor the statements
 //!   sent with it); both sides are cut;
+//! - [`Fault::DropCommitAfter`]: as [`Fault::DropCommit`], after letting that many `COMMIT`s
+//!   through;
 //! - [`Fault::DownAtBegin`]: at the next `BEGIN` every connection is cut and new ones are
 //!   refused (accepted and closed at once, as a restarting server's port does) until
 //!   [`DbProxy::up`].
@@ -39,6 +41,7 @@ const COMMIT_GRACE: Duration = Duration::from_millis(500);
 pub enum Fault {
     LoseCommitAck,
     DropCommit,
+    DropCommitAfter(u32),
     DownAtBegin,
 }
 
@@ -77,7 +80,11 @@ impl Shared {
             .is_some_and(|s| s.eq_ignore_ascii_case(b"BEGIN"));
         let action = match *armed {
             Some(Fault::LoseCommitAck) if commits => Action::ForwardThenCut,
-            Some(Fault::DropCommit) if commits => Action::Cut,
+            Some(Fault::DropCommit | Fault::DropCommitAfter(0)) if commits => Action::Cut,
+            Some(Fault::DropCommitAfter(pass)) if commits => {
+                *armed = Some(Fault::DropCommitAfter(pass - 1));
+                return Action::Forward;
+            }
             Some(Fault::DownAtBegin) if begins => Action::GoDown,
             _ => return Action::Forward,
         };

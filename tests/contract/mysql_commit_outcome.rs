@@ -13,6 +13,7 @@ use serde_json::json;
 use spray::config::Settings;
 use spray::domain::{Endpoint, Fingerprint, IdempotencyKey, UserId};
 use spray::store::{Begin, IdempotentRequest};
+use sqlx::Connection;
 
 use crate::common::proxy::Fault;
 use crate::common::{Answer, OWNER, ROOM, TestApp};
@@ -127,6 +128,110 @@ async fn a_commit_that_never_reached_the_database_answers_503_and_the_retry_rece
     assert!(retried.headers.get("idempotent-replayed").is_none());
     assert_eq!(receipts_of(&app, RECEIVER).await, 1);
     assert_eq!(credits(&app).await, 1);
+    app.assert_audit_clean().await;
+}
+
+/// The claims of one spray that wait behind its batch being written are written as the
+/// next batch, together: when that batch's `COMMIT` never reaches the database, every claim
+/// in it is answered 503, none of them is written, and each keyed retry then receives
+/// exactly once (issue 10: "a batch whose commit fails answers 503 to all").
+///
+/// To gather the claims deterministically, the test holds the spray's row with a lock of
+/// its own: a first claim's batch waits on it (every claim takes the spray's shared lock),
+/// and the claims sent meanwhile queue behind that batch. Once they have all passed the
+/// idempotency layer (their keys' rows are written), the lock is let go: the first batch
+/// commits, and the `COMMIT` of the next one, holding the waiting claims, is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_claims_whose_commit_never_reached_the_database_answers_503_to_each_and_each_retry_receives_once()
+ {
+    const WAITING: std::ops::RangeInclusive<i64> = 3..=8;
+    let (app, proxy) = TestApp::behind_proxy(Settings::default()).await;
+    let token = spray_of_ten(&app).await;
+    // A first claim loads the spray into the gate (on MySQL + Redis), so that the claims
+    // below go straight to the store's batches.
+    app.receive(9, &token).await.assert_status(200);
+
+    let mut lock = sqlx::MySqlConnection::connect(app.direct_database_url())
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM sprays WHERE token = '{token}' FOR UPDATE"
+    )))
+    .fetch_all(&mut lock)
+    .await
+    .unwrap();
+
+    let keyed = |user: i64| {
+        let body = json!({ "token": token }).to_string();
+        let app = &app;
+        async move {
+            app.post_keyed(RECEIVE, user, Some(ROOM), Some(&format!("batch-{user}")), &body)
+                .await
+        }
+    };
+    // A batch's statement taking the spray's shared lock, still running (waiting for it).
+    let blocked_batches = "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+         WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND COMMAND = 'Query'
+           AND INFO LIKE '%FROM sprays%LOCK IN SHARE MODE%'";
+    let (first, waiting) = tokio::join!(keyed(RECEIVER), async {
+        assert!(
+            eventually(&app, blocked_batches, 1, Duration::from_secs(10)).await,
+            "the first claim's batch never waited on the test's lock"
+        );
+        let control = async {
+            let keys = "SELECT COUNT(*) FROM idempotency";
+            let all = 1 + i64::try_from(WAITING.count()).unwrap();
+            assert!(
+                eventually(&app, keys, all, Duration::from_secs(10)).await,
+                "the claims never reached the store"
+            );
+            proxy.arm(Fault::DropCommitAfter(1));
+            sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+        };
+        let (waiting, ()) = tokio::join!(futures_util::future::join_all(WAITING.map(&keyed)), control);
+        waiting
+    });
+
+    first.assert_status(200);
+    assert_eq!(proxy.fired(), 1, "the second batch's COMMIT was dropped");
+    // Every 503 comes from the one batch whose COMMIT was dropped. All the claims waiting
+    // are in it unless one reached the queue after the lock was let go (a very slow
+    // machine); at least two are, or the test would not show a batch failing whole.
+    let failed: Vec<i64> = WAITING
+        .zip(&waiting)
+        .filter(|(_, answer)| answer.status == 503)
+        .map(|(user, _)| user)
+        .collect();
+    assert!(
+        failed.len() >= 2,
+        "the dropped batch held {} claims",
+        failed.len()
+    );
+    for (user, answer) in WAITING.zip(&waiting) {
+        if failed.contains(&user) {
+            answer.assert_problem(503, "UNAVAILABLE");
+            assert_eq!(receipts_of(&app, user).await, 0, "user {user} was answered 503");
+        } else {
+            answer.assert_status(200);
+            assert_eq!(receipts_of(&app, user).await, 1);
+        }
+    }
+    let received = 2 + i64::try_from(WAITING.count() - failed.len()).unwrap();
+    assert_eq!(credits(&app).await, received);
+
+    // Each retry runs afresh and receives once; a second retry replays its answer.
+    for &user in &failed {
+        let retried = keyed(user).await;
+        retried.assert_status(200);
+        assert!(retried.headers.get("idempotent-replayed").is_none());
+        let again = keyed(user).await;
+        again.assert_status(200);
+        assert_eq!(again.headers["idempotent-replayed"], "true");
+        assert_eq!(again.raw, retried.raw);
+        assert_eq!(receipts_of(&app, user).await, 1);
+    }
+    assert_eq!(credits(&app).await, 2 + i64::try_from(WAITING.count()).unwrap());
     app.assert_audit_clean().await;
 }
 
