@@ -142,8 +142,7 @@ async fn a_commit_that_never_reached_the_database_answers_503_and_the_retry_rece
 /// idempotency layer (their keys' rows are written), the lock is let go: the first batch
 /// commits, and the `COMMIT` of the next one, holding the waiting claims, is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_claims_whose_commit_never_reached_the_database_answers_503_to_each_and_each_retry_receives_once()
- {
+async fn a_batch_of_claims_whose_commit_is_dropped_answers_503_to_each_and_each_retry_receives_once() {
     const WAITING: std::ops::RangeInclusive<i64> = 3..=8;
     let (app, proxy) = TestApp::behind_proxy(Settings::default()).await;
     let token = spray_of_ten(&app).await;
