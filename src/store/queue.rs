@@ -12,9 +12,10 @@
 //! linger: a batch of reads costs one round trip and no commit.
 //!
 //! Whichever writer is free takes what waits, so a request waits for a batch ahead of it
-//! only when every writer is busy (besides a lingering writer's moment). (With a queue per writer, taken in turn, a request
-//! waited behind its own writer's batch while the others were idle: at half of the peak
-//! load, two commits instead of one for a good share of the requests.) Two shapes:
+//! only when every writer is busy (besides a lingering writer's moment). (With a queue
+//! per writer, taken in turn, a request waited behind its own writer's batch while the
+//! others were idle: at half of the peak load, two commits instead of one for a good share
+//! of the requests.) Two shapes:
 //!
 //! - [`BatchQueue`]: requests with no order among them (new sprays, lookups), one queue.
 //! - [`KeyedBatchQueue`]: requests with a key (a claim's spray), never in two batches
@@ -41,9 +42,11 @@ pub(super) const QUEUE: usize = 4096;
 /// the wait is half a millisecond to one and a half. Measured against no wait (2026-12-06,
 /// BENCHMARKS.md): a quarter less of the machine's CPU for MySQL creates at half their
 /// peak, for about 1 ms more at the median there; the mixed workload's p99 at half its
-/// peak 24 ms instead of 39 (lower in each of five pairs), its peak 6% higher. A writer that finds work already waiting (a hot
-/// spray's claims, gathered while the batch before was written) lingers too: lingering
-/// only when the queue was empty saved half as much CPU and nothing measurable besides.
+/// peak 24 ms instead of 39 (lower in each of five pairs), its peak 6% higher. A writer
+/// that finds work already waiting (a hot spray's claims, gathered while the batch before
+/// was written) lingers too: lingering only when the queue was empty saved half as much
+/// CPU and nothing measurable besides, the hot spray's p99 included (measured again on
+/// 2026-12-07 at one offered rate, 12 pairs: no lower median).
 pub(super) const LINGER: Duration = Duration::from_micros(500);
 
 /// Whether a queue's writers wait a moment for a fuller batch (see the module doc).
