@@ -12,6 +12,13 @@
 //! Each lookup is still one consistent read, made after it arrived: one statement reads
 //! one snapshot, so a spray and its receipts agree, and everything committed before the
 //! request came in is seen.
+//!
+//! The readers [`Linger`] as MySQL's batch writers do (`store/queue.rs`): a statement costs
+//! MariaDB and both ends of the connection about the same whether it reads one spray or
+//! many, and at half of the lookups' peak, readers taking each lookup as it came kept the
+//! machine 95-99% busy. Lingering, 66-71% at the same offered rate, and more lookups at
+//! the peak (BENCHMARKS.md, 2026-12-07). A reader idle for longer reads at once, so a lone
+//! lookup under light load is not held back.
 
 use std::collections::HashMap;
 
@@ -40,7 +47,7 @@ impl LookupBatches {
         LookupBatches(BatchQueue::start(
             READERS,
             MAX_BATCH,
-            Linger::Never,
+            Linger::WhileBusy,
             move |batch| {
                 let pool = pool.clone();
                 async move { read_batch(&pool, batch).await }

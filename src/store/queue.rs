@@ -8,8 +8,10 @@
 //! commit whatever it holds. So a queue of writes may [`Linger`]: a writer that found work
 //! within [`LINGER`] of asking for it (requests are coming close together) and less than a
 //! full batch waits [`LINGER`] for more before writing. A writer idle for longer than that
-//! (light load) writes what came at once: a lone request is never held back. Reads do not
-//! linger: a batch of reads costs one round trip and no commit.
+//! (light load) writes what came at once: a lone request is never held back. MySQL's
+//! lookups linger too: a batch of them is one statement, and MariaDB's cost is per
+//! statement more than per row (`store/lookup_batch.rs`). SQLite's lookups do not: they
+//! are read on the service's own threads, and lingering there measured no different.
 //!
 //! Whichever writer is free takes what waits, so a request waits for a batch ahead of it
 //! only when every writer is busy (besides a lingering writer's moment). (With a queue
@@ -52,9 +54,10 @@ pub(super) const LINGER: Duration = Duration::from_micros(500);
 /// Whether a queue's writers wait a moment for a fuller batch (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Linger {
-    /// Batches of writes, each a durable commit: worth a wait while requests come close.
+    /// Batches that cost a round trip and a statement (and, for writes, a durable commit)
+    /// whatever they hold: MySQL's. Worth a wait while requests come close.
     WhileBusy,
-    /// Batches of reads: cheap enough to write what waits at once.
+    /// Batches cheap enough to take what waits at once: SQLite's lookups.
     Never,
 }
 
@@ -577,7 +580,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn reads_never_linger() {
+    async fn a_queue_that_never_lingers_takes_requests_coming_close_at_once() {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let queue = Arc::new(BatchQueue::start(
             1,
