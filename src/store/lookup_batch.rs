@@ -16,9 +16,10 @@
 //! The readers [`Linger`] as MySQL's batch writers do (`store/queue.rs`): a statement costs
 //! MariaDB and both ends of the connection about the same whether it reads one spray or
 //! many, and at half of the lookups' peak, readers taking each lookup as it came kept the
-//! machine 95-99% busy. Lingering, 66-71% at the same offered rate, and more lookups at
-//! the peak (BENCHMARKS.md, 2026-12-07). A reader idle for longer reads at once, so a lone
-//! lookup under light load is not held back.
+//! machine 95-99% busy. Lingering, 51-71% at the same offered rate, and with Redis 1.2× the
+//! lookups at the peak (MySQL alone within the spread; BENCHMARKS.md, 2026-12-07). A
+//! reader idle for longer reads at once, so a lone lookup under light load is not held
+//! back.
 
 use std::collections::HashMap;
 
