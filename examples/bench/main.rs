@@ -256,8 +256,12 @@ pub struct Sweep {
     pub p99: f64,
 }
 
+/// The machine's limits, measured at the start of one round of one store's workloads: that
+/// round's figures are judged against them (see `report::targets`).
 #[derive(Default)]
 pub struct LimitRound {
+    /// The store whose round followed (empty for `--probe limits all`).
+    pub store: &'static str,
     pub sqlite: f64,
     pub mariadb: Option<f64>,
     /// The machine's CPU time per raw MariaDB update, µs over all cores.
@@ -525,7 +529,7 @@ async fn half_peak_once(
     })
 }
 
-async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
+async fn bench_store(mode: &Mode, store: &Store, dir: &Path, results: &mut Results) {
     let (server, base) = start(&store.url, &store.flags).await;
     let ids = Arc::new(Ids::new());
     // Warm up: connections, caches, the first migrations' pages.
@@ -544,6 +548,12 @@ async fn bench_store(mode: &Mode, store: &Store, results: &mut Results) {
     .await;
     let first_row = results.rows.len();
     for round in 0..mode.rounds {
+        // The limits again at the start of each round, so that each round is judged against
+        // limits measured within a minute of it: the shared machine drifts by a fifth or more
+        // over the quarter of an hour between a run's first and last rounds.
+        let mut limits = bench_limits(mode, dir).await;
+        limits.store = store.name;
+        results.limits.push(limits);
         eprintln!("  {} round {round}", store.name);
         let measured = measure(Arc::new(Healthz { base: base.clone() }), closed(mode.duration)).await;
         let mut row = Row::new(store.name, Kind::Healthz, &measured);
@@ -1193,15 +1203,9 @@ async fn main() {
             ],
         },
     ];
-    for (i, store) in stores.iter().enumerate() {
-        // The limits are measured between the stores, once per round, so that they
-        // share the run's conditions.
-        if i < mode.rounds {
-            let round = bench_limits(&mode, dir.path()).await;
-            results.limits.push(round);
-        }
+    for store in &stores {
         eprintln!("{}", store.name);
-        bench_store(&mode, store, &mut results).await;
+        bench_store(&mode, store, dir.path(), &mut results).await;
     }
     bench_mixed(&mode, &mut results).await;
     drop_database(&mysql_db).await;
