@@ -554,9 +554,7 @@ async fn bench_store(mode: &Mode, store: &Store, dir: &Path, results: &mut Resul
         // report shows each round's ratio. For the MySQL stores the raw updates run right
         // after the previous round's race, on the same MariaDB: it may still be busy with
         // that race's pages, which the raw rate then pays for.
-        let mut limits = bench_limits(mode, dir).await;
-        limits.store = store.name;
-        results.limits.push(limits);
+        results.limits.push(bench_limits(mode, dir, store.name).await);
         eprintln!("  {} round {round}", store.name);
         let measured = measure(Arc::new(Healthz { base: base.clone() }), closed(mode.duration)).await;
         let mut row = Row::new(store.name, Kind::Healthz, &measured);
@@ -655,9 +653,11 @@ async fn bench_store(mode: &Mode, store: &Store, dir: &Path, results: &mut Resul
     });
 }
 
-async fn bench_limits(mode: &Mode, dir: &Path) -> LimitRound {
+/// The machine's limits, measured once, before a round of `store` (empty for the probe).
+async fn bench_limits(mode: &Mode, dir: &Path, store: &'static str) -> LimitRound {
     eprintln!("  limits");
     let mut round = LimitRound {
+        store,
         sqlite: limits::sqlite_commits(dir, mode.sqlite_duration).await,
         ..LimitRound::default()
     };
@@ -812,7 +812,7 @@ async fn probe(mode: &Mode, store: &str, workload: &str) {
     }
     if store == "limits" {
         let dir = tempfile::tempdir_in(root().join("target")).expect("a temporary directory");
-        let round = bench_limits(mode, dir.path()).await;
+        let round = bench_limits(mode, dir.path(), "").await;
         println!(
             "limits: SQLite commits {:.0}/s, MariaDB point updates {:?}/s ({:?} µs of machine CPU each, {:?} of it MariaDB's), Redis script calls {:?}/s {:?}",
             round.sqlite,
