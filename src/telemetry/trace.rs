@@ -20,7 +20,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, Status, TraceContextExt, TraceFlags, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -32,6 +32,7 @@ use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
 use tracing_subscriber::registry::LookupSpan;
 
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The answer's header that carries the trace id alone, for people and support tickets.
 pub static X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
@@ -158,17 +159,40 @@ impl RequestTrace {
         }
     }
 
-    /// Puts `traceparent` (the server span, so that a client can name it to a collector)
-    /// and `X-Trace-Id` on the answer.
+    /// Puts `traceparent` (the server span, so that a client can name it to a collector),
+    /// `tracestate` when the caller sent one, and `X-Trace-Id` on the answer.
+    ///
+    /// The values are those `TraceContextPropagator::inject_context` writes (a unit test
+    /// below holds the two equal), made here without it: through the propagator every
+    /// answer built an OpenTelemetry `Context`, formatted the ids into three `String`s and
+    /// wrote an empty `tracestate` to remove it again, about 3% of a receive's CPU on
+    /// SQLite by `perf` (BENCHMARKS.md, 2026-12-07).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        let context = Context::new().with_remote_span_context(self.context.clone());
-        TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(headers));
-        // The propagator writes `tracestate` even when there is none to pass on.
-        if headers.get("tracestate").is_some_and(|state| state.is_empty()) {
-            headers.remove("tracestate");
+        use std::io::Write as _;
+        let context = &self.context;
+        // "00-" + 32 + "-" + 16 + "-" + 2 = 55 ASCII characters.
+        let mut traceparent = [0u8; 55];
+        let written = write!(
+            &mut traceparent[..],
+            "00-{}-{}-{:02x}",
+            context.trace_id(),
+            context.span_id(),
+            context.trace_flags() & TraceFlags::SAMPLED
+        );
+        if written.is_err() {
+            return; // cannot happen: the ids and flags always fill the 55 bytes exactly
         }
-        // 32 lowercase hex digits: always a valid header value.
-        if let Ok(id) = HeaderValue::from_str(&self.context.trace_id().to_string()) {
+        if let Ok(value) = HeaderValue::from_bytes(&traceparent) {
+            headers.insert(TRACEPARENT.clone(), value);
+        }
+        let state = context.trace_state().header();
+        if !state.is_empty()
+            && let Ok(value) = HeaderValue::from_str(&state)
+        {
+            headers.insert(TRACESTATE.clone(), value);
+        }
+        // The trace id: 32 lowercase hex digits, always a valid header value.
+        if let Ok(id) = HeaderValue::from_bytes(&traceparent[3..35]) {
             headers.insert(X_TRACE_ID.clone(), id);
         }
     }
@@ -260,6 +284,43 @@ mod tests {
         );
         assert!(echoed.ends_with("-01"), "{echoed}");
         assert_eq!(answer[&X_TRACE_ID], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    /// The headers `write_headers` writes are those the OpenTelemetry propagator would
+    /// (less its empty `tracestate`), sampled or not, with a caller's trace state or none.
+    #[test]
+    fn the_answer_carries_what_the_propagator_would_write() {
+        use opentelemetry_http::HeaderInjector;
+        for incoming in [
+            headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            {
+                let mut with_state = headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+                with_state.insert(
+                    "tracestate",
+                    HeaderValue::from_static("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+                );
+                with_state
+            },
+            HeaderMap::new(),
+        ] {
+            let trace = RequestTrace {
+                context: unexported_span(&parent(&incoming)),
+                exported: false,
+            };
+            let mut ours = HeaderMap::new();
+            trace.write_headers(&mut ours);
+            let mut theirs = HeaderMap::new();
+            let context = Context::new().with_remote_span_context(trace.context.clone());
+            TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(&mut theirs));
+            assert_eq!(ours["traceparent"], theirs["traceparent"]);
+            let state = &theirs["tracestate"];
+            assert_eq!(ours.get("tracestate"), (!state.is_empty()).then_some(state));
+            assert_eq!(
+                ours[&X_TRACE_ID].to_str().unwrap(),
+                trace.context.trace_id().to_string()
+            );
+        }
     }
 
     #[test]
