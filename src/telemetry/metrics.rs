@@ -117,7 +117,7 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// installed. Found by its labels at each call, a series costs its labels' `String`s and a
 /// lookup in the recorder's registry: with the in-flight gauge, three lookups and seven
 /// small allocations a request, about 3% of a receive's CPU on SQLite by `perf`
-/// (BENCHMARKS.md, 2026-12-07). Any other series (an operations route, a status the
+/// (BENCHMARKS.md, 2026-12-07), and a refusal's counter one lookup more. Any other series (an operations route, a status the
 /// contract does not list) is still found by its labels.
 struct Series {
     /// By [`API_ANSWERS`]' order, each route's statuses' request counter and duration.
@@ -125,6 +125,8 @@ struct Series {
     in_flight: Gauge,
     /// By [`STORE_OPERATIONS`]' order, the duration of an `ok` and of an `error` call.
     store: Vec<[Histogram; 2]>,
+    /// By [`PROBLEM_CODES`]' order: a hot spray's losers are each one `SPRAY_EXHAUSTED`.
+    rejections: Vec<Counter>,
 }
 
 static SERIES: OnceLock<Series> = OnceLock::new();
@@ -144,6 +146,11 @@ impl Series {
         self.store
             .get(at)
             .map(|[ok_calls, failed]| if ok { ok_calls } else { failed })
+    }
+
+    fn rejections(&self, code: &str) -> Option<&Counter> {
+        self.rejections
+            .get(PROBLEM_CODES.iter().position(|c| *c == code)?)
     }
 }
 
@@ -220,9 +227,14 @@ fn register_at_zero() {
         counter!("spray_sprays_created_total", "mode" => mode_label(mode)).increment(0);
     }
     counter!("spray_claims_total").increment(0);
-    for code in PROBLEM_CODES {
-        counter!("spray_rejections_total", "code" => *code).increment(0);
-    }
+    let rejections = PROBLEM_CODES
+        .iter()
+        .map(|code| {
+            let rejections = counter!("spray_rejections_total", "code" => *code);
+            rejections.increment(0);
+            rejections
+        })
+        .collect();
     counter!("spray_refunds_total").increment(0);
     counter!("spray_refunded_amount_total").increment(0);
     for event in GATE_EVENTS {
@@ -256,6 +268,7 @@ fn register_at_zero() {
         api,
         in_flight,
         store,
+        rejections,
     });
 }
 
@@ -434,7 +447,10 @@ pub fn record_claim() {
 
 /// A request was answered with the problem `code` (a stable code of the contract).
 pub fn record_rejection(code: &'static str) {
-    counter!("spray_rejections_total", "code" => code).increment(1);
+    match SERIES.get().and_then(|series| series.rejections(code)) {
+        Some(rejections) => rejections.increment(1),
+        None => counter!("spray_rejections_total", "code" => code).increment(1),
+    }
 }
 
 /// A spray's receive window closed with shares left, and `amount` went back to the
