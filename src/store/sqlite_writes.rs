@@ -282,31 +282,43 @@ fn claim_share_in(
     if settled {
         return Ok(Err(ReceiveRefusal::Expired));
     }
-    // Rule 5: the first free share, taken in one statement (the single writer means
-    // nobody else can take it meanwhile; the free shares' index holds only free shares).
+    // Rule 5: the first free share (the index `shares_one_per_receiver` lists a spray's
+    // free shares first, by slot), then taken by its key. The single writer means nobody
+    // else can take it in between. Two statements rather than one `UPDATE ... WHERE slot =
+    // (SELECT MIN(slot) ...) RETURNING`: a subquery or `RETURNING` makes SQLite keep a
+    // statement journal for the update (a copy of each page it touches), which an update
+    // of one row by its primary key does without. BENCHMARKS.md, 2026-12-07.
+    let free = db
+        .prepare_cached(
+            "SELECT slot, amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL ORDER BY slot LIMIT 1",
+        )?
+        .query_row(params![spray_id], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    let Some((slot, units)) = free else {
+        let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
+        return Ok(Err(ReceiveRefusal::Exhausted { shares }));
+    };
     let taken = db
         .prepare_cached(
             "UPDATE shares SET receiver_id = ?, received_at = ?
-             WHERE spray_id = ? AND receiver_id IS NULL
-               AND slot = (SELECT MIN(slot) FROM shares WHERE spray_id = ? AND receiver_id IS NULL)
-             RETURNING slot, amount",
+             WHERE spray_id = ? AND slot = ? AND receiver_id IS NULL",
         )?
-        .query_row(
-            params![claim.user.get(), millis(claim.now), spray_id, spray_id],
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
-        )
-        .optional();
-    let (slot, amount) = match taken {
-        Ok(Some((slot, units))) => (slot, amount_from(units)?),
-        Ok(None) => {
-            let shares = u32::try_from(recipient_count).unwrap_or(u32::MAX);
-            return Ok(Err(ReceiveRefusal::Exhausted { shares }));
+        .execute(params![claim.user.get(), millis(claim.now), spray_id, slot]);
+    match taken {
+        Ok(1) => {}
+        Ok(changed) => {
+            return Err(StoreError::Other(format!(
+                "the free share {slot} of spray {spray_id} changed {changed} rows when taken"
+            )));
         }
         Err(e) if sqlite_unique_violation(&e) == Some(Unique::SharesOnePerReceiver) => {
             return Ok(Err(ReceiveRefusal::AlreadyReceived));
         }
         Err(e) => return Err(e.into()),
-    };
+    }
+    let amount = amount_from(units)?;
     credit(db, spray_id, claim, amount)?;
     record_effect(db, idempotency, &Effect::Received(amount), claim.now)?;
     Ok(Ok(TakenShare {
