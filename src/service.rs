@@ -12,7 +12,7 @@ use crate::clock::Clock;
 use crate::domain::rules::check_lookup;
 use crate::domain::{
     Amount, LookupRefusal, LookupScope, Policy, ReceiveRefusal, RoomId, SplitMode, SplitRandomness,
-    SprayCommand, SprayRecord, SprayState, Token, TokenSource, UserId, split,
+    SprayCommand, SprayRecord, SprayState, Token, TokenSource, UserId, split, split_evenly,
 };
 use crate::store::{Claim, ClaimOutcome, NewSpray, PendingKey, SprayLookup, Store, StoreError};
 
@@ -104,11 +104,18 @@ impl SprayService {
         command: SprayCommand,
         idempotency: Option<PendingKey>,
     ) -> Result<CreatedSpray, ServiceError> {
-        let mut rng = self.randomness.generator().map_err(ServiceError::NoToken)?;
         let (amount, count) = (command.amount(), command.recipient_count());
         // Cannot fail: the command was checked against the policy when it was parsed.
-        let shares = split(command.mode(), amount, count.get(), &mut rng)
-            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+        let shares = match command.mode() {
+            // No generator for an even split, which draws nothing: its seed was a
+            // `getrandom` system call on every spray of the default mode.
+            SplitMode::Even => split_evenly(amount, count.get()),
+            SplitMode::Random => {
+                let mut rng = self.randomness.generator().map_err(ServiceError::NoToken)?;
+                split(SplitMode::Random, amount, count.get(), &mut rng)
+            }
+        }
+        .map_err(|e| ServiceError::Invalid(e.to_string()))?;
 
         let created_at = self.clock.now();
         let overflow = || ServiceError::Invalid("the clock is out of range".into());

@@ -351,12 +351,13 @@ async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
     };
     app.router = spray::startup::build_router(&app.settings, app.store.clone(), sources).unwrap();
     let before = scrape(&app).await;
+    // A random split: an even one asks the split source for nothing (the test below).
     let answer = app
         .post(
             "/api/v1/spray",
             OWNER,
             Some(ROOM),
-            json!({"amount": 10, "recipient_count": 2}),
+            json!({"amount": 10, "recipient_count": 2, "mode": "random"}),
         )
         .await;
     answer.assert_problem(500, "INTERNAL");
@@ -373,4 +374,27 @@ async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
         1.0
     );
     assert_eq!(delta("spray_rejections_total", &[("code", "INTERNAL")]), 1.0);
+}
+
+/// An even split draws nothing, so an even spray makes no generator: its seed would be a
+/// `getrandom` system call on every spray of the default mode. The split source here
+/// panics if asked.
+#[tokio::test]
+async fn an_even_spray_asks_the_split_source_for_nothing() {
+    let _turn = SERIAL.lock().await;
+    let mut app = TestApp::new().await;
+    let sources = spray::service::Sources {
+        clock: app.clock.clone(),
+        tokens: app.tokens.clone(),
+        randomness: std::sync::Arc::new(PanickingRandomness),
+    };
+    app.router = spray::startup::build_router(&app.settings, app.store.clone(), sources).unwrap();
+    for body in [
+        json!({"amount": 10, "recipient_count": 4}),
+        json!({"amount": 10, "recipient_count": 4, "mode": "even"}),
+    ] {
+        let answer = app.post("/api/v1/spray", OWNER, Some(ROOM), body).await;
+        answer.assert_status(201);
+    }
+    app.assert_audit_clean().await;
 }

@@ -93,14 +93,28 @@ pub fn split<R: Rng + ?Sized>(
     count: u32,
     rng: &mut R,
 ) -> Result<Vec<Amount>, SplitError> {
-    let error = SplitError { amount, count };
-    if count == 0 || amount.units() < u64::from(count) {
-        return Err(error);
+    match mode {
+        SplitMode::Even => split_evenly(amount, count),
+        SplitMode::Random => {
+            check(amount, count)?;
+            Ok(split_double_mean(amount.units(), count, rng))
+        }
     }
-    Ok(match mode {
-        SplitMode::Even => split_even(amount.units(), count),
-        SplitMode::Random => split_double_mean(amount.units(), count, rng),
-    })
+}
+
+/// The even split, which draws nothing: the service makes no generator for it, and so
+/// asks the operating system for no seed.
+pub fn split_evenly(amount: Amount, count: u32) -> Result<Vec<Amount>, SplitError> {
+    check(amount, count)?;
+    Ok(split_even(amount.units(), count))
+}
+
+/// Every share at least 1: `1 <= count <= amount`.
+fn check(amount: Amount, count: u32) -> Result<(), SplitError> {
+    if count == 0 || amount.units() < u64::from(count) {
+        return Err(SplitError { amount, count });
+    }
+    Ok(())
 }
 
 /// Precondition: `1 <= count <= total`.
