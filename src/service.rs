@@ -105,7 +105,8 @@ impl SprayService {
         idempotency: Option<PendingKey>,
     ) -> Result<CreatedSpray, ServiceError> {
         let (amount, count) = (command.amount(), command.recipient_count());
-        // Cannot fail: the command was checked against the policy when it was parsed.
+        // The split cannot fail: the command was checked against the policy when it was
+        // parsed. Only the random source can.
         let shares = match command.mode() {
             // No generator for an even split, which draws nothing: its seed was a
             // `getrandom` system call on every spray of the default mode.

@@ -39,12 +39,13 @@ impl SplitMode {
 
 /// Where the random split draws from, injected like the clock and the token source: the
 /// operating system's CSPRNG in production ([`OsRandomness`]), a fixed seed in tests
-/// ([`SeededRandomness`]). One generator per spray.
+/// ([`SeededRandomness`]). One generator per random spray; an even split draws nothing
+/// and asks for none.
 pub trait SplitRandomness: Send + Sync {
     fn generator(&self) -> Result<StdRng, String>;
 }
 
-/// One OS-seeded CSPRNG per spray: one system call, then fast draws.
+/// One OS-seeded CSPRNG per random spray: one system call, then fast draws.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OsRandomness;
 
@@ -54,7 +55,7 @@ impl SplitRandomness for OsRandomness {
     }
 }
 
-/// Reproducible splits: the n-th spray draws from a generator seeded with `seed + n`.
+/// Reproducible splits: the n-th random spray draws from a generator seeded with `seed + n`.
 #[derive(Debug, Default)]
 pub struct SeededRandomness {
     seed: u64,

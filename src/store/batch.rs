@@ -79,7 +79,8 @@ impl WriteOp {
     /// statement that takes its share or inserts its row, which changes nothing when it
     /// refuses (a failed statement is rolled back alone; for a taken token see
     /// `insert_spray_row_in` in `store/sqlite.rs`). So it runs without one, two statements
-    /// fewer, and an error in it (only the database can cause one) breaks off the whole
+    /// fewer, and an error in it (the database's, or a free share that the update to take
+    /// it then did not find free, which the write lock rules out) breaks off the whole
     /// batch, 503 to all, as a broken savepoint does. A settlement and any keyed write (a
     /// lost lease after the money) keep theirs.
     fn needs_savepoint(&self) -> bool {

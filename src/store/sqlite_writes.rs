@@ -283,12 +283,15 @@ fn claim_share_in(
         return Ok(Err(ReceiveRefusal::Expired));
     }
     // Rule 5: the first free share (the index `shares_one_per_receiver` lists a spray's
-    // free shares first, by slot), then taken by its key. The single writer means nobody
-    // else can take it in between. Two statements rather than one `UPDATE ... WHERE slot =
-    // (SELECT MIN(slot) ...) RETURNING`: an update not planned as one row by its key, that
-    // may fail on a unique index, is one SQLite may give a statement journal (a copy of
-    // each page it touches), and one row by its primary key is planned so. Measured: a
-    // server CPU per SQLite winner 8% lower (BENCHMARKS.md, 2026-12-07).
+    // free shares first, by slot), then taken by its key. Nobody else can take it in
+    // between: the batch's `BEGIN IMMEDIATE` holds the file's write lock, against other
+    // processes too (and were that ever broken, `receiver_id IS NULL` would change no row
+    // and the claim would fail, 503, rather than pay twice). Two statements rather than
+    // one `UPDATE ... WHERE slot = (SELECT MIN(slot) ...) RETURNING`, because an update
+    // not planned as one row by its key, that may fail on a unique index, is one SQLite
+    // may give a statement journal (a copy of each page it touches); that was why it was
+    // tried, the journal was not traced. Measured: the server's CPU per SQLite winner 8%
+    // lower (BENCHMARKS.md, 2026-12-07).
     let free = db
         .prepare_cached(
             "SELECT slot, amount FROM shares WHERE spray_id = ? AND receiver_id IS NULL ORDER BY slot LIMIT 1",

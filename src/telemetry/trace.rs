@@ -11,8 +11,10 @@
 //!   processor on the tokio runtime posts finished spans to the collector. The ids in the
 //!   logs and the answer are that span's.
 //!
-//! Parsing and writing `traceparent` is left to the OpenTelemetry propagator: a malformed
-//! header reads as "no parent" and the request starts a fresh trace; it is never an error.
+//! Parsing `traceparent` is left to the OpenTelemetry propagator, after a check of its
+//! shape: a malformed header reads as "no parent" and the request starts a fresh trace; it
+//! is never an error. The answer's headers are written as the propagator writes them (see
+//! `RequestTrace::write_headers`).
 
 use std::time::Duration;
 
@@ -170,6 +172,8 @@ impl RequestTrace {
     pub fn write_headers(&self, headers: &mut HeaderMap) {
         use std::io::Write as _;
         let context = &self.context;
+        // `start` always holds a valid context (the propagator writes nothing for another).
+        debug_assert!(context.is_valid());
         // "00-" + 32 + "-" + 16 + "-" + 2 = 55 ASCII characters.
         let mut traceparent = [0u8; 55];
         let written = write!(
