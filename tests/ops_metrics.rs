@@ -337,12 +337,8 @@ impl spray::domain::SplitRandomness for PanickingRandomness {
     }
 }
 
-/// A handler that panics is answered with a problem+json 500 that says nothing of the bug,
-/// with a request id, and counted under its route: the panic catcher sits inside the layer
-/// that names, counts and logs every request (`src/http/mod.rs`).
-#[tokio::test]
-async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
-    let _turn = SERIAL.lock().await;
+/// A service whose split source panics if asked for a generator.
+async fn with_panicking_split_source() -> TestApp {
     let mut app = TestApp::new().await;
     let sources = spray::service::Sources {
         clock: app.clock.clone(),
@@ -350,6 +346,16 @@ async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
         randomness: std::sync::Arc::new(PanickingRandomness),
     };
     app.router = spray::startup::build_router(&app.settings, app.store.clone(), sources).unwrap();
+    app
+}
+
+/// A handler that panics is answered with a problem+json 500 that says nothing of the bug,
+/// with a request id, and counted under its route: the panic catcher sits inside the layer
+/// that names, counts and logs every request (`src/http/mod.rs`).
+#[tokio::test]
+async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
+    let _turn = SERIAL.lock().await;
+    let app = with_panicking_split_source().await;
     let before = scrape(&app).await;
     // A random split: an even one asks the split source for nothing (the test below).
     let answer = app
@@ -382,13 +388,7 @@ async fn a_panicking_handler_is_answered_500_with_a_request_id_and_counted() {
 #[tokio::test]
 async fn an_even_spray_asks_the_split_source_for_nothing() {
     let _turn = SERIAL.lock().await;
-    let mut app = TestApp::new().await;
-    let sources = spray::service::Sources {
-        clock: app.clock.clone(),
-        tokens: app.tokens.clone(),
-        randomness: std::sync::Arc::new(PanickingRandomness),
-    };
-    app.router = spray::startup::build_router(&app.settings, app.store.clone(), sources).unwrap();
+    let app = with_panicking_split_source().await;
     for body in [
         json!({"amount": 10, "recipient_count": 4}),
         json!({"amount": 10, "recipient_count": 4, "mode": "even"}),
