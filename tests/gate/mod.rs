@@ -2,6 +2,7 @@
 //! `contract_mysql_redis_cluster`). `outage.rs` stops a Redis of its own, so only the
 //! single-Redis binary includes it.
 
+mod calls;
 mod claims;
 mod leases;
 
