@@ -51,7 +51,6 @@ pub struct Mode {
     pub half_duration: Duration,
     /// The paced hot-spray and winners runs stop sending at this time.
     pub half_cap: Duration,
-    pub half_hot_users: u64,
     pub half_winners_shares: u64,
     pub sweep_duration: Duration,
     pub mixed_duration: Duration,
@@ -68,7 +67,6 @@ impl Mode {
             rounds: 1,
             duration: Duration::from_millis(1_500),
             hot_users: 3_000,
-            half_hot_users: 2_000,
             winners_shares: 5_000,
             winners_window: 1_000,
             winners_cap: Duration::from_secs(20),
@@ -90,7 +88,6 @@ impl Mode {
             rounds: 3,
             duration: Duration::from_secs(5),
             hot_users: 20_000,
-            half_hot_users: 5_000,
             winners_shares: 50_000,
             winners_window: 10_000,
             winners_cap: Duration::from_secs(60),
@@ -516,8 +513,10 @@ async fn half_peak_once(
             measure(Arc::new(lookup), paced(offered, mode.half_duration)).await
         }
         Kind::Hot | Kind::Winners => {
+            // The hot spray is the peak's own shape (a twentieth of its requests win): a
+            // smaller crowd would make its tail mostly the winners' wait for their commits.
             let (shares, users) = if kind == Kind::Hot {
-                (1_000, mode.half_hot_users)
+                (1_000, mode.hot_users)
             } else {
                 (mode.half_winners_shares, mode.half_winners_shares)
             };

@@ -822,7 +822,8 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
            n / rate and its latency counts from then (a late server is charged for the wait), \
            on the same {CONNECTIONS} connections; as many rounds as at the peak, their median p99 \
            first and each round's in brackets. The hot spray and winners runs there use a fresh \
-           spray ({} users for the hot spray, {} shares for winners).\n\
+           spray: the hot spray one as at the peak ({} users for its 1,000 shares), winners one \
+           of {} shares.\n\
          - *machine's CPU busy*: the share of both cores' time that was not idle during the run \
            (`/proc/stat`, steal included), whoever used it: the server, MariaDB, Redis and the \
            load generator all run on this machine; medians over the rounds. Half the peak's \
@@ -841,7 +842,7 @@ pub fn markdown(mode: &Mode, results: &Results, figures: &[(String, String)]) ->
         crate::log_filter(),
         mode.duration.as_secs_f64(),
         mode.winners_cap.as_secs_f64(),
-        n0(crate::load::count_f64(mode.half_hot_users)),
+        n0(crate::load::count_f64(mode.hot_users)),
         n0(crate::load::count_f64(mode.half_winners_shares)),
     );
     let _ = writeln!(w, "\n{END}");
