@@ -1,8 +1,9 @@
 //! One gate call of many claims (`claim/gathered.rs`) must leave Redis exactly as the same
 //! claims sent one call each, one after another, and answer each the same: the `CLAIM`
 //! script does for a whole call what each claim would repeat, and this is what keeps that
-//! honest. Checked on random calls (repeated users, the owner, times before and past the
-//! lease and the window, keys lost before the call), on one Redis and on a Redis Cluster.
+//! honest. Checked on random calls (repeated users, the owner, holds left by earlier
+//! claims, times before and past the lease and the window, keys lost before the call), on
+//! one Redis and on a Redis Cluster.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -10,40 +11,53 @@ use chrono::{DateTime, TimeDelta, Utc};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use spray::domain::{RoomId, Token};
-use spray::gate::{GateKeys, GateVerdict};
+use spray::gate::{GateKeys, GateVerdict, RedisGate};
 use spray::store::ClaimSnapshot;
+use tokio::sync::Mutex;
 
 use super::{gate, lease, user};
 use crate::common::{RawRedis, TestApp};
 
 const OWNER: i64 = 1;
-/// Users 2 to 4 claim; 5 and 6 may have received before the call.
+/// Any of users 1 (the owner) to 6 may claim; 5 and 6 may have received before.
 const USERS: i64 = 6;
 
 /// One random case: the spray's shares, how many of them users 5 and 6 received before
-/// (listed in the keys), which key (if any) was lost, and the claims of the call: a user
-/// and one of [`times`]'s moments.
+/// (listed in the keys), the claims made one at a time before the call (they leave holds
+/// for it to find and take over), which key (if any) was lost then, and the call's
+/// claims. A claim is a user and one of [`times`]'s moments.
 #[derive(Debug, Clone)]
 struct Case {
     shares: i64,
     received: i64,
+    before: Vec<(i64, usize)>,
     lost_key: Option<usize>,
     claims: Vec<(i64, usize)>,
 }
 
+/// A moment of [`times`], the early ones most often: the last one drops the keys, and
+/// after it every claim of the call is "missing".
+fn moment() -> impl Strategy<Value = usize> {
+    prop_oneof![8 => 0..2usize, 6 => 2..4usize, 2 => Just(4usize), 1 => Just(5usize)]
+}
+
 fn cases() -> impl Strategy<Value = Case> {
-    (1..=4i64, 0..=2i64, prop::option::weighted(0.15, 0..4usize)).prop_flat_map(
-        |(shares, received, lost_key)| {
-            let received = received.min(shares);
-            let claims = prop::collection::vec((OWNER..=USERS, 0..6usize), 1..=10);
-            claims.prop_map(move |claims| Case {
-                shares,
-                received,
-                lost_key,
-                claims,
-            })
-        },
+    let before = prop::collection::vec((2..=USERS, 0..2usize), 0..=4);
+    let claims = prop::collection::vec((OWNER..=USERS, moment()), 1..=10);
+    (
+        1..=4i64,
+        0..=2i64,
+        before,
+        prop::option::weighted(0.15, 0..4usize),
+        claims,
     )
+        .prop_map(|(shares, received, before, lost_key, claims)| Case {
+            shares,
+            received: received.min(shares),
+            before,
+            lost_key,
+            claims,
+        })
 }
 
 /// The moments a claim may be made at: now, a moment later, past one lease and past
@@ -60,12 +74,43 @@ fn times(now: DateTime<Utc>, lease: TimeDelta, receive_until: DateTime<Utc>) -> 
     ]
 }
 
-/// Everything the four keys hold, and whether each lives with a time to live (`1`), is
-/// gone (`-2`) or lives forever (`-1`, never right).
+/// What the test shares between its cases: one gate and one raw connection, so that a
+/// Redis Cluster is not connected to anew for every case.
+struct Shared {
+    gate: RedisGate,
+    redis: Mutex<RawRedis>,
+    lease: TimeDelta,
+}
+
+/// Everything the four keys hold, and whether each lives with a time to live (`1`) or is
+/// gone (`-2`). No key may live forever, nor outlive the meta hash, which the scripts
+/// give every other key's time to live from.
 async fn dump(
     redis: &mut RawRedis,
     keys: &GateKeys,
-) -> (Vec<String>, Vec<String>, Vec<String>, Vec<String>, Vec<i64>) {
+) -> Result<(Vec<String>, Vec<String>, Vec<String>, Vec<String>, Vec<i64>), TestCaseError> {
+    let mut lives = Vec::new();
+    // The meta hash first (`all` lists it first): a key read after it has had as long to
+    // run down.
+    let mut meta_ttl = None;
+    for key in keys.all() {
+        let ttl: i64 = redis.query(redis::cmd("PTTL").arg(key)).await;
+        prop_assert_ne!(ttl, -1, "{} has no time to live", key);
+        match meta_ttl {
+            None => meta_ttl = Some(ttl),
+            Some(meta_ttl) if meta_ttl > 0 => {
+                prop_assert!(
+                    ttl <= meta_ttl,
+                    "{} outlives the meta hash: {} > {}",
+                    key,
+                    ttl,
+                    meta_ttl
+                );
+            }
+            Some(_) => {}
+        }
+        lives.push(if ttl > 0 { 1 } else { ttl });
+    }
     let mut meta: Vec<String> = redis.query(redis::cmd("HGETALL").arg(&keys.meta)).await;
     let free: Vec<String> = redis
         .query(redis::cmd("LRANGE").arg(&keys.free).arg(0).arg(-1))
@@ -86,16 +131,18 @@ async fn dump(
         pairs.sort();
         *hash = pairs;
     }
-    let mut lives = Vec::new();
-    for key in keys.all() {
-        let ttl: i64 = redis.query(redis::cmd("PTTL").arg(key)).await;
-        lives.push(if ttl > 0 { 1 } else { ttl });
-    }
-    (meta, free, receivers, holds, lives)
+    Ok((meta, free, receivers, holds, lives))
 }
 
-/// Loads the same spray into `keys`, as a rebuild from SQL would.
-async fn load(app: &TestApp, keys: &GateKeys, case: &Case, now: DateTime<Utc>, receive_until: DateTime<Utc>) {
+/// Loads the case's spray into `keys` as a rebuild from SQL would, makes the claims
+/// before the call one at a time, then loses the key the case loses.
+async fn prepare(
+    shared: &Shared,
+    keys: &GateKeys,
+    case: &Case,
+    at: &[DateTime<Utc>; 6],
+    receive_until: DateTime<Utc>,
+) {
     let snapshot = ClaimSnapshot {
         spray_id: 77,
         owner: user(OWNER),
@@ -105,33 +152,46 @@ async fn load(app: &TestApp, keys: &GateKeys, case: &Case, now: DateTime<Utc>, r
         free_slots: (case.received..case.shares).collect(),
         receivers: (0..case.received).map(|slot| (user(5 + slot), slot)).collect(),
     };
-    gate(app).rebuild(keys, &snapshot, now).await.unwrap();
+    shared.gate.rebuild(keys, &snapshot, at[0]).await.unwrap();
+    for &(id, moment) in &case.before {
+        shared
+            .gate
+            .claim(keys, user(id), at[moment], shared.lease)
+            .await
+            .unwrap();
+    }
     if let Some(lost) = case.lost_key {
-        let mut redis = RawRedis::connect(app.backend).await;
+        let mut redis = shared.redis.lock().await;
         let _: i64 = redis.query(redis::cmd("DEL").arg(keys.all()[lost])).await;
     }
 }
 
-async fn check(app: &TestApp, case: Case, run: usize) -> Result<(), TestCaseError> {
-    let (gate, lease, now) = (gate(app), lease(app), app.now());
+async fn check(
+    shared: &Shared,
+    prefix: &str,
+    now: DateTime<Utc>,
+    case: Case,
+    run: usize,
+) -> Result<(), TestCaseError> {
     let receive_until = now + TimeDelta::minutes(10);
-    let at = times(now, lease, receive_until);
+    let at = times(now, shared.lease, receive_until);
     let token = Token::parse("Ab1").unwrap();
     let keys_of = |side: &str| {
         let room = RoomId::parse(&format!("calls-{run}-{side}")).unwrap();
-        GateKeys::new(&app.settings.redis_key_prefix, &room, &token)
+        GateKeys::new(prefix, &room, &token)
     };
     let (together, alone) = (keys_of("together"), keys_of("alone"));
-    load(app, &together, &case, now, receive_until).await;
-    load(app, &alone, &case, now, receive_until).await;
+    prepare(shared, &together, &case, &at, receive_until).await;
+    prepare(shared, &alone, &case, &at, receive_until).await;
 
     let claims: Vec<_> = case
         .claims
         .iter()
         .map(|&(id, moment)| (user(id), at[moment]))
         .collect();
-    let in_one_call: Vec<GateVerdict> = gate
-        .claim_many(&together, &claims, lease)
+    let in_one_call: Vec<GateVerdict> = shared
+        .gate
+        .claim_many(&together, &claims, shared.lease)
         .await
         .unwrap()
         .into_iter()
@@ -139,12 +199,16 @@ async fn check(app: &TestApp, case: Case, run: usize) -> Result<(), TestCaseErro
         .collect();
     let mut one_by_one = Vec::new();
     for &(id, moment) in &claims {
-        one_by_one.push(gate.claim(&alone, id, moment, lease).await.unwrap());
+        one_by_one.push(shared.gate.claim(&alone, id, moment, shared.lease).await.unwrap());
     }
     prop_assert_eq!(in_one_call, one_by_one);
 
-    let mut redis = RawRedis::connect(app.backend).await;
-    prop_assert_eq!(dump(&mut redis, &together).await, dump(&mut redis, &alone).await);
+    let mut redis = shared.redis.lock().await;
+    let (after_call, after_calls) = (
+        dump(&mut redis, &together).await?,
+        dump(&mut redis, &alone).await?,
+    );
+    prop_assert_eq!(after_call, after_calls);
     for keys in [&together, &alone] {
         let _: i64 = redis.query(redis::cmd("DEL").arg(&keys.all()[..])).await;
     }
@@ -154,19 +218,25 @@ async fn check(app: &TestApp, case: Case, run: usize) -> Result<(), TestCaseErro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_of_many_claims_decides_and_writes_as_calls_one_after_another() {
     let app = TestApp::new().await;
+    let shared = Shared {
+        gate: gate(&app),
+        redis: Mutex::new(RawRedis::connect(app.backend).await),
+        lease: lease(&app),
+    };
+    let (prefix, now) = (app.settings.redis_key_prefix.clone(), app.now());
     let runs = AtomicUsize::new(0);
     let handle = tokio::runtime::Handle::current();
     // proptest drives the cases synchronously; each case's Redis calls run on the runtime.
     tokio::task::block_in_place(|| {
         let config = Config {
-            cases: 128,
+            cases: 256,
             failure_persistence: None,
             ..Config::default()
         };
         TestRunner::new(config)
             .run(&cases(), |case| {
                 let run = runs.fetch_add(1, Ordering::Relaxed);
-                handle.block_on(check(&app, case, run))
+                handle.block_on(check(&shared, &prefix, now, case, run))
             })
             .unwrap();
     });
