@@ -513,8 +513,8 @@ async fn half_peak_once(
             measure(Arc::new(lookup), paced(offered, mode.half_duration)).await
         }
         Kind::Hot | Kind::Winners => {
-            // The hot spray is the peak's own shape (a twentieth of its requests win): a
-            // smaller crowd would make its tail mostly the winners' wait for their commits.
+            // The hot spray is the peak's own shape (1,000 shares, the peak's crowd), so
+            // that its half-peak row measures the workload its peak row does.
             let (shares, users) = if kind == Kind::Hot {
                 (1_000, mode.hot_users)
             } else {
