@@ -21,6 +21,8 @@ use crate::common::{RawRedis, TestApp};
 const OWNER: i64 = 1;
 /// Any of users 1 (the owner) to 6 may claim; 5 and 6 may have received before.
 const USERS: i64 = 6;
+/// How much longer than the meta hash another key may live: a script's run, at most.
+const SCRIPT_RUN_MS: i64 = 100;
 
 /// One random case: the spray's shares, how many of them users 5 and 6 received before
 /// (listed in the keys), the claims made one at a time before the call (they leave holds
@@ -98,9 +100,11 @@ async fn dump(
         prop_assert_ne!(ttl, -1, "{} has no time to live", key);
         match meta_ttl {
             None => meta_ttl = Some(ttl),
+            // A key whose time to live a script copied from the meta hash's may end a
+            // millisecond or two after it (seen: 1 ms): the copy is taken while it runs.
             Some(meta_ttl) if meta_ttl > 0 => {
                 prop_assert!(
-                    ttl <= meta_ttl,
+                    ttl <= meta_ttl + SCRIPT_RUN_MS,
                     "{} outlives the meta hash: {} > {}",
                     key,
                     ttl,
