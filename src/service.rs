@@ -12,7 +12,7 @@ use crate::clock::Clock;
 use crate::domain::rules::check_lookup;
 use crate::domain::{
     Amount, LookupRefusal, LookupScope, Policy, ReceiveRefusal, RoomId, SplitMode, SplitRandomness,
-    SprayCommand, SprayRecord, SprayState, Token, TokenSource, UserId, split, split_evenly,
+    SprayCommand, SprayRecord, SprayState, Token, TokenSource, UserId, split_evenly, split_randomly,
 };
 use crate::store::{Claim, ClaimOutcome, NewSpray, PendingKey, SprayLookup, Store, StoreError};
 
@@ -113,7 +113,7 @@ impl SprayService {
             SplitMode::Even => split_evenly(amount, count.get()),
             SplitMode::Random => {
                 let mut rng = self.randomness.generator().map_err(ServiceError::NoToken)?;
-                split(SplitMode::Random, amount, count.get(), &mut rng)
+                split_randomly(amount, count.get(), &mut rng)
             }
         }
         .map_err(|e| ServiceError::Invalid(e.to_string()))?;

@@ -14,6 +14,6 @@ pub use command::{Policy, RecipientCount, SprayCommand};
 pub use idempotency::{Endpoint, Fingerprint, IdempotencyKey};
 pub use ids::{RoomId, UserId};
 pub use rules::{LookupRefusal, LookupScope, ReceiveFacts, ReceiveRefusal};
-pub use split::{OsRandomness, SeededRandomness, SplitMode, SplitRandomness, split, split_evenly};
+pub use split::{OsRandomness, SeededRandomness, SplitMode, SplitRandomness, split_evenly, split_randomly};
 pub use spray::{Receipt, Settlement, SprayRecord, SprayState, SprayStatus};
 pub use token::{OsTokens, ScriptedTokens, Token, TokenSource};

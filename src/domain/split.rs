@@ -86,21 +86,18 @@ pub struct SplitError {
     pub count: u32,
 }
 
-/// Splits `amount` into `count` shares, in the order they will be received.
-/// The shares always sum to `amount` and each is at least 1.
-pub fn split<R: Rng + ?Sized>(
-    mode: SplitMode,
+// Each split gives `count` shares in the order they will be received; they always sum
+// to `amount` and each is at least 1. The service picks one by the spray's mode, and
+// makes a generator for the random one only.
+
+/// The random split, drawing from `rng`.
+pub fn split_randomly<R: Rng + ?Sized>(
     amount: Amount,
     count: u32,
     rng: &mut R,
 ) -> Result<Vec<Amount>, SplitError> {
-    match mode {
-        SplitMode::Even => split_evenly(amount, count),
-        SplitMode::Random => {
-            check(amount, count)?;
-            Ok(split_double_mean(amount.units(), count, rng))
-        }
-    }
+    check(amount, count)?;
+    Ok(split_double_mean(amount.units(), count, rng))
 }
 
 /// The even split, which draws nothing: the service makes no generator for it, and so
@@ -161,6 +158,19 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Either split, by mode, as the service picks it.
+    fn split<R: Rng + ?Sized>(
+        mode: SplitMode,
+        amount: Amount,
+        count: u32,
+        rng: &mut R,
+    ) -> Result<Vec<Amount>, SplitError> {
+        match mode {
+            SplitMode::Even => split_evenly(amount, count),
+            SplitMode::Random => split_randomly(amount, count, rng),
+        }
+    }
 
     fn units(shares: &[Amount]) -> Vec<u64> {
         shares.iter().map(|a| a.units()).collect()
